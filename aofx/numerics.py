@@ -1,0 +1,161 @@
+"""Pure-torch quantize / dequantize / pack: the single source of truth for aofx numerics.
+
+Every Triton kernel is checked against these functions, and the ``*_linear`` functions here are
+also the CPU (non-CUDA) path of the matching ``torch.ops.aofx.*`` op.
+
+Weights ``w`` are (N out, K in); activations ``x`` are (M, K). Storage of every scheme:
+
+| scheme     | qdata                                   | scale                                 | zero            |
+|------------|-----------------------------------------|---------------------------------------|-----------------|
+| int4 wo    | uint8 (N, K//2), two 4-bit q per byte   | bf16 (N, K//group_size)               | bf16, as scale  |
+| int8 wo    | int8 (N, K)                             | fp32 (N,) per row or (N, K//gs)       | -               |
+| int8 dq    | int8 (N, K)                             | fp32 (N,)                             | -               |
+| fp8 wo     | float8_e4m3fn (N, K)                    | fp32 (N,)                             | -               |
+| fp8 dq     | float8_e4m3fn (N, K)                    | fp32 () per tensor or (N,) per row    | -               |
+
+int4 packing: byte ``j`` of row ``n`` holds ``q[n, 2j]`` in its low nibble and ``q[n, 2j+1]`` in its
+high nibble. q is in [0, 15] and ``w ~= (q - 8) * scale + zero`` (tinygemm's float-zero domain), so
+``zero`` is the value of the group's midpoint code 8.
+
+Scales are never clamped to bf16 eps (torchao 0.14-0.17 did, which costs ~7 dB on small weights):
+they are clamped to the smallest normal float32, so an all-zero row or group gives exact zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TINY = torch.finfo(torch.float32).tiny
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
+
+
+def safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """``amax / qmax`` in fp32, clamped to the smallest normal float so zeros stay zeros."""
+    return (amax.float() / qmax).clamp(min=TINY)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = w.shape
+    return w.float().reshape(n, k // group_size, group_size)  # (N, G, gs)
+
+
+# ---------------------------------------------------------------- int4 weight-only
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 15] -> (N, K//2) uint8, even k in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(qdata: torch.Tensor) -> torch.Tensor:
+    """(N, K//2) uint8 -> (N, K) uint8 codes in [0, 15]."""
+    low, high = qdata & 0xF, qdata >> 4
+    return torch.stack([low, high], dim=-1).reshape(qdata.shape[0], -1)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128):
+    """Asymmetric round-to-nearest per (row, group). Returns ``(qdata, scale, zero)``."""
+    wg = _grouped(w, group_size)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scale = safe_scale(hi - lo, 15.0).to(torch.bfloat16)  # (N, G)
+    zero = (lo + 8 * scale.float()).to(torch.bfloat16)  # (N, G)
+    # Round against the stored bf16 scale and zero, so dequantization sees what quantization saw.
+    q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None]) + 8
+    q = q.clamp(0, 15).reshape(w.shape)
+    return pack_int4(q), scale, zero
+
+
+def dequantize_int4(qdata, scale, zero, group_size: int) -> torch.Tensor:
+    q = unpack_int4(qdata).float()
+    n, k = q.shape
+    w = (q.reshape(n, k // group_size, group_size) - 8) * scale.float()[..., None]
+    return (w + zero.float()[..., None]).reshape(n, k)  # fp32 (N, K)
+
+
+def int4_weight_only_linear(x, qdata, scale, zero, group_size: int, bias=None):
+    w = dequantize_int4(qdata, scale, zero, group_size).to(x.dtype)
+    return F.linear(x, w, bias)
+
+
+# ---------------------------------------------------------------- int8 weight-only
+
+def quantize_int8(w: torch.Tensor, group_size: int | None = None):
+    """Symmetric per row (``group_size=None``) or per (row, group). Returns ``(qdata, scale)``."""
+    wg = _grouped(w, group_size or w.shape[1])
+    scale = safe_scale(wg.abs().amax(dim=-1), 127.5)  # (N, G) fp32
+    q = torch.round(wg / scale[..., None]).clamp(-128, 127).to(torch.int8).reshape(w.shape)
+    return q, (scale[:, 0].contiguous() if group_size is None else scale)
+
+
+def dequantize_int8(qdata, scale) -> torch.Tensor:
+    n, k = qdata.shape
+    s = scale.reshape(n, -1)  # (N, G)
+    w = qdata.float().reshape(n, s.shape[1], -1) * s[..., None]
+    return w.reshape(n, k)
+
+
+def int8_weight_only_linear(x, qdata, scale, bias=None):
+    return F.linear(x, dequantize_int8(qdata, scale).to(x.dtype), bias)
+
+
+# ---------------------------------------------------------------- int8 dynamic activation
+
+def quantize_int8_per_token(x: torch.Tensor):
+    """(M, K) -> (int8 (M, K), fp32 scale (M,)) with ``s_x = amax_row / 127``."""
+    s = safe_scale(x.abs().amax(dim=-1), 127.0)
+    q = torch.round(x.float() / s[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, s
+
+
+def int8_dynamic_activation_int8_weight_linear(x, qdata, scale, bias=None):
+    k = x.shape[-1]
+    xq, sx = quantize_int8_per_token(x.reshape(-1, k))
+    acc = xq.to(torch.int32) @ qdata.to(torch.int32).t()  # (M, N) exact int32
+    y = acc.float() * sx[:, None] * scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+# ---------------------------------------------------------------- float8
+
+def quantize_float8(w: torch.Tensor, per_row: bool = True):
+    """e4m3 with ``scale = amax / 448``; per row ``scale`` is (N,), per tensor it is ()."""
+    amax = w.abs().amax(dim=-1) if per_row else w.abs().amax()
+    scale = safe_scale(amax, FP8_MAX)
+    s = scale[:, None] if per_row else scale
+    q = (w.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_float8(qdata, scale) -> torch.Tensor:
+    s = scale[:, None] if scale.dim() == 1 else scale
+    return qdata.float() * s
+
+
+def float8_weight_only_linear(x, qdata, scale, bias=None):
+    return F.linear(x, dequantize_float8(qdata, scale).to(x.dtype), bias)
+
+
+def float8_dynamic_activation_float8_weight_linear(x, qdata, scale, activation_per_row: bool, bias=None):
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)  # (M, K)
+    xq, sx = quantize_float8(x2, per_row=activation_per_row)
+    acc = xq.float() @ qdata.float().t()  # fp8 products, fp32 accumulate
+    sx = sx[:, None] if activation_per_row else sx
+    sw = scale[None, :] if scale.dim() == 1 else scale
+    y = acc * sx * sw
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``20 log10(|ref| / |ref - actual|)``."""
+    ref, actual = ref.double(), actual.double()
+    noise = torch.linalg.vector_norm(ref - actual)
+    if noise == 0:
+        return float("inf")
+    return (20 * torch.log10(torch.linalg.vector_norm(ref) / noise)).item()

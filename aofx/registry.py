@@ -1,0 +1,70 @@
+"""Config type -> how to apply it. Two registries, both looked up along the config's MRO.
+
+* graph passes (``register_pass``): the built-in schemes; ``quantize_`` captures the module with
+  ``torch.export`` and the pass rewrites ``aten.linear`` into an ``aofx`` op.
+* module handlers (``register_quantize_module_handler``): eager ``handler(module, config) -> module``
+  transforms, torchao's extension point for user-defined configs.
+
+A config with a graph pass never needs a module handler.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from aofx.configs import AOBaseConfig
+
+_PASSES: dict[type, object] = {}
+_HANDLERS: dict[type, Callable] = {}
+
+
+def _check_config_type(config_type) -> None:
+    if not (isinstance(config_type, type) and issubclass(config_type, AOBaseConfig)):
+        raise TypeError(f"expected a subclass of AOBaseConfig, got {config_type!r}")
+
+
+def register_pass(config_type: type):
+    """Class decorator: register a graph pass object (``aofx.passes._graph.LinearRewrite``) for a config type."""
+    _check_config_type(config_type)
+
+    def decorator(pass_cls):
+        _PASSES[config_type] = pass_cls()
+        return pass_cls
+
+    return decorator
+
+
+def register_quantize_module_handler(config_type: type):
+    """Decorator: ``handler(module, config) -> module`` applied eagerly to each selected module."""
+    _check_config_type(config_type)
+
+    def decorator(handler: Callable):
+        _HANDLERS[config_type] = handler
+        return handler
+
+    return decorator
+
+
+def _lookup(table: dict, config_type: type):
+    for klass in config_type.__mro__:
+        if klass in table:
+            return table[klass]
+    return None
+
+
+def find_pass(config: AOBaseConfig) -> Optional[object]:
+    return _lookup(_PASSES, type(config))
+
+
+def find_handler(config: AOBaseConfig) -> Optional[Callable]:
+    return _lookup(_HANDLERS, type(config))
+
+
+def check_registered(config: AOBaseConfig) -> None:
+    """Raise a TypeError naming the config and every registered type when nothing handles it."""
+    if find_pass(config) is None and find_handler(config) is None:
+        known = sorted({t.__name__ for t in (*_PASSES, *_HANDLERS)})
+        raise TypeError(
+            f"no aofx pass or module handler is registered for {type(config).__name__}; registered config types: "
+            f"{', '.join(known)}. Register one with @aofx.register_quantize_module_handler({type(config).__name__})."
+        )
