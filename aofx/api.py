@@ -12,6 +12,7 @@ Storage: a quantized weight ``<owner>.<name>`` becomes buffers ``<owner>.<prefix
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 import types
@@ -101,7 +102,7 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
         _install_weight(w, per_linear.get(id(w.owner)))
     if whole is not None:
         model.__dict__["_aofx_capture"] = whole
-        model.forward = types.MethodType(_captured_forward, model)
+        model.forward = types.MethodType(_captured_forward_for(type(model).forward), model)
     if weights:
         log.info("aofx: quantized %d weight(s) in %.1f s", len(weights), time.perf_counter() - start)
 
@@ -150,6 +151,8 @@ def _plan(model, config, filter_fn, ep):
             names = ["weight"]
         else:
             names = [n for n, p in module.named_parameters(recurse=False) if id(p) in linear_weight_ids]
+            if not names and next(module.parameters(recurse=False), None) is None:
+                continue  # a container (ModuleList, a block): its linears are planned on their own
             if not names:
                 skipped.append((fqn, "not an nn.Linear" + ("" if ep is not None else
                                 " (pass example_inputs to rewrite F.linear on its parameters)")))
@@ -306,5 +309,12 @@ def _linear_extra_repr(self) -> str:
             f"bias={self.bias is not None}, scheme={self._aofx_scheme}")
 
 
-def _captured_forward(self, *args, **kwargs):
-    return self._aofx_capture(self, args, kwargs)
+def _captured_forward_for(original: Callable) -> Callable:
+    """The whole-model forward, with the signature of the one it replaces (``torch.export`` and
+    ``dynamic_shapes`` bind arguments by that signature)."""
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        return self._aofx_capture(self, args, kwargs)
+
+    return forward

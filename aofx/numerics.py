@@ -116,14 +116,17 @@ def int8_dynamic_activation_int8_weight_linear(x, qdata, scale, bias=None):
     y = acc.float() * sx[:, None] * scale.float()[None, :]
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+    return y.to(x.dtype).reshape(*x.shape[:-1], qdata.shape[0])
 
 
 # ---------------------------------------------------------------- float8
 
 def quantize_float8(w: torch.Tensor, per_row: bool = True):
     """e4m3 with ``scale = amax / 448``; per row ``scale`` is (N,), per tensor it is ()."""
-    amax = w.abs().amax(dim=-1) if per_row else w.abs().amax()
+    if per_row:
+        amax = w.abs().amax(dim=-1)
+    else:  # the appended zero keeps an empty (M=0) activation valid without a shape branch
+        amax = torch.cat([w.abs().flatten().float(), w.new_zeros(1, dtype=torch.float32)]).amax()
     scale = safe_scale(amax, FP8_MAX)
     s = scale[:, None] if per_row else scale
     q = (w.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -149,7 +152,7 @@ def float8_dynamic_activation_float8_weight_linear(x, qdata, scale, activation_p
     y = acc * sx * sw
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+    return y.to(x.dtype).reshape(*x.shape[:-1], qdata.shape[0])
 
 
 def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:

@@ -12,3 +12,21 @@ def run(kernel, reference, x: torch.Tensor, *args) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])  # (M, K), a view whenever the leading dims allow it
     out = kernel(x2d, *args)  # (M, N)
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def register_backward(op, dequantize) -> None:
+    """Gradient for ``x`` (and ``bias``) through the dequantized weight, so a quantized layer can sit
+    inside a graph that trains other parameters (adapters, say); the packed tensors get none.
+
+    ``dequantize(*weight_inputs) -> (N, K)`` receives the op's inputs between ``x`` and ``bias``.
+    """
+
+    def setup_context(ctx, inputs, output):
+        ctx.weight_inputs = inputs[1:-1]
+
+    def backward(ctx, grad):  # grad: (..., N)
+        grad_x = grad @ dequantize(*ctx.weight_inputs).to(grad.dtype)  # (..., K)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[-1] else None
+        return (grad_x, *[None] * len(ctx.weight_inputs), grad_bias)
+
+    op.register_autograd(backward, setup_context=setup_context)

@@ -19,3 +19,6 @@ def float8_dynamic_activation_float8_weight_linear(x: torch.Tensor, qdata: torch
                                                    bias: Optional[torch.Tensor]) -> torch.Tensor:
     return _dispatch.run(kernels.linear, numerics.float8_dynamic_activation_float8_weight_linear,
                          x, qdata, scale, activation_per_row, bias)
+
+
+_dispatch.register_backward(float8_dynamic_activation_float8_weight_linear, lambda qdata, scale, per_row: numerics.dequantize_float8(qdata, scale))

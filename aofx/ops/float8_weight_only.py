@@ -14,3 +14,6 @@ from aofx.ops import _dispatch
 def float8_weight_only_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                               bias: Optional[torch.Tensor]) -> torch.Tensor:
     return _dispatch.run(kernels.linear, numerics.float8_weight_only_linear, x, qdata, scale, bias)
+
+
+_dispatch.register_backward(float8_weight_only_linear, numerics.dequantize_float8)

@@ -14,3 +14,6 @@ from aofx.ops import _dispatch
 def int4_weight_only_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                             group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return _dispatch.run(kernels.linear, numerics.int4_weight_only_linear, x, qdata, scale, zero, group_size, bias)
+
+
+_dispatch.register_backward(int4_weight_only_linear, numerics.dequantize_int4)

@@ -14,3 +14,6 @@ from aofx.ops import _dispatch
 def int8_weight_only_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                             bias: Optional[torch.Tensor]) -> torch.Tensor:
     return _dispatch.run(kernels.linear, numerics.int8_weight_only_linear, x, qdata, scale, bias)
+
+
+_dispatch.register_backward(int8_weight_only_linear, numerics.dequantize_int8)

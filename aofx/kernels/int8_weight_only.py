@@ -1,0 +1,325 @@
+"""Triton kernels for int8 weight-only linear: ``y = x @ (q * s).T (+ bias)`` in ``x.dtype``.
+
+Layout read (the one ``aofx.numerics.quantize_int8`` writes):
+  qdata  int8 (N, K), row-major, contiguous along K (16-byte loads of 16 codes)
+  scale  float (N,) per output row, or (N, G) per (row, group) with group_size = K // G
+         (a power of two >= 16; 32..256 in practice). A (N, 1) scale is treated as per row.
+  bias   optional (N,), added in fp32 in the epilogue.
+  x      (M, K) bf16 / fp16 with arbitrary row stride; y is (M, N) in x.dtype.
+
+Kernel paths and M buckets (``select_config``):
+  M == 1       ``gemv``: one program per BLOCK_N weight rows; each weight tile is converted to fp32
+               (bit trick, no I2F) and reduced against the x row on the CUDA cores. Per-group scales
+               are applied per (row, group) partial sum, per-row scales in the epilogue.
+  2 <= M <= 16 ``mm`` with BLOCK_M = 16 and a narrow BLOCK_N so that there are >= ~128 programs;
+               memory bound, tensor cores via mma.sync.
+  M <= 128     ``mm`` 64 x 128 tiles.  M <= 256: 128 x 128.  Larger: 128 x 256 (compute bound).
+  ``mm`` converts int8 -> x.dtype inside the K loop and uses ``tl.dot`` (fp32 accumulate). Per-row
+  scales go in the epilogue; per-group scales are applied to the weight tile inside the K loop
+  (BLOCK_K divides group_size, so a tile lies in one group), which rounds ``q * s`` to x.dtype
+  exactly as the reference's dequantization does.
+  Either path may split K (``split_k > 1``): fp32 partials are added with atomics into a zeroed fp32
+  output that the launcher casts afterwards. The default tables only split when N is too small to
+  fill the GPU, because the zero-fill and the cast are two extra kernels.
+
+The helpers ``KernelConfig``, ``check_linear_args`` and ``grid_order`` are shared with
+``int8_dynamic_activation_int8_weight.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+_X_DTYPES = (torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration. ``path`` names the kernel (each file documents its paths)."""
+
+    path: str
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# ---------------------------------------------------------------- shared device helpers
+
+@triton.jit
+def grid_order(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped (swizzled) ordering: GROUP_M row blocks share each weight column block in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _int8_to_f32(q):
+    # 0x4B400000 is 1.5 * 2**23: adding q (|q| < 2**22) to its bit pattern gives the float 1.5 * 2**23 + q
+    # exactly, so one integer add and one float subtract replace the slow I2F conversion.
+    return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+# ---------------------------------------------------------------- kernels
+
+@triton.jit
+def _int8wo_gemv_kernel(
+    # pointers
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+    # dimensions
+    N, K,
+    # strides (x and qdata are contiguous along K; y is a contiguous (1, N) row)
+    stride_wn, stride_sn, stride_sg,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_safe = rn % N  # out-of-range rows re-read valid rows; their results are masked at the store
+    rk = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rn_safe[:, None] * stride_wn  # (BLOCK_N, 1)
+
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        k = k0 + rk
+        if EVEN_K:
+            w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
+            xv = tl.load(x_ptr + k, eviction_policy="evict_last")
+        else:
+            w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0, eviction_policy="evict_first")
+            xv = tl.load(x_ptr + k, mask=k < K, other=0.0, eviction_policy="evict_last")
+        prod = _int8_to_f32(w) * xv.to(tl.float32)[None, :]  # (BLOCK_N, BLOCK_K)
+        if GROUP_SIZE > 0:
+            # BLOCK_K is a multiple of GROUP_SIZE: reduce each group, then weight it by its scale.
+            g = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+            s = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :] * stride_sg,
+                        mask=g[None, :] < K // GROUP_SIZE, other=0.0)
+            part = tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE)), axis=2)  # (BLOCK_N, groups)
+            acc += tl.sum(part * s.to(tl.float32), axis=1)
+        else:
+            acc += tl.sum(prod, axis=1)
+
+    if GROUP_SIZE == 0:
+        acc = acc * tl.load(s_ptr + rn_safe * stride_sn).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn_safe).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)
+    n_mask = rn < N
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptr + rn, acc, mask=n_mask)
+    else:
+        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _int8wo_mm_kernel(
+    # pointers
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+    # dimensions
+    M, N, K,
+    # strides (x and qdata are contiguous along K)
+    stride_xm, stride_wn, stride_sn, stride_sg, stride_ym,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grid_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm_safe = rm % M  # out-of-range rows/cols re-read valid ones; masked at the store
+    rn_safe = rn % N
+    rk = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rm_safe[:, None] * stride_xm  # (BLOCK_M, 1)
+    w_rows = w_ptr + rn_safe[:, None] * stride_wn  # (BLOCK_N, 1)
+    x_dtype = x_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        k = k0 + rk
+        if EVEN_K:
+            xt = tl.load(x_rows + k[None, :], eviction_policy="evict_last")
+            w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
+        else:
+            xt = tl.load(x_rows + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_last")
+            w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0, eviction_policy="evict_first")
+        if GROUP_SIZE > 0:
+            # BLOCK_K divides GROUP_SIZE: the whole tile lies in group k0 // GROUP_SIZE.
+            s = tl.load(s_ptr + rn_safe * stride_sn + (k0 // GROUP_SIZE) * stride_sg).to(tl.float32)
+            wt = (w.to(tl.float32) * s[:, None]).to(x_dtype)  # (BLOCK_N, BLOCK_K)
+        else:
+            wt = w.to(x_dtype)
+        acc = tl.dot(xt, tl.trans(wt), acc)
+
+    if GROUP_SIZE == 0:
+        acc = acc * tl.load(s_ptr + rn_safe * stride_sn).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn_safe).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptrs, acc, mask=mask)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- config tables
+
+# (max M, config) per bucket, first match wins. block_n / split_k are refined per shape in select_config.
+_MM_TABLE = (
+    (16, KernelConfig("mm", block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)),
+    (128, KernelConfig("mm", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)),
+    (256, KernelConfig("mm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)),
+    (None, KernelConfig("mm", block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)),
+)
+_GEMV = KernelConfig("gemv", block_m=1, block_n=16, block_k=1024, num_warps=8, num_stages=1)
+
+# Enough programs to cover 132 SMs about once; below this small-M configs narrow BLOCK_N, then split K.
+_MIN_PROGRAMS = 128
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(int(v), 1).bit_length() - 1)
+
+
+def split_k_for(programs: int, k_tiles: int) -> int:
+    """Smallest power-of-two K split that gives >= ``_MIN_PROGRAMS`` programs (each split keeps >= 2 tiles)."""
+    split = 1
+    while programs * split < _MIN_PROGRAMS and 2 * split * 2 <= k_tiles:
+        split *= 2
+    return split
+
+
+def select_config(M: int, N: int, K: int, group_size: int = 0) -> KernelConfig:
+    """The config for one call. M selects the bucket; N, K, group_size (static under compile) refine it."""
+    if M == 1:
+        block_k = max(min(_GEMV.block_k, triton.next_power_of_2(K)), group_size)
+        n_tiles = triton.cdiv(N, _GEMV.block_n)
+        return dataclasses.replace(_GEMV, block_k=block_k, split_k=split_k_for(n_tiles, triton.cdiv(K, block_k)))
+    cfg = next(c for max_m, c in _MM_TABLE if max_m is None or M <= max_m)
+    block_k = min(cfg.block_k, group_size) if group_size else cfg.block_k
+    block_n = cfg.block_n
+    if M <= 16:
+        # Memory bound: narrow the weight tile before splitting K, so no zero-fill / cast kernels are needed.
+        while block_n > 32 and triton.cdiv(N, block_n) < _MIN_PROGRAMS:
+            block_n //= 2
+        if block_k < 128:  # small groups force a short K tile: widen N to keep bytes in flight per stage
+            block_n = max(block_n, 64)
+        programs = triton.cdiv(N, block_n)
+        split_k = split_k_for(programs, triton.cdiv(K, block_k))
+    else:
+        split_k = 1
+    return dataclasses.replace(cfg, block_n=block_n, block_k=block_k, split_k=split_k)
+
+
+# ---------------------------------------------------------------- launcher helpers (shared)
+
+def check_linear_args(name: str, x, qdata, scale, bias, scale_dims=(1, 2)):
+    """Shape / dtype / device checks shared by the int8 launchers. Returns (M, N, K)."""
+    if x.dim() != 2:
+        raise ValueError(f"{name}: x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"{name}: x must be bfloat16 or float16, got {x.dtype}")
+    if qdata.dtype != torch.int8 or qdata.dim() != 2:
+        raise TypeError(f"{name}: qdata must be a 2-D int8 (N, K) tensor, got {qdata.dtype} {tuple(qdata.shape)}")
+    M, K = x.shape
+    N = qdata.shape[0]
+    if qdata.shape[1] != K:
+        raise ValueError(f"{name}: x has K={K} but qdata is {tuple(qdata.shape)} (expected (N, {K}))")
+    if qdata.stride(1) != 1:
+        raise ValueError(f"{name}: qdata must be contiguous along K (stride {qdata.stride()})")
+    if scale.dtype not in _FLOAT_DTYPES or scale.dim() not in scale_dims or scale.shape[0] != N:
+        raise ValueError(
+            f"{name}: scale must be a float tensor of shape (N,)" + (" or (N, K // group_size)" if 2 in scale_dims else "")
+            + f" with N={N}, got {scale.dtype} {tuple(scale.shape)}")
+    if bias is not None and (bias.shape != (N,) or bias.dtype not in _FLOAT_DTYPES):
+        raise ValueError(f"{name}: bias must be a float tensor of shape ({N},), got {bias.dtype} {tuple(bias.shape)}")
+    for t in (qdata, scale, bias):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: all tensors must be on {x.device}, got one on {t.device}")
+    return M, N, K
+
+
+def _group_size(K: int, scale) -> int:
+    """0 for per-row scales, else K // G (validated: a power of two >= 16 that divides K)."""
+    if scale.dim() == 1 or scale.shape[1] == 1:
+        return 0
+    G = scale.shape[1]
+    gs = K // G
+    if gs * G != K or gs < 16 or gs & (gs - 1):
+        raise ValueError(
+            f"int8_weight_only.linear: scale {tuple(scale.shape)} implies group_size K/G = {K}/{G}; "
+            "group_size must be a power of two >= 16 that divides K")
+    return gs
+
+
+# ---------------------------------------------------------------- launcher
+
+def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+           *, config: KernelConfig | None = None) -> torch.Tensor:
+    """``x @ (qdata * scale).T + bias`` for x (M, K) bf16/fp16; returns (M, N) in x.dtype.
+
+    ``config`` forces a path / tile shape (tests and tuning); by default ``select_config`` picks it.
+    """
+    M, N, K = check_linear_args("int8_weight_only.linear", x, qdata, scale, bias)
+    group_size = _group_size(K, scale)
+    if M == 0:
+        return x.new_empty((0, N))
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    scale = scale.reshape(N) if group_size == 0 else scale.contiguous()
+    cfg = config if config is not None else select_config(M, N, K, group_size)
+    if cfg.path == "gemv" and M != 1:
+        raise ValueError(f"int8_weight_only.linear: the gemv path needs M == 1, got M={M}")
+    if group_size and (cfg.block_k % group_size if cfg.path == "gemv" else group_size % cfg.block_k):
+        raise ValueError(f"int8_weight_only.linear: block_k={cfg.block_k} does not fit group_size={group_size} "
+                         "(gemv: a multiple of it; mm: a divisor of it)")
+    has_bias = bias is not None
+    b_arg = bias.contiguous() if has_bias else scale  # any tensor: never read without HAS_BIAS
+    stride_sg = scale.stride(1) if group_size else 0
+    split = cfg.split_k
+    if split > 1:
+        out = torch.zeros((M, N), device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    even_k = K % cfg.block_k == 0
+
+    if cfg.path == "gemv":
+        grid = (triton.cdiv(N, cfg.block_n), split)
+        torch.library.wrap_triton(_int8wo_gemv_kernel)[grid](
+            x, qdata, scale, b_arg, out,
+            N, K,
+            qdata.stride(0), scale.stride(0), stride_sg,
+            HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    elif cfg.path == "mm":
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+        torch.library.wrap_triton(_int8wo_mm_kernel)[grid](
+            x, qdata, scale, b_arg, out,
+            M, N, K,
+            x.stride(0), qdata.stride(0), scale.stride(0), stride_sg, out.stride(0),
+            HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        raise ValueError(f"int8_weight_only.linear: unknown path {cfg.path!r} (expected 'gemv' or 'mm')")
+    return out.to(x.dtype) if split > 1 else out

@@ -1,0 +1,50 @@
+"""Shared test fixtures: the configs every test is parametrized over, their SQNR floors, small models."""
+
+import pytest
+import torch
+from torch import nn
+
+import aofx
+
+# (id, config, SQNR floor in dB from DESIGN §3)
+CASES = [
+    ("int4wo-32", aofx.Int4WeightOnlyConfig(group_size=32), 19.5),
+    ("int4wo-128", aofx.Int4WeightOnlyConfig(group_size=128), 19.5),
+    ("int8wo", aofx.Int8WeightOnlyConfig(), 40.0),
+    ("int8wo-g64", aofx.Int8WeightOnlyConfig(group_size=64), 40.0),
+    ("int8dq", aofx.Int8DynamicActivationInt8WeightConfig(), 37.0),
+    ("fp8wo", aofx.Float8WeightOnlyConfig(), 31.0),
+    ("fp8dq-tensor", aofx.Float8DynamicActivationFloat8WeightConfig(), 28.0),
+    ("fp8dq-row", aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerRow()), 28.0),
+]
+CONFIGS = [pytest.param(cfg, id=name) for name, cfg, _ in CASES]
+CONFIGS_WITH_FLOOR = [pytest.param(cfg, floor, id=name) for name, cfg, floor in CASES]
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+class TwoLayer(nn.Module):
+    """Two linears, one with and one without bias."""
+
+    def __init__(self, dims=(256, 128, 64), dtype=torch.bfloat16):
+        super().__init__()
+        self.up = nn.Linear(dims[0], dims[1], dtype=dtype)
+        self.down = nn.Linear(dims[1], dims[2], bias=False, dtype=dtype)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def two_layer(seed=0, **kwargs) -> TwoLayer:
+    torch.manual_seed(seed)
+    return TwoLayer(**kwargs)
+
+
+def normal_weights(model: nn.Module, std=0.02, seed=0) -> nn.Module:
+    g = seeded(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
