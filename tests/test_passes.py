@@ -1,0 +1,103 @@
+"""Graph expectations for the rewrite passes: before/after graphs, node counts, rewrite counts."""
+
+import collections
+
+import expecttest
+import torch
+from torch import nn
+
+import aofx
+from aofx.capture import CapturedGraph, export_unit
+from aofx.passes._graph import Target, drop_unused_inputs, thread_targets
+from aofx.registry import find_pass
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(64, 64, dtype=torch.bfloat16)
+        self.o = nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.q(x)
+        return self.o(torch.relu(h))
+
+
+def _counts(gm):
+    return collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+def _code(gm):
+    return "\n".join(line.rstrip() for line in gm.code.strip().splitlines() if line.strip())
+
+
+class TestInt4Pass(expecttest.TestCase):
+    def test_rewrite_in_graph_and_no_grad_subgraph(self):
+        config = aofx.Int4WeightOnlyConfig(group_size=32)
+        rewrite = find_pass(config)
+        capture = CapturedGraph(export_unit(Block(), (torch.randn(2, 64).bfloat16(),)))
+        self.assertExpectedInline(_code(capture.gm), """\
+def forward(self, p_q_weight, p_q_bias, p_o_weight, x):
+    submod_3 = self.submod_1
+    linear = torch.ops.higher_order.wrap_with_set_grad_enabled(False, submod_3, x, p_q_weight, p_q_bias);  submod_3 = x = p_q_weight = p_q_bias = None
+    getitem = linear[0];  linear = None
+    relu = torch.ops.aten.relu.default(getitem);  getitem = None
+    linear_1 = torch.ops.aten.linear.default(relu, p_o_weight);  relu = p_o_weight = None
+    return (linear_1,)""")
+
+        targets = {}
+        for layer in ("q", "o"):
+            node = capture.placeholder_for(f"p_{layer}_weight")
+            packed = [capture.add_state_input(f"{layer}.{k}", node) for k in rewrite.packed_names]
+            targets[node] = Target(rewrite, config, packed)
+        counts = [rewrite(gm, local) for gm, local in thread_targets(capture.gm, targets)]
+        drop_unused_inputs(capture.gm)
+        capture.finalize({})
+        self.assertEqual(counts, [1, 1])  # one in the top graph, one in the no_grad subgraph
+        self.assertExpectedInline(_code(capture.gm), """\
+def forward(self, p_q_bias, x, q_qdata, q_scale, q_zero, o_qdata, o_scale, o_zero):
+    submod_3 = self.submod_1
+    linear = torch.ops.higher_order.wrap_with_set_grad_enabled(False, submod_3, x, p_q_bias, q_qdata, q_scale, q_zero);  submod_3 = x = p_q_bias = q_qdata = q_scale = q_zero = None
+    getitem = linear[0];  linear = None
+    relu = torch.ops.aten.relu.default(getitem);  getitem = None
+    int4_weight_only_linear_default = torch.ops.aofx.int4_weight_only_linear.default(relu, o_qdata, o_scale, o_zero, 32, None);  relu = o_qdata = o_scale = o_zero = None
+    return (int4_weight_only_linear_default,)""")
+        self.assertEqual(_counts(capture.gm.submod_1),
+                         {"aofx.int4_weight_only_linear.default": 1})
+        self.assertEqual(_counts(capture.gm)["aten.linear.default"], 0)
+        self.assertEqual([kind for kind, _ in capture.order], ["state", "input", "state", "state", "state",
+                                                               "state", "state", "state"])
+
+
+class TestEveryPass(expecttest.TestCase):
+    def test_node_counts_per_scheme(self):
+        cases = {
+            "Int4WeightOnlyConfig": ("aofx.int4_weight_only_linear.default", aofx.Int4WeightOnlyConfig(32)),
+            "Int8WeightOnlyConfig": ("aofx.int8_weight_only_linear.default", aofx.Int8WeightOnlyConfig()),
+            "Int8DynamicActivationInt8WeightConfig": ("aofx.int8_dynamic_activation_int8_weight_linear.default",
+                                                      aofx.Int8DynamicActivationInt8WeightConfig()),
+            "Float8WeightOnlyConfig": ("aofx.float8_weight_only_linear.default", aofx.Float8WeightOnlyConfig()),
+            "Float8DynamicActivationFloat8WeightConfig": (
+                "aofx.float8_dynamic_activation_float8_weight_linear.default",
+                aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerRow())),
+        }
+        for name, (op, config) in cases.items():
+            model = Block()
+            aofx.quantize_(model, config, example_inputs=(torch.randn(2, 64).bfloat16(),))
+            gm = model._aofx_capture.gm
+            self.assertEqual(_counts(gm)[op] + _counts(gm.submod_1)[op], 2, name)
+            self.assertEqual(_counts(gm)["aten.linear.default"] + _counts(gm.submod_1)["aten.linear.default"], 0)
+            # the per-layer capture holds exactly one op and no linear
+            self.assertEqual(_counts(model.o._aofx_capture.gm), {op: 1}, name)
+
+    def test_fp8_dynamic_op_arguments(self):
+        model = nn.Linear(32, 32, bias=False, dtype=torch.bfloat16)
+        aofx.quantize_(model, aofx.Float8DynamicActivationFloat8WeightConfig(granularity=(aofx.PerRow(),
+                                                                                           aofx.PerTensor())))
+        self.assertExpectedInline(_code(model._aofx_capture.gm), """\
+def forward(self, input, qdata, scale):
+    input_1 = input
+    float8_dynamic_activation_float8_weight_linear_default = torch.ops.aofx.float8_dynamic_activation_float8_weight_linear.default(input_1, qdata, scale, True, None);  input_1 = qdata = scale = None
+    return (float8_dynamic_activation_float8_weight_linear_default,)""")
+        self.assertEqual(model.scale.shape, ())
