@@ -20,11 +20,11 @@ Kernel paths, chosen per M bucket by ``select_config`` (plain Python ``if``: Ind
 
     M <= 2     ``gemv``: CUDA-core GEMV, one x row per program (grid axis 0, fastest, so the
                programs of the M rows that share a weight tile run together and the second read
-               hits L2). Each step reads GROUPS_PER_ITER groups of BLOCK_N rows with 16-byte
-               loads; the low and high nibbles are multiplied with the even and odd elements of
-               x (x is split, the weights are never interleaved) and reduced per group, and the
-               group's scale/zero are applied to the [BLOCK_N] partial sums:
-               ``acc += 16 s * sum(f x) + (z - 24 s) * sum(x)``.
+               hits L2). Each step reads GROUPS_PER_ITER whole groups of BLOCK_N rows (16-byte
+               loads), unpacks them like ``mm``, and reduces ``f * x`` per group; the group's
+               scale/zero go on the [BLOCK_N] partial sums:
+               ``acc += 16 s * sum(f x) + (z - 24 s) * sum(x)``. Split-K only when
+               N / BLOCK_N is too few programs to fill the GPU.
     M <= 16    ``mm`` with BLOCK_M=16, SWAP_AB (the dequantized weight tile is the MMA's A
                operand, x.T the B operand), split-K to fill the GPU. Memory-bound.
     M <= 64    ``mm`` with BLOCK_M=64, SWAP_AB, BLOCK_N=256 (the x tile re-read from L2 costs
@@ -54,7 +54,6 @@ import triton.language as tl
 __all__ = ["Int4Config", "select_config", "linear"]
 
 GROUP_SIZES = (32, 64, 128, 256)
-_ONE_F32_BITS = 0x3F800000  # bits of 1.0f; nibble << 19 lands in the top 4 mantissa bits
 
 
 # ---------------------------------------------------------------- kernels

@@ -1,0 +1,555 @@
+"""Per-layer latency of the aofx quantized-linear ops against bf16 cuBLAS (and torchao / gemlite).
+
+What it measures, for every (config, shape, M):
+- a stack of distinct layers (distinct weight tensors, more than the H100's 50 MB L2 in total) is
+  applied back to back to the same activation ``x`` (M, K); outputs are dropped, not chained;
+- the stack is captured once as a CUDA graph (warmed up on a side stream first) and its replays are
+  timed with ``triton.testing.do_bench(..., return_mode="median")``, which clears L2 before each
+  replay; ``us`` is the median replay time divided by the number of layers;
+- the bf16 baseline is the same stack of ``F.linear(x, w_bf16)``, timed in the same run the same way;
+- ``roofline_frac`` = the layer's minimal time / measured time, where the minimal time is
+  ``max(bytes / 3.0 TB/s, 2*M*N*K / peak)``, bytes = stored weight (qdata + scale + zero) + x + out,
+  peak = 700 TFLOP/s for bf16-math configs and 1400 TFLOP/s for the int8 / fp8 tensor-core ones;
+- ``sqnr`` (dB) of one layer's op output against the exact linear (``F.linear`` in fp64), with
+  w ~ N(0, 0.02) and x ~ N(0, 1) in bf16, next to the floor DESIGN.md §3 sets;
+- ``ok``: the op output matches its ``aofx.numerics`` reference (SQNR >= 30 dB between the two),
+  checked once per row; a failure or an exception marks the row and the run goes on;
+- peers when importable: torchao (``quantize_`` + ``torch.compile``) and gemlite, in the same
+  CUDA-graph stack; any peer failure is recorded as a string in the row.
+
+The scored shapes are 14336x4096 and 4096x14336 (DESIGN.md §5 targets); 4096x4096 and 1024x4096
+are informative. Small shapes get more layers (``--min-stack-mb``) so that even the int4 stack
+outgrows L2.
+
+Run on a CUDA GPU (H100), from the repository root, with aofx installed (``pip install -e .``):
+
+    python benchmarks/bench_layers.py
+    python benchmarks/bench_layers.py --configs int4wo-128,int8wo --shapes 14336x4096 --m 1,16
+
+It prints one progress line per row, a table at the end, and writes the rows as a JSON list to
+``--out`` (default ``benchmarks/results/h100.json``); non-finite numbers (an exact match's infinite
+SQNR) are written as null. It exits 1 when any aofx row failed its check or raised.
+``--peers none`` is the quickest run; otherwise torchao's torch.compile per (config, shape, M) dominates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+HBM_BYTES_PER_S = 3.0e12  # H100 SXM device copy, measured 3.02 TB/s
+BF16_FLOPS = 700e12  # bf16 dense tensor-core matmul, measured 702 TFLOP/s
+INT8_FP8_FLOPS = 1400e12  # int8 / fp8 dense tensor cores: twice bf16
+CHECK_SQNR_DB = 30.0  # op vs its numerics reference; a layout or scale bug lands far below
+CHECK_COLUMNS = 64  # output columns checked when the reference must run on the CPU
+SCORED_SHAPES = ((14336, 4096), (4096, 14336))  # (N, K)
+DEFAULT_SHAPES = SCORED_SHAPES + ((4096, 4096), (1024, 4096))
+DEFAULT_MS = (1, 16, 128, 1024)
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "h100.json"
+PEER_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """One benchmarked config: how to quantize a weight and how to call its op.
+
+    The op is called as ``torch.ops.aofx.<op>(x, *stored, *extra_args, bias)``, and
+    ``aofx.numerics.<op>`` takes the same arguments (it is the op's reference).
+    """
+
+    name: str
+    op: str
+    quantize: str  # aofx.numerics function: w (N, K) bf16 -> stored tensors
+    low_precision_math: bool  # int8 / fp8 tensor cores (1400 TFLOP/s) instead of bf16 math
+    sqnr_floor: float  # DESIGN.md §3, dB against the exact linear
+    quantize_kwargs: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    extra_args: tuple = ()  # non-tensor op arguments after the stored tensors, before bias
+
+
+SCHEMES = (
+    Scheme(name="int4wo-128", op="int4_weight_only_linear", quantize="quantize_int4",
+           quantize_kwargs={"group_size": 128}, extra_args=(128,), low_precision_math=False, sqnr_floor=19.5),
+    Scheme(name="int8wo", op="int8_weight_only_linear", quantize="quantize_int8",
+           low_precision_math=False, sqnr_floor=40.0),
+    Scheme(name="int8dq", op="int8_dynamic_activation_int8_weight_linear", quantize="quantize_int8",
+           low_precision_math=True, sqnr_floor=37.0),
+    Scheme(name="fp8dq-row", op="float8_dynamic_activation_float8_weight_linear", quantize="quantize_float8",
+           quantize_kwargs={"per_row": True}, extra_args=(True,), low_precision_math=True, sqnr_floor=28.0),
+    Scheme(name="fp8dq-tensor", op="float8_dynamic_activation_float8_weight_linear", quantize="quantize_float8",
+           quantize_kwargs={"per_row": False}, extra_args=(False,), low_precision_math=True, sqnr_floor=28.0),
+    Scheme(name="fp8wo", op="float8_weight_only_linear", quantize="quantize_float8",
+           quantize_kwargs={"per_row": True}, low_precision_math=False, sqnr_floor=31.0),
+)
+SCHEME_BY_NAME = {s.name: s for s in SCHEMES}
+
+# DESIGN.md §5: speedup over bf16 cuBLAS on the scored shapes, per M.
+TARGETS = {
+    "int4wo-128": {1: 3.4, 16: 2.8, 128: 1.3, 1024: 0.9},
+    "int8wo": {1: 1.9, 16: 1.8, 128: 1.1, 1024: 0.9},
+    "int8dq": {1: 1.8, 16: 1.8, 128: 1.5, 1024: 1.6},
+    "fp8dq-row": {1: 1.9, 16: 1.9, 128: 1.8, 1024: 1.8},
+    "fp8wo": {1: 1.9, 16: 1.7, 128: 1.1, 1024: 0.9},
+}
+
+
+# ---------------------------------------------------------------- command line
+
+def _parse_configs(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in SCHEME_BY_NAME]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown config(s) {unknown or text!r}; choose from {', '.join(SCHEME_BY_NAME)}")
+    return names
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for t in (t.strip() for t in text.split(",")):
+        if not t:
+            continue
+        try:
+            n, k = (int(v) for v in t.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shape {t!r} is not NxK, e.g. 14336x4096") from None
+        if n <= 0 or k <= 0 or k % 128:
+            raise argparse.ArgumentTypeError(f"shape {t!r}: N, K must be positive and K a multiple of 128")
+        shapes.append((n, k))
+    if not shapes:
+        raise argparse.ArgumentTypeError("no shape given")
+    return shapes
+
+
+def _parse_ms(text: str) -> list[int]:
+    try:
+        ms = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--m {text!r} is not a comma-separated list of ints") from None
+    if not ms or any(m <= 0 for m in ms):
+        raise argparse.ArgumentTypeError(f"--m {text!r}: give positive ints, e.g. 1,16,128")
+    return ms
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive int")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Per-layer latency of aofx quantized linears vs bf16 cuBLAS (CUDA-graph stacks).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--configs", type=_parse_configs, default=",".join(SCHEME_BY_NAME),
+                   help=f"comma-separated subset of: {', '.join(SCHEME_BY_NAME)}")
+    p.add_argument("--shapes", type=_parse_shapes, default=",".join(f"{n}x{k}" for n, k in DEFAULT_SHAPES),
+                   help="comma-separated NxK (N out, K in), e.g. 14336x4096,4096x14336")
+    p.add_argument("--m", type=_parse_ms, default=",".join(map(str, DEFAULT_MS)), help="comma-separated tokens M")
+    p.add_argument("--layers", type=_positive_int, default=4,
+                   help="minimum number of distinct layers in a stack")
+    p.add_argument("--min-stack-mb", type=float, default=100.0,
+                   help="add layers until the int4 weights of the stack exceed this (0: just --layers)")
+    p.add_argument("--peers", choices=("scored", "all", "none"), default="scored",
+                   help="shapes on which torchao / gemlite are measured too")
+    p.add_argument("--peer-compile-mode", choices=PEER_COMPILE_MODES, default="default",
+                   help="torch.compile mode for the torchao stack ('none': eager, still CUDA-graphed)")
+    p.add_argument("--rep-ms", type=float, default=60.0, help="do_bench timed duration per measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    return p
+
+
+# ---------------------------------------------------------------- pure helpers (no GPU)
+
+def stack_layers(n: int, k: int, min_layers: int, min_stack_mb: float) -> int:
+    """Layers per stack: at least ``min_layers``, and enough that int4 weights exceed the target."""
+    int4_bytes = n * k / 2
+    return max(min_layers, math.ceil(min_stack_mb * 1e6 / int4_bytes)) if min_stack_mb > 0 else min_layers
+
+
+def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def roofline_us(weight_bytes: int, m: int, n: int, k: int, peak_flops: float) -> float:
+    """Minimal time of one layer: HBM traffic (weights + bf16 x + bf16 out) or tensor-core math."""
+    moved = weight_bytes + 2 * m * k + 2 * m * n  # x: (M, K) bf16, out: (M, N) bf16
+    return max(moved / HBM_BYTES_PER_S, 2 * m * n * k / peak_flops) * 1e6
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or not den > 0:
+        return None
+    return num / den
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+def new_row(scheme: Scheme, n: int, k: int, m: int, layers: int) -> dict:
+    """A row with every required key present (None until measured)."""
+    scored = (n, k) in SCORED_SHAPES
+    return {
+        "config": scheme.name, "N": n, "K": k, "M": m, "layers": layers,
+        "us": None, "bf16_us": None, "speedup": None, "roofline_frac": None, "sqnr": None,
+        "bf16_roofline_frac": None, "sqnr_floor": scheme.sqnr_floor, "check_sqnr": None, "ok": False,
+        "target": TARGETS.get(scheme.name, {}).get(m) if scored else None, "scored": scored,
+        "graph": None, "error": None,
+    }
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return format(v, spec)
+
+
+def _peer_cell(row: dict, peer: str) -> str:
+    if row.get(f"{peer}_error"):
+        return "err"
+    return _fmt(row.get(f"{peer}_speedup"), ".2f") + ("x" if row.get(f"{peer}_speedup") is not None else "")
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Compact fixed-width table: ``speedup`` is bf16_us / us; ``!`` marks a missed speedup target
+    and a sqnr below its floor; the peer columns are their speedups over the same bf16."""
+    head = ("config", "NxK", "M", "us", "bf16_us", "speedup", "target", "roof", "sqnr", "ok",
+            "torchao", "gemlite")
+    lines = []
+    for r in rows:
+        missed = r["target"] is not None and (r["speedup"] is None or r["speedup"] < r["target"])
+        lines.append((
+            r["config"], f"{r['N']}x{r['K']}", str(r["M"]), _fmt(r["us"], ".1f"), _fmt(r["bf16_us"], ".1f"),
+            _fmt(r["speedup"], ".2f") + ("!" if missed else ""), _fmt(r["target"], ".1f"),
+            _fmt(r["roofline_frac"], ".2f"),
+            _fmt(r["sqnr"], ".1f") + ("!" if r["sqnr"] is not None and r["sqnr"] < r["sqnr_floor"] else ""),
+            "err" if r["error"] else ("yes" if r["ok"] else "NO"),
+            _peer_cell(r, "torchao"), _peer_cell(r, "gemlite"),
+        ))
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    out += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in lines]
+    errors = [f"  {r['config']} {r['N']}x{r['K']} M={r['M']}: {r['error']}" for r in rows if r["error"]]
+    if errors:
+        out += ["errors:", *errors]
+    return "\n".join(out)
+
+
+def write_rows(rows: Sequence[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = [{k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    path.write_text(json.dumps(clean, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------- timing (GPU)
+
+def time_stack(run: Callable[[], object], rep_ms: float) -> tuple[float, str | None]:
+    """Median microseconds of one ``run()``, replayed from a CUDA graph.
+
+    Returns ``(us, graph_error)``; if capture fails, ``run`` is timed eagerly and the capture error
+    is returned so the row says so.
+    """
+    from triton.testing import do_bench
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (autotuning, compiling) outside the capture
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            run()
+    except Exception as e:  # noqa: BLE001  (capture is best effort; time eagerly instead)
+        del graph
+        torch.cuda.synchronize()
+        return do_bench(run, warmup=10, rep=rep_ms, return_mode="median") * 1e3, _error_text(e)
+    try:
+        return do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median") * 1e3, None
+    finally:
+        del graph
+
+
+def _free_cuda() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _sync_quietly() -> None:
+    """Surface a pending asynchronous error inside the row that caused it, not the next one."""
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001  (a sticky CUDA error will fail the following rows too)
+        pass
+
+
+def check_against_reference(reference: Callable, x: torch.Tensor, call_args: tuple, out: torch.Tensor) -> float:
+    """SQNR (dB) of the op output ``out`` (M, N) against its ``aofx.numerics`` reference.
+
+    The reference runs on the GPU; where it cannot (CUDA has no int32 matmul for the int8 dq
+    reference), it runs on the CPU for the first CHECK_COLUMNS output columns.
+    """
+    from aofx import numerics
+
+    try:
+        expected = reference(x, *call_args)
+    except (NotImplementedError, RuntimeError):
+        cols = CHECK_COLUMNS
+        # Stored tensors are indexed by output row first; a 0-dim (per-tensor) scale is shared.
+        cpu_args = tuple(a[:cols].cpu() if isinstance(a, torch.Tensor) and a.dim() > 0
+                         else a.cpu() if isinstance(a, torch.Tensor) else a for a in call_args)
+        expected, out = reference(x.cpu(), *cpu_args), out[..., :cols].cpu()
+    return numerics.sqnr(expected.float(), out.float())
+
+
+# ---------------------------------------------------------------- peers
+
+def _torchao_config(name: str):
+    import torchao.quantization as tq
+
+    try:
+        from torchao.quantization import PerRow, PerTensor
+    except ImportError:
+        from torchao.quantization.granularity import PerRow, PerTensor
+    if name == "int4wo-128":
+        try:  # torchao >= 0.14: v2 config; tile_packed_to_4d is the tinygemm kernel
+            return tq.Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+        except TypeError:
+            return tq.Int4WeightOnlyConfig(group_size=128)
+    return {
+        "int8wo": lambda: tq.Int8WeightOnlyConfig(),
+        "int8dq": lambda: tq.Int8DynamicActivationInt8WeightConfig(),
+        "fp8dq-row": lambda: tq.Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        "fp8dq-tensor": lambda: tq.Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor()),
+        "fp8wo": lambda: tq.Float8WeightOnlyConfig(),
+    }[name]()
+
+
+def _peer_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
+
+
+def torchao_layers(name: str, weights: Sequence[torch.Tensor], compile_mode: str) -> list[Callable]:
+    """torchao-quantized copies of ``weights``, each a callable ``x -> F.linear(x, w_q)``."""
+    from torchao.quantization import quantize_
+
+    n, k = weights[0].shape
+    linears = torch.nn.ModuleList()
+    for w in weights:
+        lin = torch.nn.Linear(k, n, bias=False, device="meta")
+        lin.weight = torch.nn.Parameter(w, requires_grad=False)  # shares w; quantize_ swaps in a new one
+        linears.append(lin)
+    quantize_(linears, _torchao_config(name))
+    if compile_mode == "none":
+        fn = _peer_linear
+    else:
+        # One compiled graph per M (dynamic=False); the reset keeps each (config, shape) under
+        # dynamo's recompile limit, since every config reuses _peer_linear's code object.
+        torch.compiler.reset()
+        fn = torch.compile(_peer_linear, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
+    return [lambda x, w=lin.weight: fn(x, w) for lin in linears]
+
+
+def gemlite_layers(name: str, weights: Sequence[torch.Tensor], numerics) -> list[Callable] | None:
+    """gemlite layers for ``weights``, or None where gemlite has no matching scheme."""
+    from gemlite import helper
+
+    n, k = weights[0].shape
+    device = str(weights[0].device)
+    if name == "int4wo-128":
+        layers = []
+        for w in weights:
+            qdata, scale, zero = numerics.quantize_int4(w, 128)
+            codes = numerics.unpack_int4(qdata)  # (N, K) uint8 in [0, 15]
+            # gemlite dequantizes (q - zero_g) * scale; ours is (q - 8) * scale + zero.
+            zero_g = (8 - zero.float() / scale.float()).to(scale.dtype)  # (N, K // 128)
+            layers.append(helper.A16Wn(device=device).from_weights(codes, scale, zero_g, 4, 128))
+        return layers
+    maker = {
+        "int8wo": getattr(helper, "A16W8_INT8", getattr(helper, "A16W8", None)),
+        "fp8wo": getattr(helper, "A16W8_FP8", None),
+        "int8dq": getattr(helper, "A8W8_int8_dynamic", None),
+        "fp8dq-row": getattr(helper, "A8W8_fp8_dynamic", None),
+    }.get(name)
+    if maker is None:
+        return None
+    layers = []
+    for w in weights:
+        lin = torch.nn.Linear(k, n, bias=False, device="meta")
+        lin.weight = torch.nn.Parameter(w, requires_grad=False)
+        layers.append(maker(device=device).from_linear(lin))
+    return layers
+
+
+def measure_peer(peer: str, row: dict, layers: list[Callable], x: torch.Tensor, ref: torch.Tensor,
+                 numerics, rep_ms: float) -> None:
+    """Time a peer's stack on ``x`` and fill ``<peer>_us / _speedup / _sqnr`` (or ``_error``)."""
+    try:
+        out = layers[0](x)  # (M, N)
+        row[f"{peer}_sqnr"] = numerics.sqnr(ref, out)
+        us, graph_error = time_stack(lambda: [layer(x) for layer in layers], rep_ms)
+        row[f"{peer}_us"] = us / len(layers)
+        row[f"{peer}_speedup"] = _ratio(row["bf16_us"], row[f"{peer}_us"])
+        if graph_error:
+            row[f"{peer}_graph_error"] = graph_error
+    except Exception as e:  # noqa: BLE001  (a peer failure is data, e.g. torchao int8dq at M <= 16)
+        row[f"{peer}_error"] = _error_text(e)
+        _sync_quietly()
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def bench_shape(n: int, k: int, args, numerics, peers: dict[str, bool], progress: Callable[[dict], None],
+                device: str = "cuda") -> None:
+    """Measures every row of one (N, K), bf16 once per M, and hands each row to ``progress``."""
+    layers = stack_layers(n, k, args.layers, args.min_stack_mb)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    # Distinct weights, N(0, 0.02) in bf16: (N, K) each.
+    weights = [torch.randn(n, k, generator=gen, device=device, dtype=torch.bfloat16) * 0.02
+               for _ in range(layers)]
+    xs = {m: torch.randn(m, k, generator=gen, device=device, dtype=torch.bfloat16) for m in args.m}  # (M, K)
+    # fp64 (M, N) for layer 0: immune to TF32 settings (torchao's quantize_ turns TF32 on).
+    refs = {m: F.linear(x.double(), weights[0].double()) for m, x in xs.items()}
+
+    bf16_us, bf16_frac = {}, {}
+    for m, x in xs.items():
+        us, _ = time_stack(lambda x=x: [F.linear(x, w) for w in weights], args.rep_ms)
+        bf16_us[m] = us / layers
+        bf16_frac[m] = roofline_us(tensor_bytes(weights[:1]), m, n, k, BF16_FLOPS) / bf16_us[m]
+        print(f"  bf16 {n}x{k} M={m}: {bf16_us[m]:.1f} us/layer ({layers} layers, roof {bf16_frac[m]:.2f})",
+              flush=True)
+
+    for name in args.configs:
+        scheme = SCHEME_BY_NAME[name]
+        op = getattr(torch.ops.aofx, scheme.op, None)
+        reference = getattr(numerics, scheme.op)
+        quantize = getattr(numerics, scheme.quantize)
+        stored = [quantize(w, **scheme.quantize_kwargs) for w in weights]  # per layer: tensors
+        peak = INT8_FP8_FLOPS if scheme.low_precision_math else BF16_FLOPS
+
+        peer_layers: dict[str, list[Callable] | str | None] = {}
+        for peer, on in peers.items():
+            if not on:
+                continue
+            try:
+                peer_layers[peer] = (torchao_layers(name, weights, args.peer_compile_mode) if peer == "torchao"
+                                     else gemlite_layers(name, weights, numerics))
+            except Exception as e:  # noqa: BLE001
+                peer_layers[peer] = _error_text(e)
+                _sync_quietly()
+
+        for m, x in xs.items():
+            row = new_row(scheme, n, k, m, layers)
+            row["bf16_us"], row["bf16_roofline_frac"] = bf16_us[m], bf16_frac[m]
+            try:
+                if op is None:
+                    raise RuntimeError(f"torch.ops.aofx.{scheme.op} is not registered")
+                call_args = [(*t, *scheme.extra_args, None) for t in stored]
+                out = op(x, *call_args[0])  # (M, N)
+                row["check_sqnr"] = check_against_reference(reference, x, call_args[0], out)
+                row["sqnr"] = numerics.sqnr(refs[m], out)
+                row["ok"] = (out.shape == (m, n) and out.dtype == torch.bfloat16
+                             and bool(torch.isfinite(out).all()) and row["check_sqnr"] >= CHECK_SQNR_DB)
+                del out
+                us, graph_error = time_stack(lambda: [op(x, *a) for a in call_args], args.rep_ms)
+                row["us"] = us / layers
+                row["graph"] = graph_error is None
+                if graph_error:
+                    row["graph_error"] = graph_error
+                row["speedup"] = _ratio(row["bf16_us"], row["us"])
+                row["roofline_frac"] = roofline_us(tensor_bytes(stored[0]), m, n, k, peak) / row["us"]
+            except Exception as e:  # noqa: BLE001  (one broken row must not end the run)
+                row["error"] = _error_text(e)
+                _sync_quietly()
+            for peer, layers_or_error in peer_layers.items():
+                if isinstance(layers_or_error, str):
+                    row[f"{peer}_error"] = layers_or_error
+                elif layers_or_error is not None:
+                    measure_peer(peer, row, layers_or_error, x, refs[m], numerics, args.rep_ms)
+            progress(row)
+        del stored, peer_layers
+        _free_cuda()
+    del weights, xs, refs
+    _free_cuda()
+
+
+def _progress_line(row: dict, index: int, total: int) -> str:
+    peers = "".join(
+        f"  {p} " + (f"{row[p + '_us']:.1f} us" if row.get(p + "_us") is not None else "err")
+        for p in ("torchao", "gemlite") if (p + "_us") in row or (p + "_error") in row)
+    if row["error"]:
+        body = f"ERROR {row['error']}"
+    else:
+        body = (f"{row['us']:.1f} us (bf16 {row['bf16_us']:.1f}, {row['speedup']:.2f}x, "
+                f"roof {row['roofline_frac']:.2f}, {row['sqnr']:.1f} dB{'' if row['ok'] else ', CHECK FAILED'})")
+    return f"[{index:>3}/{total}] {row['config']} {row['N']}x{row['K']} M={row['M']}: {body}{peers}"
+
+
+def _available(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except Exception:  # noqa: BLE001  (a broken install is as good as none here)
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_layers.py needs a CUDA GPU: torch.cuda.is_available() is False "
+                 f"(torch {torch.__version__}). Run it on the H100.")
+    try:
+        import aofx  # noqa: F401  (registers torch.ops.aofx.*)
+        from aofx import numerics
+    except Exception as e:  # noqa: BLE001
+        sys.exit(f"cannot import aofx ({_error_text(e)}); install it with `pip install -e .`")
+
+    have = {p: _available(p) for p in ("torchao", "gemlite")}
+    if not any(have.values()):
+        print("peers: neither torchao nor gemlite is importable; measuring aofx and bf16 only", flush=True)
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"peers: {', '.join(p for p, ok in have.items() if ok) or 'none'}", flush=True)
+
+    total = len(args.configs) * len(args.shapes) * len(args.m)
+    rows: list[dict] = []
+
+    def progress(row: dict) -> None:
+        rows.append(row)
+        print(_progress_line(row, len(rows), total), flush=True)
+
+    start = time.perf_counter()
+    try:
+        for n, k in args.shapes:
+            on = args.peers == "all" or (args.peers == "scored" and (n, k) in SCORED_SHAPES)
+            bench_shape(n, k, args, numerics, {p: on and ok for p, ok in have.items()}, progress)
+            write_rows(rows, args.out)  # after every shape, so a later crash keeps these
+    finally:  # even after a fatal (sticky) CUDA error, show and keep what was measured
+        write_rows(rows, args.out)
+        print()
+        print(format_table(rows))
+        print(f"\n{len(rows)}/{total} rows in {time.perf_counter() - start:.0f} s -> {args.out}", flush=True)
+    return 0 if rows and all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
