@@ -10,8 +10,9 @@ Math (``numerics.float8_dynamic_activation_float8_weight_linear``): the activati
 ``xq = e4m3(clamp(x / s_x, -448, 448))``, ``acc = xq @ qdata.T`` (fp8 tensor cores, fp32
 accumulate) and ``y = acc * s_x * s_w (+ bias)`` in fp32 in the epilogue, cast to x.dtype.
 
-The GEMM loads the weight tile as [BLOCK_K, BLOCK_N], the transposed (K-major) view of the (N, K)
-row-major weight: Hopper fp8 wgmma needs a K-major B operand, and that is what ``tl.dot`` gets.
+Hopper fp8 wgmma needs K-major operands. The GEMM loads the weight tile as [BLOCK_K, BLOCK_N], the
+transposed (K-major) view of the (N, K) row-major weight, as the B operand; with ``swap_ab`` it is
+the [BLOCK_N, BLOCK_K] A operand, K-major as stored.
 
 Kernels and M buckets (``select_config``; plain Python ``if`` on M, Inductor ignores autotune keys):
 
@@ -28,6 +29,11 @@ Kernels and M buckets (``select_config``; plain Python ``if`` on M, Inductor ign
         of the N / BLOCK_N column programs (cdiv(N, BLOCK_N) x M x K x 2 bytes through L2 and the
         ALUs, e.g. 112 x 8 MB at M=1024) and would keep the A operand off the pure
         shared-memory fp8 wgmma path; the extra kernel costs M x K x 3 bytes of traffic and a launch.
+
+MMA shape: Hopper's fp8 wgmma needs 64 rows on the A side; a tl.dot with BLOCK_M < 64 falls back
+to mma.sync, which Triton 3.8 upcasts to fp16 (a convert of every weight). ``swap_ab`` computes
+``(w @ xq^T)^T`` instead, so the weight tile is the 64-row side (m64nBLOCK_Mk32, checked in the
+sm_90 PTX); the M <= 16 and M <= 64 buckets use it.
 
 Accumulation: Hopper fp8 wgmma accumulates in reduced precision. ``fast_accum=False`` (default)
 promotes the partial sums into the fp32 accumulator once per BLOCK_K (``max_num_imprecise_acc``),
@@ -125,6 +131,7 @@ def _fp8dq_gemm_kernel(
     QUANTIZE_X: tl.constexpr,  # True: x_ptr is bf16/fp16 x, quantized here; False: e4m3 xq
     ACT_PER_ROW: tl.constexpr,  # per row: x_scale_ptr is s_x (M,) when not QUANTIZE_X; per tensor: amax (1,)
     W_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FAST_ACCUM: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # compute (w @ xq^T)^T: the weight tile is the MMA's M side
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped (swizzled) program order: GROUP_M row blocks share each weight column block in L2
@@ -169,7 +176,14 @@ def _fp8dq_gemm_kernel(
     if QUANTIZE_X:
         inv_s_x = tl.math.div_rn(tl.full(s_x.shape, 1.0, tl.float32), s_x)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        # acc^T (BLOCK_N, BLOCK_M) = w (BLOCK_N, BLOCK_K) @ xq^T (BLOCK_K, BLOCK_M): for small M the
+        # weight fills the 64-row side of a native fp8 wgmma (m64nBLOCK_Mk32) instead of an
+        # mma.sync that Triton would upcast to fp16.
+        w_ptrs = w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, eviction_policy="evict_last")
@@ -177,15 +191,26 @@ def _fp8dq_gemm_kernel(
         else:
             mask_k = (k0 + offs_k) < K
             x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0, eviction_policy="evict_last")
-            w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0, eviction_policy="evict_first")
+            if SWAP_AB:
+                w = tl.load(w_ptrs, mask=mask_k[None, :], other=0.0, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0, eviction_policy="evict_first")
         if QUANTIZE_X:
             x = tl.minimum(tl.maximum(x.to(tl.float32) * inv_s_x, -FP8_MAX), FP8_MAX).to(w.dtype)
-        if FAST_ACCUM:
-            acc = tl.dot(x, w, acc)
+        if SWAP_AB:
+            if FAST_ACCUM:
+                acc = tl.dot(w, tl.trans(x), acc)
+            else:
+                acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=BLOCK_K)
         else:
-            acc = tl.dot(x, w, acc, max_num_imprecise_acc=BLOCK_K)
+            if FAST_ACCUM:
+                acc = tl.dot(x, w, acc)
+            else:
+                acc = tl.dot(x, w, acc, max_num_imprecise_acc=BLOCK_K)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
+    if SWAP_AB:
+        acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
 
     # epilogue: acc * s_x * s_w (+ bias) in fp32, cast
     if W_PER_ROW:
@@ -207,6 +232,8 @@ class Fp8DynamicConfig:
     """One launch configuration.
 
     ``fused_quant``: quantize x inside the GEMM (True) or in ``_fp8_quantize_kernel`` first.
+    ``swap_ab``: compute ``(w @ xq^T)^T`` so the weight tile is the MMA's 64-row side (small M).
+    ``fast_accum``: let fp8 wgmma accumulate all of K in its reduced-precision accumulator.
     ``QUANT_BLOCK_M/K``: tiles of the amax / quantize kernels.
     """
 
@@ -218,6 +245,7 @@ class Fp8DynamicConfig:
     num_stages: int = 3
     fused_quant: bool = False
     fast_accum: bool = False
+    swap_ab: bool = False
     QUANT_BLOCK_M: int = 4
     QUANT_BLOCK_K: int = 1024
 
@@ -229,27 +257,32 @@ class Fp8DynamicConfig:
 
 # (max M of the bucket, config); H100 guesses for N x K = 14336 x 4096 and 4096 x 14336.
 CONFIGS: tuple[tuple[float, Fp8DynamicConfig], ...] = (
-    (16, Fp8DynamicConfig(16, 64, 256, num_warps=4, num_stages=4, fused_quant=True)),
-    (64, Fp8DynamicConfig(64, 128, 128, num_warps=4, num_stages=4)),
+    (16, Fp8DynamicConfig(16, 64, 256, num_warps=4, num_stages=4, fused_quant=True, swap_ab=True)),
+    (64, Fp8DynamicConfig(64, 128, 128, num_warps=4, num_stages=4, swap_ab=True)),
     (256, Fp8DynamicConfig(128, 128, 128, num_warps=8, num_stages=4)),
-    (float("inf"), Fp8DynamicConfig(128, 256, 128, num_warps=8, num_stages=3, QUANT_BLOCK_M=8)),
+    # 128 x 256 tiles need fast_accum=True: with the per-BLOCK_K promotion the second accumulator
+    # spills (255 registers + stack on sm_90); (128, 256, 128, fast_accum=True) is the one to try.
+    (float("inf"), Fp8DynamicConfig(128, 128, 128, num_warps=8, num_stages=4, QUANT_BLOCK_M=8)),
 )
 
 
-def _prune(cfg: Fp8DynamicConfig, M: int, N: int, K: int) -> Fp8DynamicConfig:
-    """Shrink blocks that exceed the problem (tiny M, N or K) so no program is mostly padding."""
-    bm = max(16, min(cfg.BLOCK_M, triton.next_power_of_2(M)))
+def _prune(cfg: Fp8DynamicConfig, N: int, K: int) -> Fp8DynamicConfig:
+    """Shrink blocks that exceed the weight (tiny N or K) so no program is mostly padding.
+
+    Only the static weight dims are used: M is dynamic under torch.compile / export, and the bucket
+    comparisons in ``select_config`` are the only guards it may get.
+    """
     bn = max(16, min(cfg.BLOCK_N, triton.next_power_of_2(N)))
     bk = max(32, min(cfg.BLOCK_K, triton.next_power_of_2(K)))
     qbk = max(16, min(cfg.QUANT_BLOCK_K, triton.next_power_of_2(K)))
-    return dataclasses.replace(cfg, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, QUANT_BLOCK_K=qbk)
+    return dataclasses.replace(cfg, BLOCK_N=bn, BLOCK_K=bk, QUANT_BLOCK_K=qbk)
 
 
 def select_config(M: int, N: int, K: int, activation_per_row: bool = True) -> Fp8DynamicConfig:
     """The config of M's bucket, pruned for (N, K). Per row and per tensor share the table."""
     for max_m, cfg in CONFIGS:
         if M <= max_m:
-            return _prune(cfg, M, N, K)
+            return _prune(cfg, N, K)
     raise AssertionError("unreachable: the last bucket is unbounded")
 
 
@@ -326,7 +359,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, activation
         a.stride(0), a.stride(1), qdata.stride(0), qdata.stride(1), out.stride(0), out.stride(1),
         QUANTIZE_X=cfg.fused_quant, ACT_PER_ROW=activation_per_row, W_PER_ROW=scale.dim() == 1,
         HAS_BIAS=has_bias, EVEN_K=K % cfg.BLOCK_K == 0, FAST_ACCUM=cfg.fast_accum,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        SWAP_AB=cfg.swap_ab, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

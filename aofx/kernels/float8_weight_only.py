@@ -18,9 +18,14 @@ Kernel paths, chosen per M bucket by ``select_config`` (plain Python ``if``: Ind
     M <= 16      ``dot`` with BLOCK_M=16: memory-bound; BLOCK_N=64 keeps the re-read of the x
                  tile from L2 (2*M/BLOCK_N of the weight bytes) small.
     M <= 64 / <= 256 / larger
-                 ``dot`` tensor-core tiles: the fp8 [BLOCK_K, BLOCK_N] weight tile (K-major view
-                 of the (N, K) weight) is converted to x.dtype in the main loop, grouped program
-                 order for L2 reuse.
+                 ``dot`` tensor-core tiles, the e4m3 weight tile converted to x.dtype in the main
+                 loop, grouped program order for L2 reuse.
+
+``swap_ab`` (all ``dot`` buckets by default): compute ``(w @ x^T)^T``. The converted weight tile is
+then the A operand of Hopper's wgmma, which reads A from registers, so the dequantized tile makes
+no round trip through shared memory, and small M becomes the wgmma N side (m64n16k16) instead of
+an mma.sync fallback (both checked in the sm_90 PTX). Without it, the weight tile is loaded as
+[BLOCK_K, BLOCK_N], the K-major view of the (N, K) weight, as the B operand.
 
 Weights are loaded ``evict_first`` (streamed once), activations ``evict_last`` (re-read by every
 column block).
@@ -90,7 +95,7 @@ def _fp8wo_gemm_kernel(
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped (swizzled) program order: GROUP_M row blocks share each weight column block in L2
@@ -110,31 +115,54 @@ def _fp8wo_gemm_kernel(
     rows_x = offs_m % M
     rows_w = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
-    # (BLOCK_K, BLOCK_N): the K-major (transposed) view of the (N, K) row-major weight
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + rows_w[None, :] * stride_wn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs, eviction_policy="evict_last")
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-        else:
-            mask_k = (k0 + offs_k) < K
-            x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0, eviction_policy="evict_last")
-            w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0, eviction_policy="evict_first")
-        # e4m3 -> x.dtype is exact; the row scale waits for the epilogue
-        acc = tl.dot(x, w.to(x.dtype), acc)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-
-    # epilogue: row scale and bias in fp32, cast
-    y = acc * tl.load(scale_ptr + rows_w)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows_w).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if SWAP_AB:
+        # acc^T (BLOCK_N, BLOCK_M) = w (BLOCK_N, BLOCK_K) @ x^T (BLOCK_K, BLOCK_M): the converted
+        # weight tile is the A operand, which Hopper wgmma can read from registers (no shared-memory
+        # round trip for the dequantized tile); x^T is the K-major view of x.
+        w_ptrs = w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        x_ptrs = x_ptr + offs_k[:, None] * stride_xk + rows_x[None, :] * stride_xm
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs, eviction_policy="evict_last")
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                mask_k = (k0 + offs_k) < K
+                x = tl.load(x_ptrs, mask=mask_k[:, None], other=0.0, eviction_policy="evict_last")
+                w = tl.load(w_ptrs, mask=mask_k[None, :], other=0.0, eviction_policy="evict_first")
+            acc = tl.dot(w.to(x.dtype), x, acc)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        y = acc * tl.load(scale_ptr + rows_w)[:, None]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows_w).to(tl.float32)[:, None]
+        out_ptrs = out_ptr + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om
+        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
+        # (BLOCK_K, BLOCK_N): the K-major (transposed) view of the (N, K) row-major weight
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + rows_w[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs, eviction_policy="evict_last")
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                mask_k = (k0 + offs_k) < K
+                x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0, eviction_policy="evict_last")
+                w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0, eviction_policy="evict_first")
+            # e4m3 -> x.dtype is exact; the row scale waits for the epilogue
+            acc = tl.dot(x, w.to(x.dtype), acc)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        # epilogue: row scale and bias in fp32, cast
+        y = acc * tl.load(scale_ptr + rows_w)[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows_w).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- configs
@@ -150,6 +178,7 @@ class Fp8WeightOnlyConfig:
     GROUP_M: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False  # "dot" only: compute (w @ x^T)^T, the weight tile as the A operand
 
     def __post_init__(self):
         if self.kind not in ("gemv", "dot"):
@@ -161,26 +190,29 @@ class Fp8WeightOnlyConfig:
 # (max M of the bucket, config); H100 guesses for N x K = 14336 x 4096 and 4096 x 14336.
 CONFIGS: tuple[tuple[float, Fp8WeightOnlyConfig], ...] = (
     (1, Fp8WeightOnlyConfig("gemv", 1, 16, 512, num_warps=4, num_stages=4)),
-    (16, Fp8WeightOnlyConfig("dot", 16, 64, 256, num_warps=4, num_stages=4)),
-    (64, Fp8WeightOnlyConfig("dot", 64, 128, 128, num_warps=4, num_stages=4)),
-    (256, Fp8WeightOnlyConfig("dot", 128, 128, 128, num_warps=8, num_stages=4)),
-    (float("inf"), Fp8WeightOnlyConfig("dot", 128, 256, 64, num_warps=8, num_stages=3)),
+    (16, Fp8WeightOnlyConfig("dot", 16, 64, 256, num_warps=4, num_stages=4, swap_ab=True)),
+    (64, Fp8WeightOnlyConfig("dot", 64, 128, 128, num_warps=4, num_stages=4, swap_ab=True)),
+    (256, Fp8WeightOnlyConfig("dot", 128, 128, 128, num_warps=8, num_stages=4, swap_ab=True)),
+    (float("inf"), Fp8WeightOnlyConfig("dot", 256, 128, 64, num_warps=8, num_stages=3, swap_ab=True)),
 )
 
 
-def _prune(cfg: Fp8WeightOnlyConfig, M: int, N: int, K: int) -> Fp8WeightOnlyConfig:
-    """Shrink blocks that exceed the problem (tiny N or K) so no program is mostly padding."""
+def _prune(cfg: Fp8WeightOnlyConfig, N: int, K: int) -> Fp8WeightOnlyConfig:
+    """Shrink blocks that exceed the weight (tiny N or K) so no program is mostly padding.
+
+    Only the static weight dims are used: M is dynamic under torch.compile / export, and the bucket
+    comparisons in ``select_config`` are the only guards it may get.
+    """
     bn = max(16, min(cfg.BLOCK_N, triton.next_power_of_2(N)))
     bk = max(16, min(cfg.BLOCK_K, triton.next_power_of_2(K)))
-    bm = cfg.BLOCK_M if cfg.kind == "gemv" else max(16, min(cfg.BLOCK_M, triton.next_power_of_2(M)))
-    return dataclasses.replace(cfg, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return dataclasses.replace(cfg, BLOCK_N=bn, BLOCK_K=bk)
 
 
 def select_config(M: int, N: int, K: int) -> Fp8WeightOnlyConfig:
     """The config of M's bucket, pruned for (N, K)."""
     for max_m, cfg in CONFIGS:
         if M <= max_m:
-            return _prune(cfg, M, N, K)
+            return _prune(cfg, N, K)
     raise AssertionError("unreachable: the last bucket is unbounded")
 
 
@@ -240,7 +272,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
             x, qdata, scale, bias_arg, out,
             M, N, K,
             x.stride(0), x.stride(1), qdata.stride(0), qdata.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=has_bias, EVEN_K=even_k,
+            HAS_BIAS=has_bias, EVEN_K=even_k, SWAP_AB=cfg.swap_ab,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

@@ -1,0 +1,328 @@
+"""fp8 dynamic-activation kernels (aofx/kernels/float8_dynamic_activation_float8_weight.py) vs ``numerics``.
+
+The reference is ``numerics.float8_dynamic_activation_float8_weight_linear`` on x.float() (same
+amax, scale and e4m3 codes as on x itself) cast to x.dtype.
+
+Interpreter caveat (Triton 3.8): the interpreter's fp32 -> float8e4nv cast drops the carry when
+rounding up overflows the mantissa (e.g. 31.9 -> 16 instead of 32). Loads, exact casts and fp8
+``tl.dot`` are correct. So the interpreter tests use two kinds of activations:
+
+* "exact" x: each row is e4m3 codes times a power of two, with a +-448 code setting the amax, so
+  s_x is that power of two and x / s_x needs no rounding: kernel and reference must agree to the
+  last bit of fp32 accumulation, through the unpatched interpreter;
+* random x with the ``exact_fp8_cast`` fixture, which swaps the interpreter's fp32 -> e4m3
+  conversion for torch's round-to-nearest-even one (what the H100's cvt.rn.satfinite does).
+
+On the GPU nothing is patched and x is random.
+"""
+
+import pytest
+import torch
+
+from aofx import numerics
+from aofx.kernels import float8_dynamic_activation_float8_weight as kernels
+from aofx.kernels.float8_dynamic_activation_float8_weight import Fp8DynamicConfig as Cfg
+
+# Every path with interpreter-sized blocks; "swizzle" has several row and column blocks per group.
+INTERP_CONFIGS = [
+    pytest.param(Cfg(16, 32, 64, fused_quant=True, QUANT_BLOCK_M=4, QUANT_BLOCK_K=64), id="fused"),
+    pytest.param(Cfg(16, 32, 64, fused_quant=False, QUANT_BLOCK_M=4, QUANT_BLOCK_K=64), id="prequant"),
+    pytest.param(Cfg(16, 16, 32, GROUP_M=2, fused_quant=False, fast_accum=True, QUANT_BLOCK_M=2,
+                     QUANT_BLOCK_K=32), id="prequant-swizzle-fast"),
+    pytest.param(Cfg(32, 64, 128, GROUP_M=1, fused_quant=True, QUANT_BLOCK_M=8, QUANT_BLOCK_K=128),
+                 id="fused-m32"),
+    pytest.param(Cfg(16, 64, 64, fused_quant=True, swap_ab=True, QUANT_BLOCK_M=4, QUANT_BLOCK_K=64),
+                 id="fused-swap"),
+    pytest.param(Cfg(32, 16, 32, GROUP_M=2, fused_quant=False, swap_ab=True, QUANT_BLOCK_M=4,
+                     QUANT_BLOCK_K=64), id="prequant-swap-swizzle"),
+]
+GRANULARITIES = [
+    pytest.param(True, True, id="x-row-w-row"),
+    pytest.param(True, False, id="x-row-w-tensor"),
+    pytest.param(False, True, id="x-tensor-w-row"),
+    pytest.param(False, False, id="x-tensor-w-tensor"),
+]
+
+
+def make_weight(n, k, per_row, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    w[0] = 0.0  # all-zero row: with a per-row weight scale it clamps to tiny; output is the bias
+    qdata, scale = numerics.quantize_float8(w, per_row=per_row)
+    return qdata.to(device), scale.to(device)
+
+
+def make_x(m, k, dtype, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+
+
+def make_exact_x(m, k, per_row, dtype=torch.float16, seed=1):
+    """x whose quantization is exact: e4m3 codes * 2**e with a +-448 code in every row."""
+    g = torch.Generator().manual_seed(seed)
+    codes = (torch.randn(m, k, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    codes[torch.arange(m), torch.randint(0, k, (m,), generator=g)] = 448.0 * (1 - 2 * (torch.arange(m) % 2))
+    e = torch.randint(-6, -1, (m, 1), generator=g) if per_row else torch.full((m, 1), -3)
+    if m > 1:
+        codes[1] = 0.0  # an all-zero row: per-row scale clamps to tiny, xq row is exactly zero
+    return (codes * torch.exp2(e.float())).to(dtype)
+
+
+def reference(x, qdata, scale, per_row, bias):
+    b = None if bias is None else bias.float()
+    return numerics.float8_dynamic_activation_float8_weight_linear(x.float(), qdata, scale, per_row, b).to(x.dtype)
+
+
+@pytest.fixture
+def exact_fp8_cast(monkeypatch):
+    """Round-to-nearest-even fp32 -> e4m3 in the Triton interpreter (see the module docstring)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_convert_float", None)
+    if original is None:
+        pytest.skip("this Triton's interpreter has no _convert_float to patch")
+
+    def convert(data, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.float8e4nv:
+            values = torch.from_numpy(np.ascontiguousarray(data).view(np.float32).copy())
+            return values.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(data.shape)
+        return original(data, input_dtype, output_dtype, rounding_mode)
+
+    monkeypatch.setattr(interpreter, "_convert_float", convert)
+
+
+# ---------------------------------------------------------------- interpreter
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("config", INTERP_CONFIGS)
+@pytest.mark.parametrize("x_per_row,w_per_row", GRANULARITIES)
+@pytest.mark.parametrize("m,n,k", [(1, 40, 200), (3, 64, 256), (17, 40, 200)])
+def test_interp_exact_x(config, x_per_row, w_per_row, m, n, k):
+    qdata, scale = make_weight(n, k, w_per_row)
+    x = make_exact_x(m, k, x_per_row)
+    bias = torch.randn(n).half() if m != 3 else None
+    out = kernels.linear(x, qdata, scale, x_per_row, bias, config=config)
+    ref = reference(x, qdata, scale, x_per_row, bias)
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    # exact products, fp32 accumulation in another order: at most ~1 fp16 ulp
+    torch.testing.assert_close(out, ref)
+    if w_per_row:
+        assert torch.equal(out[:, 0], bias[0].expand(m) if bias is not None else torch.zeros(m).half())
+    if m > 1:
+        assert torch.equal(out[1], bias if bias is not None else torch.zeros(n).half())
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("config", INTERP_CONFIGS[:3] + INTERP_CONFIGS[4:])
+@pytest.mark.parametrize("x_per_row,w_per_row", GRANULARITIES[::3])
+@pytest.mark.parametrize("m", [1, 17])
+def test_interp_random_x(exact_fp8_cast, config, x_per_row, w_per_row, m):
+    n, k = 40, 200
+    qdata, scale = make_weight(n, k, w_per_row)
+    x = make_x(m, k, torch.float16) * 3
+    bias = torch.randn(n).half()
+    out = kernels.linear(x, qdata, scale, x_per_row, bias, config=config)
+    ref = reference(x, qdata, scale, x_per_row, bias)
+    # "prequant" divides like the reference, so it is exact up to summation order; "fused" multiplies
+    # by 1/s_x, which may move a code by one e4m3 step when x/s_x sits on a rounding midpoint
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=2e-3 * ref.abs().max().item())
+
+
+@pytest.mark.interpret
+def test_interp_quantize_kernel_matches_numerics(exact_fp8_cast):
+    """The prequant kernel's outputs themselves: xq and s_x bit-exact vs numerics.quantize_float8."""
+    import triton
+
+    m, k = 7, 200
+    x = make_x(m, k, torch.float16) * 5
+    x[2] = 0.0
+    for per_row in (True, False):
+        xq = torch.empty(m, k, dtype=torch.float8_e4m3fn)
+        sx = torch.empty(m)
+        amax = x.float().abs().amax().reshape(1)
+        torch.library.wrap_triton(kernels._fp8_quantize_kernel)[(triton.cdiv(m, 4),)](
+            x, xq, sx, amax, m, k, x.stride(0), x.stride(1), xq.stride(0),
+            ACT_PER_ROW=per_row, BLOCK_M=4, BLOCK_K=64)
+        ref_q, ref_s = numerics.quantize_float8(x.float(), per_row=per_row)
+        assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
+        if per_row:
+            assert torch.equal(sx, ref_s)
+
+
+@pytest.mark.interpret
+def test_interp_tensor_amax_kernel():
+    import triton
+
+    m, k = 9, 200
+    x = make_x(m, k, torch.float16)
+    x[5, 77] = -20.0
+    amax = torch.zeros(1)
+    torch.library.wrap_triton(kernels._fp8_tensor_amax_kernel)[(triton.cdiv(m, 4),)](
+        x, amax, m, k, x.stride(0), x.stride(1), BLOCK_M=4, BLOCK_K=64)
+    assert amax.item() == 20.0
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("m", [1, 2, 16, 17])
+@pytest.mark.parametrize("x_per_row", [True, False], ids=["x-row", "x-tensor"])
+def test_interp_default_buckets(m, x_per_row):
+    qdata, scale = make_weight(48, 160, True)
+    x = make_exact_x(m, 160, x_per_row)
+    bias = torch.randn(48).half()
+    out = kernels.linear(x, qdata, scale, x_per_row, bias)
+    torch.testing.assert_close(out, reference(x, qdata, scale, x_per_row, bias))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("view", ["transposed", "row-stride", "column-slice"])
+@pytest.mark.parametrize("config", INTERP_CONFIGS[:2] + INTERP_CONFIGS[4:5])
+def test_interp_noncontiguous_x(view, config):
+    m, n, k = 5, 40, 96
+    base = make_exact_x(2 * m if view == "row-stride" else m, k, True)
+    if view == "transposed":
+        x = base.t().contiguous().t()  # same values, stride(1) != 1
+    elif view == "row-stride":
+        x = base[::2]
+    else:
+        x = torch.zeros(m, k + 13, dtype=base.dtype)
+        x[:, 5:5 + k] = base
+        x = x[:, 5:5 + k]
+    assert not x.is_contiguous()
+    qdata, scale = make_weight(n, k, True)
+    out = kernels.linear(x, qdata, scale, True, None, config=config)
+    torch.testing.assert_close(out, reference(x, qdata, scale, True, None))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("x_per_row", [True, False])
+def test_interp_m0(x_per_row):
+    qdata, scale = make_weight(40, 64, False)
+    out = kernels.linear(torch.empty(0, 64, dtype=torch.float16), qdata, scale, x_per_row, None)
+    assert out.shape == (0, 40) and out.dtype == torch.float16
+
+
+def test_rejects_bad_inputs():
+    qdata, scale = make_weight(8, 32, True)
+    x = torch.randn(2, 32)
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        kernels.linear(x, qdata, scale, True)
+    with pytest.raises(ValueError, match="K=16"):
+        kernels.linear(x[:, :16].half(), qdata, scale, True)
+    with pytest.raises(ValueError, match="scale must be float32"):
+        kernels.linear(x.half(), qdata, scale[:4], True)
+    with pytest.raises(ValueError, match="scale must be float32"):
+        kernels.linear(x.half(), qdata, scale.double(), True)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        kernels.linear(x.half(), qdata.float(), scale, True)
+    with pytest.raises(ValueError, match="fp8 tl.dot"):
+        Cfg(16, 16, 16)
+
+
+def test_select_config_buckets():
+    n, k = 14336, 4096
+    assert kernels.select_config(1, n, k).fused_quant
+    assert kernels.select_config(16, n, k).fused_quant and kernels.select_config(16, n, k).BLOCK_M == 16
+    assert not kernels.select_config(17, n, k).fused_quant
+    assert kernels.select_config(1024, n, k).BLOCK_M == 128
+    tiny = kernels.select_config(1024, 24, 40)
+    assert tiny.BLOCK_N == 32 and tiny.BLOCK_K == 64 and tiny.QUANT_BLOCK_K == 64
+
+
+# ---------------------------------------------------------------- GPU
+
+CUDA_MS = [0, 1, 3, 16, 17, 64, 129, 1024]
+CUDA_SHAPES = [pytest.param(4096, 4096, id="4096x4096"), pytest.param(1000, 768, id="1000x768"),
+               pytest.param(4096, 14336, id="4096x14336")]
+CUDA_FORCED = [pytest.param(cfg, id=f"{max_m}") for max_m, cfg in kernels.CONFIGS] + [
+    pytest.param(Cfg(16, 64, 256, fused_quant=False), id="small-prequant"),
+    pytest.param(Cfg(64, 128, 128, fused_quant=True), id="m64-fused-noswap"),
+    pytest.param(Cfg(16, 64, 256, fused_quant=True, fast_accum=True, swap_ab=False), id="small-noswap-fast"),
+]
+
+
+def gpu_tol(ref):
+    # x codes can differ from the reference by one e4m3 step in rare midpoint cases (fused path) and
+    # the fp8 MMA accumulates each BLOCK_K chunk in reduced precision before the fp32 promotion
+    rtol = 1.6e-2 if ref.dtype == torch.bfloat16 else 4e-3
+    return dict(rtol=rtol, atol=4e-3 * ref.float().abs().max().item() + 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("x_per_row,w_per_row", GRANULARITIES)
+@pytest.mark.parametrize("n,k", CUDA_SHAPES)
+@pytest.mark.parametrize("m", CUDA_MS)
+def test_cuda_default(dtype, x_per_row, w_per_row, n, k, m):
+    qdata, scale = make_weight(n, k, w_per_row, device="cuda")
+    x = make_x(m, k, dtype, device="cuda")
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    out = kernels.linear(x, qdata, scale, x_per_row, bias)
+    ref = reference(x, qdata, scale, x_per_row, bias)
+    assert out.shape == (m, n) and out.dtype == dtype
+    if m:
+        torch.testing.assert_close(out, ref, **gpu_tol(ref))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("config", CUDA_FORCED)
+@pytest.mark.parametrize("x_per_row", [True, False], ids=["x-row", "x-tensor"])
+@pytest.mark.parametrize("m", [1, 17, 129])
+def test_cuda_every_bucket(dtype, config, x_per_row, m):
+    n, k = 1000, 768
+    qdata, scale = make_weight(n, k, True, device="cuda")
+    x = make_x(m, k, dtype, device="cuda")
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    out = kernels.linear(x, qdata, scale, x_per_row, bias, config=config)
+    ref = reference(x, qdata, scale, x_per_row, bias)
+    torch.testing.assert_close(out, ref, **gpu_tol(ref))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("x_per_row", [True, False], ids=["x-row", "x-tensor"])
+def test_cuda_quantize_kernel_bit_exact(x_per_row):
+    """On the H100 the e4m3 cast is hardware RTNE: xq and s_x must equal numerics bit for bit."""
+    import triton
+
+    m, k = 300, 4096
+    x = make_x(m, k, torch.bfloat16, device="cuda") * 7
+    x[3] = 0.0
+    xq = torch.empty(m, k, dtype=torch.float8_e4m3fn, device="cuda")
+    sx = torch.empty(m, device="cuda")
+    amax = x.float().abs().amax().reshape(1)
+    torch.library.wrap_triton(kernels._fp8_quantize_kernel)[(triton.cdiv(m, 4),)](
+        x, xq, sx, amax, m, k, x.stride(0), x.stride(1), xq.stride(0),
+        ACT_PER_ROW=x_per_row, BLOCK_M=4, BLOCK_K=1024)
+    ref_q, ref_s = numerics.quantize_float8(x.float(), per_row=x_per_row)
+    assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
+    if x_per_row:
+        assert torch.equal(sx, ref_s)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 16, 1024])
+def test_cuda_fast_accum_sqnr(m):
+    n, k = 4096, 14336
+    qdata, scale = make_weight(n, k, True, device="cuda")
+    x = make_x(m, k, torch.bfloat16, device="cuda")
+    cfg = kernels.select_config(m, n, k)
+    fast = kernels.linear(x, qdata, scale, True, None, config=type(cfg)(**{**cfg.__dict__, "fast_accum": True}))
+    ref = numerics.float8_dynamic_activation_float8_weight_linear(x.float(), qdata, scale, True)
+    db = numerics.sqnr(ref, fast.float())
+    assert db > 40.0, f"fast accumulation SQNR {db:.1f} dB vs the fp32-accumulated reference"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 16, 200])
+@pytest.mark.parametrize("x_per_row", [True, False], ids=["x-row", "x-tensor"])
+def test_cuda_noncontiguous_and_odd_k(m, x_per_row):
+    n, k = 1000, 770  # K not a multiple of 16: unaligned rows, masked K tail
+    qdata, scale = make_weight(n, k, True, device="cuda")
+    x = make_x(m, k + 10, torch.bfloat16, device="cuda")[:, 3:3 + k]
+    ref = reference(x, qdata, scale, x_per_row, None)
+    torch.testing.assert_close(kernels.linear(x, qdata, scale, x_per_row), ref, **gpu_tol(ref))
+    xt = make_x(k, m, torch.bfloat16, device="cuda").t()
+    ref = reference(xt, qdata, scale, x_per_row, None)
+    torch.testing.assert_close(kernels.linear(xt, qdata, scale, x_per_row), ref, **gpu_tol(ref))
