@@ -14,12 +14,21 @@ def run(kernel, reference, x: torch.Tensor, *args) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def register_backward(op, dequantize) -> None:
-    """Gradient for ``x`` (and ``bias``) through the dequantized weight, so a quantized layer can sit
-    inside a graph that trains other parameters (adapters, say); the packed tensors get none.
+def register(op, dequantize) -> None:
+    """Register the op's fake kernel and its autograd formula.
 
+    Fake: ``(..., K) -> (..., N)`` in x's dtype, without running the body. (``triton_op``'s default
+    fake runs the body, whose kernel-selection branches on M would add guards that narrow an
+    exported program's dynamic batch.)
+
+    Autograd: gradient for ``x`` (and ``bias``) through the dequantized weight, so a quantized layer
+    can sit inside a graph that trains other parameters (adapters, say); the packed tensors get none.
     ``dequantize(*weight_inputs) -> (N, K)`` receives the op's inputs between ``x`` and ``bias``.
     """
+
+    @op.register_fake
+    def _(x, qdata, *rest):
+        return x.new_empty((*x.shape[:-1], qdata.shape[0]))
 
     def setup_context(ctx, inputs, output):
         ctx.weight_inputs = inputs[1:-1]

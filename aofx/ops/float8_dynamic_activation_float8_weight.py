@@ -21,4 +21,4 @@ def float8_dynamic_activation_float8_weight_linear(x: torch.Tensor, qdata: torch
                          x, qdata, scale, activation_per_row, bias)
 
 
-_dispatch.register_backward(float8_dynamic_activation_float8_weight_linear, lambda qdata, scale, per_row: numerics.dequantize_float8(qdata, scale))
+_dispatch.register(float8_dynamic_activation_float8_weight_linear, lambda qdata, scale, per_row: numerics.dequantize_float8(qdata, scale))

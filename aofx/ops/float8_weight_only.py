@@ -16,4 +16,4 @@ def float8_weight_only_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch
     return _dispatch.run(kernels.linear, numerics.float8_weight_only_linear, x, qdata, scale, bias)
 
 
-_dispatch.register_backward(float8_weight_only_linear, numerics.dequantize_float8)
+_dispatch.register(float8_weight_only_linear, numerics.dequantize_float8)

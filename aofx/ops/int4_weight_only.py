@@ -16,4 +16,4 @@ def int4_weight_only_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.T
     return _dispatch.run(kernels.linear, numerics.int4_weight_only_linear, x, qdata, scale, zero, group_size, bias)
 
 
-_dispatch.register_backward(int4_weight_only_linear, numerics.dequantize_int4)
+_dispatch.register(int4_weight_only_linear, numerics.dequantize_int4)

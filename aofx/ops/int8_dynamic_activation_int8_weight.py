@@ -16,4 +16,4 @@ def int8_dynamic_activation_int8_weight_linear(x: torch.Tensor, qdata: torch.Ten
     return _dispatch.run(kernels.linear, numerics.int8_dynamic_activation_int8_weight_linear, x, qdata, scale, bias)
 
 
-_dispatch.register_backward(int8_dynamic_activation_int8_weight_linear, numerics.dequantize_int8)
+_dispatch.register(int8_dynamic_activation_int8_weight_linear, numerics.dequantize_int8)

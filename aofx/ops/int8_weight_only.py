@@ -16,4 +16,4 @@ def int8_weight_only_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.T
     return _dispatch.run(kernels.linear, numerics.int8_weight_only_linear, x, qdata, scale, bias)
 
 
-_dispatch.register_backward(int8_weight_only_linear, numerics.dequantize_int8)
+_dispatch.register(int8_weight_only_linear, numerics.dequantize_int8)
