@@ -9,15 +9,18 @@ Layout read:
 Math, per token (row) m:  s_x = max(amax_k |x[m, k]| / 127, TINY),  xq = clamp(round(x / s_x), -127, 127),
 acc = xq @ qdata.T exactly in int32 (``tl.dot`` on int8 operands), ``y = acc * s_x * s_w (+ bias)`` in fp32 in
 the epilogue, then cast. ``round`` is round-half-to-even like ``torch.round`` (the 1.5 * 2**23 trick), but x is
-multiplied by ``1 / s_x`` rather than divided by s_x, so a value within an ulp of a .5 tie may round the other
-way than the reference: that moves one int8 activation code by 1, and is accepted.
+divided by s_x with an IEEE division (``tl.div_rn``), so the codes are bit-identical to the reference's.
+(Multiplying by ``1 / s_x`` would be cheaper, but x = amax / 2 and similar exact ties are common with
+bf16/fp16 inputs, and the reciprocal then flips codes by 1 in a few percent of rows.)
 
 Kernel paths and M buckets (``select_config``):
   M <= 16  ``fused``: the activation quantization is fused into the GEMM prologue. Each program first
-           loops over K to get the amax of its BLOCK_M (=16) rows, then its main loop quantizes the x tiles
-           on the fly and feeds int8 ``tl.dot`` against its BLOCK_N weight rows. One launch: at these M the
-           layer is bound by reading the weights (and by launch count), and re-reading 16 x rows per
-           program is cheap next to its BLOCK_N weight rows.
+           loops over K to get the amax of its BLOCK_M (=16) rows (its own software pipeline: its latency
+           comes before any weight read), then its main loop quantizes the x tiles on the fly and feeds
+           int8 ``tl.dot`` (mma.sync) against its BLOCK_N weight rows. One launch: at these M the layer is
+           bound by reading the weights, and an extra launch would cost ~10% of the M=1 time. The price is
+           that every program reads its M x rows twice from L2 (rows past M are masked: no traffic); at
+           M=16, BLOCK_N=64 that is as many bytes as its weight tile, served by L2.
   M > 16   ``quantized``: a tiny per-token kernel writes xq int8 (M, K) and s_x (M,), then an int8 x int8
            GEMM with tensor-core tiles (64x128 up to M=128, 128x128 up to 256, 128x256 above). Why not fused
            here: a fused prologue redoes the amax pass and the quantization of x for every one of the
@@ -79,10 +82,9 @@ def _quantize_per_token_kernel(
         xv = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0)
         amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
     s = _row_scale(tl.max(amax, axis=0))
-    inv = tl.div_rn(1.0, s)
     for k0 in range(0, K, BLOCK_K):
         xv = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0)
-        tl.store(xq_ptr + row * stride_qm + k0 + rk, _quantize(xv.to(tl.float32) * inv), mask=k0 + rk < K)
+        tl.store(xq_ptr + row * stride_qm + k0 + rk, _quantize(tl.div_rn(xv.to(tl.float32), s)), mask=k0 + rk < K)
     tl.store(sx_ptr + row, s)
 
 
@@ -97,43 +99,47 @@ def _int8dq_mm_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, QUANTIZE_X: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    AMAX_BLOCK_K: tl.constexpr, AMAX_STAGES: tl.constexpr,
 ):
     pid_m, pid_n = grid_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm_safe = rm % M  # out-of-range rows/cols re-read valid ones; masked at the store
+    # Rows of x past M are masked (no memory traffic when M << BLOCK_M; they quantize to 0); columns past N
+    # re-read valid weight rows (mask-free, vectorized) and are dropped at the store.
+    m_mask = rm[:, None] < M  # (BLOCK_M, 1)
     rn_safe = rn % N
     rk = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rm_safe[:, None] * stride_xm  # (BLOCK_M, 1)
+    x_rows = x_ptr + rm[:, None] * stride_xm  # (BLOCK_M, 1)
     w_rows = w_ptr + rn_safe[:, None] * stride_wn  # (BLOCK_N, 1)
 
     if QUANTIZE_X:
-        # Prologue: per-row amax over the whole K (every K split needs the same s_x).
-        amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + rk
-            if EVEN_K:
-                xt = tl.load(x_rows + k[None, :], eviction_policy="evict_last")
-            else:
-                xt = tl.load(x_rows + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_last")
-            amax = tl.maximum(amax, tl.abs(xt.to(tl.float32)))
-        s_x = _row_scale(tl.max(amax, axis=1))  # (BLOCK_M,)
-        inv_x = tl.div_rn(1.0, s_x)[:, None]
+        # Prologue: per-row amax over the whole K (every K split needs the same s_x). Its latency is paid
+        # before any weight is read, so it uses wide tiles and its own software pipeline (tl.range stages:
+        # a plain loop without tl.dot would wait out one L2 round trip per tile).
+        ra = tl.arange(0, AMAX_BLOCK_K)
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in tl.range(0, K, AMAX_BLOCK_K, num_stages=AMAX_STAGES):
+            k = k0 + ra
+            xt = tl.load(x_rows + k[None, :], mask=m_mask & (k[None, :] < K), other=0.0, eviction_policy="evict_last")
+            amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=1))
+        # Rows past M get s_x = 1: dividing their zeros by TINY would send every element down the slow
+        # path of the IEEE division.
+        s_x = tl.where(rm < M, _row_scale(amax), 1.0)  # (BLOCK_M,)
     else:
-        s_x = tl.load(sx_ptr + rm_safe)
+        s_x = tl.load(sx_ptr + rm, mask=rm < M, other=1.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         k = k0 + rk
         if EVEN_K:
-            xt = tl.load(x_rows + k[None, :], eviction_policy="evict_last")
+            xt = tl.load(x_rows + k[None, :], mask=m_mask, other=0, eviction_policy="evict_last")
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
         else:
-            xt = tl.load(x_rows + k[None, :], mask=k[None, :] < K, other=0, eviction_policy="evict_last")
+            xt = tl.load(x_rows + k[None, :], mask=m_mask & (k[None, :] < K), other=0, eviction_policy="evict_last")
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0, eviction_policy="evict_first")
         if QUANTIZE_X:
-            xt = _quantize(xt.to(tl.float32) * inv_x)  # (BLOCK_M, BLOCK_K) int8
+            xt = _quantize(tl.div_rn(xt.to(tl.float32), s_x[:, None]))  # (BLOCK_M, BLOCK_K) int8
         acc = tl.dot(xt, tl.trans(w), acc, out_dtype=tl.int32)
 
     # Same association as the reference: (acc * s_x) * s_w, then + bias.
@@ -142,7 +148,7 @@ def _int8dq_mm_kernel(
         bias = tl.load(b_ptr + rn_safe).to(tl.float32)
         y += tl.where(pid_k == 0, bias, 0.0)[None, :]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    mask = m_mask & (rn[None, :] < N)
     if SPLIT_K > 1:
         tl.atomic_add(y_ptrs, y, mask=mask)
     else:
@@ -158,6 +164,11 @@ _TABLE = (
     (256, KernelConfig("quantized", block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4)),
     (None, KernelConfig("quantized", block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3)),
 )
+# fused prologue: x tiles of BLOCK_M x _AMAX_BLOCK_K, _AMAX_STAGES deep (16 x 256 bf16: 8 KB a stage, 7 in
+# flight; wider tiles pushed the kernel to 240+ registers on sm_90)
+_AMAX_BLOCK_K = 256
+_AMAX_STAGES = 8
+_AMAX_SMEM_BYTES = 64 * 1024  # fewer stages for taller tiles (a forced fused config with BLOCK_M = 64)
 _QUANT_BLOCK_K = 2048  # per-token kernel: one program per row, K in chunks of this
 _QUANT_NUM_WARPS = 4
 
@@ -178,6 +189,8 @@ def select_config(M: int, N: int, K: int) -> KernelConfig:
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) bf16/fp16, contiguous along K -> (xq int8 (M, K), s_x fp32 (M,)), as numerics.quantize_int8_per_token."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
     M, K = x.shape
     xq = torch.empty((M, K), device=x.device, dtype=torch.int8)
     sx = torch.empty((M,), device=x.device, dtype=torch.float32)
@@ -220,6 +233,8 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
         out = torch.zeros((M, N), device=x.device, dtype=torch.float32)
     else:
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    amax_block_k = min(_AMAX_BLOCK_K, triton.next_power_of_2(K))
+    amax_stages = max(2, min(_AMAX_STAGES, _AMAX_SMEM_BYTES // (cfg.block_m * amax_block_k * x.element_size())))
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
     torch.library.wrap_triton(_int8dq_mm_kernel)[grid](
         x_arg, sx_arg, qdata, scale, b_arg, out,
@@ -227,6 +242,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
         x_arg.stride(0), qdata.stride(0), out.stride(0),
         HAS_BIAS=has_bias, QUANTIZE_X=cfg.path == "fused", SPLIT_K=split, EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        AMAX_BLOCK_K=amax_block_k, AMAX_STAGES=amax_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.to(x.dtype) if split > 1 else out

@@ -8,9 +8,11 @@ Layout read (the one ``aofx.numerics.quantize_int8`` writes):
   x      (M, K) bf16 / fp16 with arbitrary row stride; y is (M, N) in x.dtype.
 
 Kernel paths and M buckets (``select_config``):
-  M == 1       ``gemv``: one program per BLOCK_N weight rows; each weight tile is converted to fp32
-               (bit trick, no I2F) and reduced against the x row on the CUDA cores. Per-group scales
-               are applied per (row, group) partial sum, per-row scales in the epilogue.
+  M == 1       ``gemv``: one program per BLOCK_N weight rows, a software-pipelined K loop (``tl.range``
+               stages, cp.async); each weight tile is converted to fp32 (bit trick, no I2F) and reduced
+               against the x row on the CUDA cores. Per-group scales are applied per (row, group)
+               partial sum, per-row scales in the epilogue. (``mm`` with BLOCK_M = 16 also runs M = 1,
+               masked rows cost no memory traffic: an A/B candidate when tuning.)
   2 <= M <= 16 ``mm`` with BLOCK_M = 16 and a narrow BLOCK_N so that there are >= ~128 programs;
                memory bound, tensor cores via mma.sync.
   M <= 128     ``mm`` 64 x 128 tiles.  M <= 256: 128 x 128.  Larger: 128 x 256 (compute bound).
@@ -85,7 +87,7 @@ def _int8wo_gemv_kernel(
     stride_wn, stride_sn, stride_sg,
     # meta-parameters
     HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -95,7 +97,8 @@ def _int8wo_gemv_kernel(
     w_rows = w_ptr + rn_safe[:, None] * stride_wn  # (BLOCK_N, 1)
 
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+    # A loop without tl.dot is only software-pipelined when asked to (tl.range stages).
+    for k0 in tl.range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + rk
         if EVEN_K:
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
@@ -142,10 +145,12 @@ def _int8wo_mm_kernel(
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm_safe = rm % M  # out-of-range rows/cols re-read valid ones; masked at the store
+    # Rows of x past M are masked (no memory traffic when M << BLOCK_M); columns past N re-read valid
+    # weight rows (mask-free, vectorized) and are dropped at the store.
+    m_mask = rm[:, None] < M  # (BLOCK_M, 1)
     rn_safe = rn % N
     rk = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rm_safe[:, None] * stride_xm  # (BLOCK_M, 1)
+    x_rows = x_ptr + rm[:, None] * stride_xm  # (BLOCK_M, 1)
     w_rows = w_ptr + rn_safe[:, None] * stride_wn  # (BLOCK_N, 1)
     x_dtype = x_ptr.dtype.element_ty
 
@@ -153,15 +158,15 @@ def _int8wo_mm_kernel(
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         k = k0 + rk
         if EVEN_K:
-            xt = tl.load(x_rows + k[None, :], eviction_policy="evict_last")
+            xt = tl.load(x_rows + k[None, :], mask=m_mask, other=0.0, eviction_policy="evict_last")
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
         else:
-            xt = tl.load(x_rows + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_last")
+            xt = tl.load(x_rows + k[None, :], mask=m_mask & (k[None, :] < K), other=0.0, eviction_policy="evict_last")
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0, eviction_policy="evict_first")
         if GROUP_SIZE > 0:
             # BLOCK_K divides GROUP_SIZE: the whole tile lies in group k0 // GROUP_SIZE.
             s = tl.load(s_ptr + rn_safe * stride_sn + (k0 // GROUP_SIZE) * stride_sg).to(tl.float32)
-            wt = (w.to(tl.float32) * s[:, None]).to(x_dtype)  # (BLOCK_N, BLOCK_K)
+            wt = (_int8_to_f32(w) * s[:, None]).to(x_dtype)  # (BLOCK_N, BLOCK_K)
         else:
             wt = w.to(x_dtype)
         acc = tl.dot(xt, tl.trans(wt), acc)
@@ -172,7 +177,7 @@ def _int8wo_mm_kernel(
         bias = tl.load(b_ptr + rn_safe).to(tl.float32)
         acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    mask = m_mask & (rn[None, :] < N)
     if SPLIT_K > 1:
         tl.atomic_add(y_ptrs, acc, mask=mask)
     else:
@@ -188,14 +193,14 @@ _MM_TABLE = (
     (256, KernelConfig("mm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)),
     (None, KernelConfig("mm", block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)),
 )
-_GEMV = KernelConfig("gemv", block_m=1, block_n=16, block_k=1024, num_warps=8, num_stages=1)
+# gemv: 8 warps each own 2 rows x 512 codes (16-byte cp.async per thread per row), so the K reduction stays
+# inside a warp; 4 stages of 8 KB (x arrives through shared memory in the layout the product needs) and
+# ~40 registers, so several programs share an SM and ~100 KB of weight reads are in flight per SM (sm_90).
+_GEMV = KernelConfig("gemv", block_m=1, block_n=16, block_k=512, num_warps=8, num_stages=4)
 
 # Enough programs to cover 132 SMs about once; below this small-M configs narrow BLOCK_N, then split K.
 _MIN_PROGRAMS = 128
-
-
-def _pow2_floor(v: int) -> int:
-    return 1 << (max(int(v), 1).bit_length() - 1)
+_SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (sm_90 allows 227 KB)
 
 
 def split_k_for(programs: int, k_tiles: int) -> int:
@@ -215,6 +220,11 @@ def select_config(M: int, N: int, K: int, group_size: int = 0) -> KernelConfig:
     cfg = next(c for max_m, c in _MM_TABLE if max_m is None or M <= max_m)
     block_k = min(cfg.block_k, group_size) if group_size else cfg.block_k
     block_n = cfg.block_n
+    num_stages = cfg.num_stages
+    if block_k < cfg.block_k:
+        # A short K tile (small groups) moves fewer bytes per stage: pipeline deeper, within shared memory.
+        stage_bytes = cfg.block_m * block_k * 2 + cfg.block_n * block_k
+        num_stages = max(cfg.num_stages, min(8, cfg.num_stages * cfg.block_k // block_k, _SMEM_BUDGET // stage_bytes))
     if M <= 16:
         # Memory bound: narrow the weight tile before splitting K, so no zero-fill / cast kernels are needed.
         while block_n > 32 and triton.cdiv(N, block_n) < _MIN_PROGRAMS:
@@ -225,7 +235,7 @@ def select_config(M: int, N: int, K: int, group_size: int = 0) -> KernelConfig:
         split_k = split_k_for(programs, triton.cdiv(K, block_k))
     else:
         split_k = 1
-    return dataclasses.replace(cfg, block_n=block_n, block_k=block_k, split_k=split_k)
+    return dataclasses.replace(cfg, block_n=block_n, block_k=block_k, split_k=split_k, num_stages=num_stages)
 
 
 # ---------------------------------------------------------------- launcher helpers (shared)
@@ -307,7 +317,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
             N, K,
             qdata.stride(0), scale.stride(0), stride_sg,
             HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.path == "mm":
