@@ -64,71 +64,72 @@ def _int4_gemv_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
     # dimensions
     N, K,
-    # strides
-    stride_xm, stride_xk, stride_qn, stride_sn, stride_sg, stride_om,
+    # strides (stride_qw: qdata row stride in int32 words)
+    stride_xm, stride_xk, stride_qw, stride_sn, stride_sg, stride_om,
     # meta-parameters
     GROUP_SIZE: tl.constexpr, GROUPS_PER_ITER: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    HALF: tl.constexpr = GROUP_SIZE // 2
+    # One step is a (BLOCK_N rows, G groups, GW int32 words) tile of the weight: each thread loads
+    # 16 bytes (4 words) of a row, and nibble i of every word (k = 8 * word + i) is unpacked in
+    # registers and multiplied by x[k]. No cross-thread reduction happens in the loop: per-word
+    # partials are scaled and accumulated, and one reduction runs after the loop.
+    G: tl.constexpr = GROUPS_PER_ITER
+    GW: tl.constexpr = GROUP_SIZE // 8  # int32 words per group row
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    # Out-of-range rows read row 0 instead of being masked: loads stay unpredicated, and
-    # those rows are never stored.
+    # Out-of-range rows read row 0 instead of being masked (never stored).
     rows = tl.where(mask_n, offs_n, 0)
-    offs_b = tl.arange(0, HALF)  # byte column within a group
-    offs_x = tl.arange(0, GROUP_SIZE)
+    offs_g = tl.arange(0, G)
+    offs_w = tl.arange(0, GW)
 
-    # split-K in whole steps of GROUPS_PER_ITER groups
+    # split-K in whole groups
     num_groups = K // GROUP_SIZE
-    groups_per_split = tl.cdiv(tl.cdiv(num_groups, SPLIT_K), GROUPS_PER_ITER) * GROUPS_PER_ITER
+    groups_per_split = tl.cdiv(num_groups, SPLIT_K)
     g_start = pid_k * groups_per_split
     g_end = tl.minimum(g_start + groups_per_split, num_groups)
 
-    x_row = x_ptr + m * stride_xm
-    q_rows = q_ptr + rows[:, None] * stride_qn + offs_b[None, :]  # (BLOCK_N, HALF)
-    s_rows = scale_ptr + rows * stride_sn  # (BLOCK_N,)
-    z_rows = zero_ptr + rows * stride_sn
+    words = offs_g[:, None] * GW + offs_w[None, :]  # (G, GW) word index in the step
+    q_ptrs = q_ptr + rows[:, None, None] * stride_qw + words[None, :, :]  # (BN, G, GW)
+    x_ptrs = x_ptr + m * stride_xm + (8 * words[None, :, :]) * stride_xk  # (1, G, GW): k of nibble 0
+    s_ptrs = scale_ptr + rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg  # (BN, G, 1)
+    z_ptrs = zero_ptr + rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg
 
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for g0 in range(g_start, g_end, GROUPS_PER_ITER):
-        for i in tl.static_range(GROUPS_PER_ITER):
-            g = g0 + i
-            if GROUPS_PER_ITER > 1:
-                # the last step of a split may hang over its end: clamp the group and zero x
-                valid = g < g_end
-                g = tl.minimum(g, g_end - 1)
-                xg = tl.load(x_row + (g * GROUP_SIZE + offs_x) * stride_xk, mask=valid & (offs_x >= 0),
-                             other=0.0, eviction_policy="evict_last")
-            else:
-                xg = tl.load(x_row + (g * GROUP_SIZE + offs_x) * stride_xk, eviction_policy="evict_last")
-            xg = xg.to(tl.float32)  # (GROUP_SIZE,)
-            b = tl.load(q_rows + g * HALF, eviction_policy="evict_first")  # (BLOCK_N, HALF) uint8
-            s = tl.load(s_rows + g * stride_sg).to(tl.float32)  # (BLOCK_N,)
-            z = tl.load(z_rows + g * stride_sg).to(tl.float32)
+    acc = tl.zeros((BLOCK_N, G, 1), dtype=tl.float32)
+    for g0 in range(g_start, g_end, G):
+        gmask = ((g0 + offs_g) < g_end)[None, :, None]  # the last step may hang over g_end
+        q = tl.load(q_ptrs + g0 * GW, mask=gmask, other=0, eviction_policy="evict_first")
+        s = tl.load(s_ptrs + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)  # (BN, G, 1)
+        z = tl.load(z_ptrs + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)
+        fx = tl.zeros((BLOCK_N, G, GW), dtype=tl.float32)
+        xs = tl.zeros((1, G, GW), dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_ptrs + (g0 * GROUP_SIZE + i) * stride_xk, mask=gmask, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)  # (1, G, GW)
+            fi = (((q >> (4 * i)) & 0xF) << 19) | 0x3F800000  # bits of 1 + q_i/16
+            fx += fi.to(tl.float32, bitcast=True) * xi
+            xs += xi
+        # per (row, group): 16 s * sum(f x) + (z - 24 s) * sum(x)
+        fx = tl.sum(fx, axis=2, keep_dims=True)  # (BN, G, 1)
+        xs = tl.sum(xs, axis=2, keep_dims=True)  # (1, G, 1)
+        acc += fx * (16.0 * s) + xs * (z - 24.0 * s)
 
-            bi = b.to(tl.int32)
-            lo = ((bi & 0xF) << 19) | 0x3F800000  # bits of 1 + q_even/16
-            hi = ((bi & 0xF0) << 15) | 0x3F800000  # bits of 1 + q_odd/16
-            f = tl.reshape(tl.join(lo, hi), (BLOCK_N, GROUP_SIZE)).to(tl.float32, bitcast=True)
-            fx = tl.sum(f * xg[None, :], axis=1)  # (BLOCK_N,)
-            acc += (16.0 * s) * fx + (z - 24.0 * s) * tl.sum(xg, axis=0)
-
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
     # epilogue: bias in fp32, cast (or fp32 atomic partials for split-K)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows).to(tl.float32)
         if SPLIT_K > 1:
             bias = tl.where(pid_k == 0, bias, 0.0)
-        acc += bias
+        y += bias
     out_ptrs = out_ptr + m * stride_om + offs_n
     if SPLIT_K > 1:
-        tl.atomic_add(out_ptrs, acc, mask=mask_n, sem="relaxed")
+        tl.atomic_add(out_ptrs, y, mask=mask_n, sem="relaxed")
     else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -365,11 +366,15 @@ def linear(x, qdata, scale, zero, group_size: int, bias=None, *, config=None) ->
 
     # 3. launch
     if cfg.kernel == "gemv":
+        # the kernel reads qdata as int32 words (8 nibbles each): rows must start on 4-byte bounds
+        if qdata.stride(0) % 4 or qdata.storage_offset() % 4:
+            qdata = qdata.contiguous()
+        qwords = qdata.view(torch.int32)  # (N, K//8)
         grid = (M, triton.cdiv(N, cfg.block_n), split)
         torch.library.wrap_triton(_int4_gemv_kernel)[grid](
-            x, qdata, scale, zero, bias_arg, out,
+            x, qwords, scale, zero, bias_arg, out,
             N, K,
-            x.stride(0), x.stride(1), qdata.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
+            x.stride(0), x.stride(1), qwords.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
             GROUP_SIZE=group_size, GROUPS_PER_ITER=max(1, cfg.block_k // group_size), BLOCK_N=cfg.block_n,
             SPLIT_K=split, HAS_BIAS=bias is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

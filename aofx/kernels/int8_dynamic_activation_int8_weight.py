@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from aofx.kernels import bucket_m
 from aofx.kernels.int8_weight_only import KernelConfig, check_linear_args, grid_order, split_k_for
 
 __all__ = ["KernelConfig", "linear", "quantize_per_token", "select_config"]
@@ -218,7 +219,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
         return x.new_empty((0, N))
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = config if config is not None else select_config(M, N, K)
+    cfg = config if config is not None else select_config(bucket_m(M), N, K)
     if cfg.path == "fused":
         x_arg, sx_arg = x, scale  # sx_arg is never read when QUANTIZE_X
     elif cfg.path == "quantized":

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from aofx.kernels import bucket_m
+
 _X_DTYPES = (torch.bfloat16, torch.float16)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -294,7 +296,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     if x.stride(1) != 1:
         x = x.contiguous()
     scale = scale.reshape(N) if group_size == 0 else scale.contiguous()
-    cfg = config if config is not None else select_config(M, N, K, group_size)
+    cfg = config if config is not None else select_config(bucket_m(M), N, K, group_size)
     if cfg.path == "gemv" and M != 1:
         raise ValueError(f"int8_weight_only.linear: the gemv path needs M == 1, got M={M}")
     if group_size and (cfg.block_k % group_size if cfg.path == "gemv" else group_size % cfg.block_k):
