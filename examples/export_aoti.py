@@ -55,16 +55,38 @@ def package(model: nn.Module, x: torch.Tensor, path: str) -> torch.export.Export
     return ep
 
 
-def run_in_fresh_process(path: str, inputs: list, workdir: str) -> list:
-    """Run the package in a new Python without aofx; returns its outputs (on CPU)."""
+def system_libstdcxx() -> str:
+    """The C++ runtime of the system compiler (``g++ -print-file-name=libstdc++.so.6``), or ''."""
+    try:
+        found = subprocess.run(["g++", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+    return os.path.realpath(found.strip()) if os.path.isabs(found.strip()) else ""
+
+
+def run_in_fresh_process(path: str, inputs: list, workdir: str) -> tuple:
+    """Run the package in a new Python without aofx; returns ``(outputs on CPU, how it loaded)``.
+
+    On an image whose Python maps one C++ runtime while the wrapper library resolves another, loading
+    any package crashes (SIGSEGV in std::regex); preloading the system libstdc++ makes both agree,
+    so that is tried, and reported, when the plain load crashes.
+    """
     in_path, out_path = os.path.join(workdir, "in.pt"), os.path.join(workdir, "out.pt")
     torch.save(inputs, in_path)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", LOADER, path, in_path, out_path], env=env,
-                          capture_output=True, text=True, cwd=workdir)
-    if proc.returncode != 0:
-        raise RuntimeError(f"loading the package failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return torch.load(out_path)
+    attempts = [("plain load", env)]
+    if system_libstdcxx():
+        attempts.append((f"LD_PRELOAD={system_libstdcxx()}", {**env, "LD_PRELOAD": system_libstdcxx()}))
+    errors = []
+    for how, attempt_env in attempts:
+        proc = subprocess.run([sys.executable, "-c", LOADER, path, in_path, out_path], env=attempt_env,
+                              capture_output=True, text=True, cwd=workdir)
+        if proc.returncode == 0:
+            return torch.load(out_path), how + (f" (after: {'; '.join(errors)})" if errors else "")
+        errors.append(f"{how} exited {proc.returncode}")
+        if proc.returncode != -11:  # only a crash is worth another try
+            break
+    raise RuntimeError(f"loading the package failed ({'; '.join(errors)}):\n{proc.stderr[-3000:]}")
 
 
 def main(device: str, config_name: str, workdir: str) -> None:
@@ -79,7 +101,7 @@ def main(device: str, config_name: str, workdir: str) -> None:
     package(base, x, os.path.join(workdir, "bf16.pt2"))
 
     inputs = [torch.randn(m, 256, device=device, dtype=torch.bfloat16) for m in BATCHES]
-    outputs = run_in_fresh_process(os.path.join(workdir, "quantized.pt2"), inputs, workdir)
+    outputs, how = run_in_fresh_process(os.path.join(workdir, "quantized.pt2"), inputs, workdir)
     worst = 0.0
     for x_m, out in zip(inputs, outputs):
         eager = model(x_m).cpu()
@@ -93,7 +115,7 @@ def main(device: str, config_name: str, workdir: str) -> None:
     print(f"device={device} config={config_name}")
     print(f"exported program: save/load round trip matches eager at batch sizes {BATCHES}")
     print(f"AOTInductor package, fresh process without aofx: matches eager at batch sizes {BATCHES} "
-          f"(max abs diff {worst:.2e})")
+          f"(max abs diff {worst:.2e}; {how})")
     print(f"package size: quantized {sizes['quantized'] / 1e6:.2f} MB, bf16 {sizes['bf16'] / 1e6:.2f} MB")
 
 

@@ -46,8 +46,8 @@ def test_aoti_package_runs_without_aofx_on_cpu():
 @pytest.mark.cuda
 @pytest.mark.parametrize("config", ["int4wo-128", "int8dq", "fp8dq-row"])
 def test_aoti_package_on_cuda(config, tmp_path):
-    """The CUDA package holds the aofx Triton kernels as compiled cubins, and loads and matches
-    eager where the image's toolchain allows loading a package at all (DESIGN §6)."""
+    """The CUDA package holds the aofx Triton kernels as compiled cubins, and loads (with the C++
+    runtime preloaded on an image where a plain load crashes, DESIGN §6) and matches eager."""
     proc = _run([str(ROOT / "examples" / "export_aoti.py"), "--device", "cuda", "--config", config,
                  "--workdir", str(tmp_path)], cwd=ROOT)
     package = tmp_path / "quantized.pt2"
@@ -56,8 +56,5 @@ def test_aoti_package_on_cuda(config, tmp_path):
     cubins = [n for n in names if n.endswith(".cubin")]
     kernel_prefix = {"int4wo-128": "_int4", "int8dq": "_int8", "fp8dq-row": "_fp8"}[config]
     assert any(kernel_prefix in Path(n).name for n in cubins), f"no aofx kernel cubin in {cubins}"
-    if proc.returncode < 0 and "loading the package failed (exit -11)" in proc.stderr:
-        pytest.skip("this image segfaults loading any AOTInductor package (std::regex in the wrapper .so, "
-                    "DESIGN §6); the package was built and its cubins checked")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "fresh process without aofx: matches eager" in proc.stdout
