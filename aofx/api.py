@@ -86,20 +86,20 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
 
     for fqn, module, cfg in handled:
         _apply_handler(model, fqn, module, cfg)
-    for w in weights:
-        if device is not None:
-            w.owner.to(device)
-    if ep is not None and (handled or device is not None):
+    if ep is not None and handled:
         ep = export_unit(model, example_inputs)
-    # 3. quantize
+    # 3. quantize, one weight at a time on `device`: peak memory stays near the quantized size
     for w in weights:
-        w.packed = w.rewrite.quantize(getattr(w.owner, w.name).detach(), w.config)
+        weight = getattr(w.owner, w.name).detach()
+        w.packed = w.rewrite.quantize(weight if device is None else weight.to(device), w.config)
     # 4-6. capture and rewrite
     per_linear = _capture_linears(weights)
     whole = _capture_model(model, ep, weights) if ep is not None and weights else None
     # 7. install
     for w in weights:
         _install_weight(w, per_linear.get(id(w.owner)))
+        if device is not None:
+            w.owner.to(device)  # the rest of the layer (bias), now that the float weight is gone
     if whole is not None:
         model.__dict__["_aofx_capture"] = whole
         model.forward = types.MethodType(_captured_forward_for(type(model).forward), model)

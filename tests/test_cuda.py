@@ -80,3 +80,15 @@ def test_export_on_cuda_matches_eager(config):
     for m in (1, 33, 256):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
         torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
+
+
+def test_device_argument_quantizes_on_the_gpu_one_layer_at_a_time():
+    model = normal_weights(two_layer(dims=(4096, 4096, 4096)))  # bf16 on CPU: 2 x 32 MB
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    aofx.quantize_(model, aofx.Int4WeightOnlyConfig(), device="cuda")
+    assert model.up.qdata.is_cuda and model.up.bias.is_cuda and model.down.scale.is_cuda
+    peak = torch.cuda.max_memory_allocated() - start
+    assert peak < 2 * 4096 * 4096 * 2, f"peak {peak / 1e6:.1f} MB: both bf16 weights were on the GPU at once"
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+    assert model(x).shape == (3, 4096)
