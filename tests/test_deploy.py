@@ -37,8 +37,24 @@ def test_loading_an_exported_program_without_aofx_says_to_import_it(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
-def test_aoti_package_runs_without_aofx_on_cpu():
-    proc = _run([str(ROOT / "examples" / "export_aoti.py"), "--device", "cpu", "--config", "int4wo-128"], cwd=ROOT)
+def _export_aoti(device, config, workdir):
+    """Run examples/export_aoti.py; returns its process, the package's file names and wrapper source."""
+    proc = _run([str(ROOT / "examples" / "export_aoti.py"), "--device", device, "--config", config,
+                 "--workdir", str(workdir)], cwd=ROOT)
+    package = workdir / "quantized.pt2"
+    assert package.exists(), proc.stderr[-4000:]
+    archive = zipfile.ZipFile(package)
+    names = archive.namelist()
+    wrapper = "".join(archive.read(n).decode(errors="replace") for n in names if n.endswith("wrapper.cpp"))
+    assert wrapper, f"no wrapper source in {names}"
+    # everything is compiled in: no call back into Python or into a custom-op proxy
+    assert "proxy_executor_call_function" not in wrapper
+    assert "aofx" not in wrapper
+    return proc, names
+
+
+def test_aoti_package_runs_without_aofx_on_cpu(tmp_path):
+    proc, _ = _export_aoti("cpu", "int4wo-128", tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert "fresh process without aofx: matches eager" in proc.stdout
 
@@ -48,13 +64,10 @@ def test_aoti_package_runs_without_aofx_on_cpu():
 def test_aoti_package_on_cuda(config, tmp_path):
     """The CUDA package holds the aofx Triton kernels as compiled cubins, and loads (with the C++
     runtime preloaded on an image where a plain load crashes, DESIGN §6) and matches eager."""
-    proc = _run([str(ROOT / "examples" / "export_aoti.py"), "--device", "cuda", "--config", config,
-                 "--workdir", str(tmp_path)], cwd=ROOT)
-    package = tmp_path / "quantized.pt2"
-    assert package.exists(), proc.stderr[-4000:]
-    names = zipfile.ZipFile(package).namelist()
+    proc, names = _export_aoti("cuda", config, tmp_path)
     cubins = [n for n in names if n.endswith(".cubin")]
     kernel_prefix = {"int4wo-128": "_int4", "int8dq": "_int8", "fp8dq-row": "_fp8"}[config]
     assert any(kernel_prefix in Path(n).name for n in cubins), f"no aofx kernel cubin in {cubins}"
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "fresh process without aofx: matches eager" in proc.stdout
+    print(proc.stdout)
