@@ -20,17 +20,21 @@ Kernel paths, chosen per M bucket by ``select_config`` (plain Python ``if``: Ind
 
     M <= 2     ``gemv``: CUDA-core GEMV, one x row per program (grid axis 0, fastest, so the
                programs of the M rows that share a weight tile run together and the second read
-               hits L2). Each step reads GROUPS_PER_ITER whole groups of BLOCK_N rows (16-byte
-               loads), unpacks them like ``mm``, and reduces ``f * x`` per group; the group's
-               scale/zero go on the [BLOCK_N] partial sums:
-               ``acc += 16 s * sum(f x) + (z - 24 s) * sum(x)``. Split-K only when
-               N / BLOCK_N is too few programs to fill the GPU.
+               hits L2). qdata is read as int32 words (8 nibbles, k = 8 * word + i): a step is a
+               (BLOCK_N rows, G groups, GROUP_SIZE/8 words) tile, 16-byte loads of 4 words per
+               thread; nibble i of every word is unpacked in registers (shift, mask, or: the fp32
+               ``1 + q/16`` below) and multiplied by x[8 * word + i], read by the same thread, so no
+               layout conversion or cross-thread reduction runs inside the loop. Each word's partial
+               is scaled in the loop, ``acc += 16 s * sum_i(f x) + (z - 24 s) * sum_i(x)``, and
+               one reduction over the tile runs after it. Split-K only when N / BLOCK_N is too few
+               programs to fill the GPU.
     M <= 16    ``mm`` with BLOCK_M=16, SWAP_AB (the dequantized weight tile is the MMA's A
                operand, x.T the B operand), split-K to fill the GPU. Memory-bound.
     M <= 64    ``mm`` with BLOCK_M=64, SWAP_AB, BLOCK_N=256 (the x tile re-read from L2 costs
                4*M/BLOCK_N of the weight bytes), split-K.
-    M <= 256   ``mm`` 128x256 tiles, split-K to fill the GPU.
-    larger     ``mm`` 128x256 tiles, grouped program order for L2 reuse, no split.
+    M <= 256   ``mm`` 128x128 tiles, split-K to fill the GPU.
+    larger     ``mm`` 256x128 tiles (the dequantization of a weight tile is shared by 256 rows of
+               x), grouped program order for L2 reuse, no split.
 
 The ``mm`` main loop loads a [BLOCK_N, BLOCK_K//2] byte tile, unpacks it with tl.join(low, high)
 + reshape to [BLOCK_N, BLOCK_K], applies the group's scale/zero in fp32 (BLOCK_K divides
@@ -99,7 +103,7 @@ def _int4_gemv_kernel(
     s_ptrs = scale_ptr + rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg  # (BN, G, 1)
     z_ptrs = zero_ptr + rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg
 
-    acc = tl.zeros((BLOCK_N, G, 1), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, G, GW), dtype=tl.float32)
     for g0 in range(g_start, g_end, G):
         gmask = ((g0 + offs_g) < g_end)[None, :, None]  # the last step may hang over g_end
         q = tl.load(q_ptrs + g0 * GW, mask=gmask, other=0, eviction_policy="evict_first")
@@ -113,9 +117,7 @@ def _int4_gemv_kernel(
             fi = (((q >> (4 * i)) & 0xF) << 19) | 0x3F800000  # bits of 1 + q_i/16
             fx += fi.to(tl.float32, bitcast=True) * xi
             xs += xi
-        # per (row, group): 16 s * sum(f x) + (z - 24 s) * sum(x)
-        fx = tl.sum(fx, axis=2, keep_dims=True)  # (BN, G, 1)
-        xs = tl.sum(xs, axis=2, keep_dims=True)  # (1, G, 1)
+        # per (row, word): 16 s * sum(f x) + (z - 24 s) * sum(x), s and z of the word's group
         acc += fx * (16.0 * s) + xs * (z - 24.0 * s)
 
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
@@ -250,15 +252,18 @@ class Int4Config:
 
 
 # (largest M of the bucket, config); the first bucket with M <= bound wins, the last covers the rest.
-# Compiled for sm_90 (Triton 3.8, no GPU run yet): the SWAP_AB configs use wgmma with the
-# dequantized weight tile as the register A operand (no shared-memory round trip for weights);
-# none of these spill.
+# Measured on H100 (benchmarks/bench_layers.py stacks, 14336x4096 and 4096x14336, group 128):
+#   M=1 gemv 64 rows x 1 group, 4 warps: 28 / 27 us (4x16x?-word tiles with more groups per step or
+#       more rows per program were slower: 30-74 us); the previous join/reshape GEMV took 41 us.
+#   M=16 16x128x128 swap_ab, 8 warps: 35 / 33 us (4 warps, 4 stages: 41 / 38).
+#   M=128 128x128x64 without swap, 8 warps, 4 stages: 62 / 61 us (128x256x64 swap: 97 / 95).
+#   M=1024 256x128x64, 8 warps: 333 / 379 us (128x256x64: 518 / 591).
 CONFIGS = (
-    (2, Int4Config("gemv", block_n=32, block_k=256, num_warps=4, num_stages=3)),
-    (16, Int4Config("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_warps=4, num_stages=4)),
+    (2, Int4Config("gemv", block_n=64, block_k=128, num_warps=4, num_stages=3)),
+    (16, Int4Config("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_warps=8, num_stages=3)),
     (64, Int4Config("mm", block_m=64, block_n=256, block_k=64, swap_ab=True, num_warps=8, num_stages=4)),
-    (256, Int4Config("mm", block_m=128, block_n=256, block_k=64, swap_ab=True, num_warps=8, num_stages=3)),
-    (None, Int4Config("mm", block_m=128, block_n=256, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3)),
+    (256, Int4Config("mm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)),
+    (None, Int4Config("mm", block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3)),
 )
 
 # Split-K aims for at least this many programs per SM. Splitting costs a zero-fill and a cast

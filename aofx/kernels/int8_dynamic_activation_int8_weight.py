@@ -48,9 +48,15 @@ __all__ = ["KernelConfig", "linear", "quantize_per_token", "select_config"]
 # ---------------------------------------------------------------- device helpers
 
 @triton.jit
-def _row_scale(amax):
-    # s_x = max(amax / 127, float32 tiny), with an IEEE division as in numerics.safe_scale.
-    return tl.maximum(tl.div_rn(amax, 127.0), 1.1754943508222875e-38)
+def _row_scale(amax, RECIP_SCALE: tl.constexpr):
+    # s_x = max(amax / 127, float32 tiny) exactly as numerics.safe_scale computes it on x's device: torch
+    # divides by a Python scalar with an IEEE division on the CPU, but on CUDA it multiplies by the fp32
+    # reciprocal (1/127 rounded to fp32 = 0.007874015718698502). The two differ in the last bit for some amax.
+    if RECIP_SCALE:
+        s = amax * 0.007874015718698502
+    else:
+        s = tl.div_rn(amax, 127.0)
+    return tl.maximum(s, 1.1754943508222875e-38)
 
 
 @triton.jit
@@ -73,19 +79,26 @@ def _quantize_per_token_kernel(
     # strides (x and xq are contiguous along K)
     stride_xm, stride_qm,
     # meta-parameters
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, RECIP_SCALE: tl.constexpr,
 ):
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
+    q_row = xq_ptr + row * stride_qm
     rk = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        xv = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0)
-        amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-    s = _row_scale(tl.max(amax, axis=0))
-    for k0 in range(0, K, BLOCK_K):
-        xv = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0)
-        tl.store(xq_ptr + row * stride_qm + k0 + rk, _quantize(tl.div_rn(xv.to(tl.float32), s)), mask=k0 + rk < K)
+    if ONE_PASS:
+        # The whole row (BLOCK_K >= K) stays in registers: x is read from memory once.
+        xv = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+        s = _row_scale(tl.max(tl.abs(xv), axis=0), RECIP_SCALE)
+        tl.store(q_row + rk, _quantize(tl.div_rn(xv, s)), mask=rk < K)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xv = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+        s = _row_scale(tl.max(amax, axis=0), RECIP_SCALE)
+        for k0 in range(0, K, BLOCK_K):
+            xv = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0)
+            tl.store(q_row + k0 + rk, _quantize(tl.div_rn(xv.to(tl.float32), s)), mask=k0 + rk < K)
     tl.store(sx_ptr + row, s)
 
 
@@ -100,7 +113,7 @@ def _int8dq_mm_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, QUANTIZE_X: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    AMAX_BLOCK_K: tl.constexpr, AMAX_STAGES: tl.constexpr,
+    AMAX_BLOCK_K: tl.constexpr, AMAX_STAGES: tl.constexpr, RECIP_SCALE: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     pid_m, pid_n = grid_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
@@ -126,11 +139,14 @@ def _int8dq_mm_kernel(
             amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=1))
         # Rows past M get s_x = 1: dividing their zeros by TINY would send every element down the slow
         # path of the IEEE division.
-        s_x = tl.where(rm < M, _row_scale(amax), 1.0)  # (BLOCK_M,)
+        s_x = tl.where(rm < M, _row_scale(amax, RECIP_SCALE), 1.0)  # (BLOCK_M,)
     else:
         s_x = tl.load(sx_ptr + rm, mask=rm < M, other=1.0)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         k = k0 + rk
         if EVEN_K:
@@ -141,7 +157,13 @@ def _int8dq_mm_kernel(
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0, eviction_policy="evict_first")
         if QUANTIZE_X:
             xt = _quantize(tl.div_rn(xt.to(tl.float32), s_x[:, None]))  # (BLOCK_M, BLOCK_K) int8
-        acc = tl.dot(xt, tl.trans(w), acc, out_dtype=tl.int32)
+        if SWAP_AB:
+            # y.T = W @ xq.T: the weight tile fills the 64-row tensor-core operand, x's few rows the narrow one.
+            acc = tl.dot(w, tl.trans(xt), acc, out_dtype=tl.int32)  # (BLOCK_N, BLOCK_M)
+        else:
+            acc = tl.dot(xt, tl.trans(w), acc, out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N)
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     # Same association as the reference: (acc * s_x) * s_w, then + bias.
     y = acc.to(tl.float32) * s_x[:, None] * tl.load(sw_ptr + rn_safe).to(tl.float32)[None, :]
@@ -170,7 +192,8 @@ _TABLE = (
 _AMAX_BLOCK_K = 256
 _AMAX_STAGES = 8
 _AMAX_SMEM_BYTES = 64 * 1024  # fewer stages for taller tiles (a forced fused config with BLOCK_M = 64)
-_QUANT_BLOCK_K = 2048  # per-token kernel: one program per row, K in chunks of this
+_QUANT_BLOCK_K = 2048  # per-token kernel: one program per row, K in chunks of this (two passes over x)
+_QUANT_ONE_PASS_MAX_K = 16384  # up to this K a row stays in registers (<= 64 fp32 per thread at 8 warps)
 _QUANT_NUM_WARPS = 4
 
 
@@ -188,6 +211,11 @@ def select_config(M: int, N: int, K: int) -> KernelConfig:
 
 # ---------------------------------------------------------------- launchers
 
+def _recip_scale(x: torch.Tensor) -> bool:
+    """Whether ``numerics.safe_scale`` multiplies by the reciprocal on x's device (see ``_row_scale``)."""
+    return x.device.type == "cuda"
+
+
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) bf16/fp16, contiguous along K -> (xq int8 (M, K), s_x fp32 (M,)), as numerics.quantize_int8_per_token."""
     if x.stride(1) != 1:
@@ -196,13 +224,14 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xq = torch.empty((M, K), device=x.device, dtype=torch.int8)
     sx = torch.empty((M,), device=x.device, dtype=torch.float32)
     if M > 0:
-        block_k = min(_QUANT_BLOCK_K, triton.next_power_of_2(K))
+        one_pass = K <= _QUANT_ONE_PASS_MAX_K
+        block_k = triton.next_power_of_2(K) if one_pass else _QUANT_BLOCK_K
         torch.library.wrap_triton(_quantize_per_token_kernel)[(M,)](
             x, xq, sx,
             K,
             x.stride(0), xq.stride(0),
-            BLOCK_K=block_k,
-            num_warps=_QUANT_NUM_WARPS,
+            BLOCK_K=block_k, ONE_PASS=one_pass, RECIP_SCALE=_recip_scale(x),
+            num_warps=_QUANT_NUM_WARPS if one_pass and block_k <= 4096 else 2 * _QUANT_NUM_WARPS,
         )
     return xq, sx
 
@@ -243,7 +272,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
         x_arg.stride(0), qdata.stride(0), out.stride(0),
         HAS_BIAS=has_bias, QUANTIZE_X=cfg.path == "fused", SPLIT_K=split, EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        AMAX_BLOCK_K=amax_block_k, AMAX_STAGES=amax_stages,
+        AMAX_BLOCK_K=amax_block_k, AMAX_STAGES=amax_stages, RECIP_SCALE=_recip_scale(x), SWAP_AB=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.to(x.dtype) if split > 1 else out

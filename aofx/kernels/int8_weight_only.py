@@ -54,6 +54,7 @@ class KernelConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False  # mm paths: compute y.T = W @ x.T (the weight is the dot's A operand)
 
 
 # ---------------------------------------------------------------- shared device helpers
@@ -142,6 +143,7 @@ def _int8wo_mm_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     pid_m, pid_n = grid_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
@@ -156,7 +158,10 @@ def _int8wo_mm_kernel(
     w_rows = w_ptr + rn_safe[:, None] * stride_wn  # (BLOCK_N, 1)
     x_dtype = x_ptr.dtype.element_ty
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         k = k0 + rk
         if EVEN_K:
@@ -171,7 +176,14 @@ def _int8wo_mm_kernel(
             wt = (_int8_to_f32(w) * s[:, None]).to(x_dtype)  # (BLOCK_N, BLOCK_K)
         else:
             wt = w.to(x_dtype)
-        acc = tl.dot(xt, tl.trans(wt), acc)
+        if SWAP_AB:
+            # The converted weight tile is the A operand, which wgmma reads from registers; x.T comes
+            # from shared memory as B. (As B, the converted tile would make a round trip through shared memory.)
+            acc = tl.dot(wt, tl.trans(xt), acc)  # (BLOCK_N, BLOCK_M)
+        else:
+            acc = tl.dot(xt, tl.trans(wt), acc)  # (BLOCK_M, BLOCK_N)
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     if GROUP_SIZE == 0:
         acc = acc * tl.load(s_ptr + rn_safe * stride_sn).to(tl.float32)[None, :]
@@ -330,6 +342,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
             x.stride(0), qdata.stride(0), scale.stride(0), stride_sg, out.stride(0),
             HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            SWAP_AB=cfg.swap_ab,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:

@@ -226,6 +226,10 @@ def test_select_config_buckets():
     assert kernels.select_config(16, n, k).fused_quant and kernels.select_config(16, n, k).BLOCK_M == 16
     assert not kernels.select_config(17, n, k).fused_quant
     assert kernels.select_config(1024, n, k).BLOCK_M == 128
+    assert kernels.select_config(1024, n, k).fast_accum
+    # narrow layers get smaller column tiles from the same M buckets
+    assert kernels.select_config(128, 4096, 14336) == kernels.NARROW_CONFIGS[256]
+    assert kernels.select_config(16, 4096, 14336).fused_quant
     tiny = kernels.select_config(1024, 24, 40)
     assert tiny.BLOCK_N == 32 and tiny.BLOCK_K == 64 and tiny.QUANT_BLOCK_K == 64
 
@@ -236,6 +240,7 @@ CUDA_MS = [0, 1, 3, 16, 17, 64, 129, 1024]
 CUDA_SHAPES = [pytest.param(4096, 4096, id="4096x4096"), pytest.param(1000, 768, id="1000x768"),
                pytest.param(4096, 14336, id="4096x14336")]
 CUDA_FORCED = [pytest.param(cfg, id=f"{max_m}") for max_m, cfg in kernels.CONFIGS] + [
+    pytest.param(cfg, id=f"narrow-{max_m}") for max_m, cfg in kernels.NARROW_CONFIGS.items()] + [
     pytest.param(Cfg(16, 64, 256, fused_quant=False), id="small-prequant"),
     pytest.param(Cfg(64, 128, 128, fused_quant=True), id="m64-fused-noswap"),
     pytest.param(Cfg(16, 64, 256, fused_quant=True, fast_accum=True, swap_ab=False), id="small-noswap-fast"),
@@ -243,10 +248,35 @@ CUDA_FORCED = [pytest.param(cfg, id=f"{max_m}") for max_m, cfg in kernels.CONFIG
 
 
 def gpu_tol(ref):
-    # x codes can differ from the reference by one e4m3 step in rare midpoint cases (fused path) and
-    # the fp8 MMA accumulates each BLOCK_K chunk in reduced precision before the fp32 promotion
+    # the fp8 MMA accumulates each BLOCK_K chunk (all of K with fast_accum) in reduced precision
     rtol = 1.6e-2 if ref.dtype == torch.bfloat16 else 4e-3
     return dict(rtol=rtol, atol=4e-3 * ref.float().abs().max().item() + 1e-5)
+
+
+def assert_fp8dq_close(out, ref):
+    """Dynamic-activation outputs vs ``numerics``: SQNR >= 40 dB and >= 99% of elements within gpu_tol.
+
+    Exact agreement is not achievable here, for two reasons measured on the H100:
+    * on CUDA, ``numerics.safe_scale`` computes ``amax / 448.0`` as ``amax * (1/448)`` (PyTorch's CUDA
+      division by a Python scalar multiplies by its reciprocal), one fp32 ulp away from the kernel's
+      IEEE ``amax / 448`` about half the time; x / s_x values that sit exactly on an e4m3 rounding
+      midpoint (frequent with bf16 x, whose 8-bit significands make such ties exact) then round the
+      other way. The quantize kernel itself is bit-exact against the IEEE scale
+      (``test_cuda_quantize_kernel_bit_exact``).
+    * the fused (M <= 16) path multiplies by 1/s_x, which moves x / s_x by up to an ulp.
+    One x code one e4m3 step off moves its whole output row by step * s_x * w[n, k], above the element
+    tolerance where |w| is largest, so a handful of elements may miss gpu_tol. A layout, scale or
+    masking bug shows up in both checks: a wrong row of 1000 or a wrong column block of 4096 costs
+    more than 1% of the elements or drops SQNR far under 40 dB.
+    """
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    tol = gpu_tol(ref)
+    close = torch.isclose(out.float(), ref.float(), rtol=tol["rtol"], atol=tol["atol"])
+    missed = 1.0 - close.float().mean().item()
+    db = numerics.sqnr(ref.float(), out.float())
+    assert db >= 40.0 and missed <= 1e-2, (
+        f"SQNR {db:.1f} dB vs numerics (floor 40), {missed:.2%} of elements outside rtol={tol['rtol']}, "
+        f"atol={tol['atol']:.3g} (at most 1%); max abs diff {(out.float() - ref.float()).abs().max().item():.3g}")
 
 
 @pytest.mark.cuda
@@ -262,7 +292,7 @@ def test_cuda_default(dtype, x_per_row, w_per_row, n, k, m):
     ref = reference(x, qdata, scale, x_per_row, bias)
     assert out.shape == (m, n) and out.dtype == dtype
     if m:
-        torch.testing.assert_close(out, ref, **gpu_tol(ref))
+        assert_fp8dq_close(out, ref)
 
 
 @pytest.mark.cuda
@@ -277,13 +307,16 @@ def test_cuda_every_bucket(dtype, config, x_per_row, m):
     bias = torch.randn(n, device="cuda", dtype=dtype)
     out = kernels.linear(x, qdata, scale, x_per_row, bias, config=config)
     ref = reference(x, qdata, scale, x_per_row, bias)
-    torch.testing.assert_close(out, ref, **gpu_tol(ref))
+    assert_fp8dq_close(out, ref)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("x_per_row", [True, False], ids=["x-row", "x-tensor"])
 def test_cuda_quantize_kernel_bit_exact(x_per_row):
-    """On the H100 the e4m3 cast is hardware RTNE: xq and s_x must equal numerics bit for bit."""
+    """The prequant kernel's xq and s_x bit for bit against ``numerics.quantize_float8``'s formula
+    evaluated with IEEE division (s = amax / 448, xq = e4m3(clamp(x / s))); the hardware cvt is RTNE
+    like torch's cast. ``numerics`` itself on CUDA divides by the scalar 448 through its reciprocal
+    (see ``assert_fp8dq_close``): its scale may be one ulp off and flip a few midpoint codes."""
     import triton
 
     m, k = 300, 4096
@@ -295,10 +328,20 @@ def test_cuda_quantize_kernel_bit_exact(x_per_row):
     torch.library.wrap_triton(kernels._fp8_quantize_kernel)[(triton.cdiv(m, 4),)](
         x, xq, sx, amax, m, k, x.stride(0), x.stride(1), xq.stride(0),
         ACT_PER_ROW=x_per_row, BLOCK_M=4, BLOCK_K=1024)
-    ref_q, ref_s = numerics.quantize_float8(x.float(), per_row=x_per_row)
-    assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
+    xf = x.float()
+    ref_amax = xf.abs().amax(dim=-1) if x_per_row else torch.cat([xf.abs().flatten(), xf.new_zeros(1)]).amax()
+    ieee_s = (ref_amax / torch.full_like(ref_amax, numerics.FP8_MAX)).clamp(min=numerics.TINY)  # tensor / tensor: IEEE
+    s_b = ieee_s[:, None] if x_per_row else ieee_s
+    ieee_q = (xf / s_b).clamp(-numerics.FP8_MAX, numerics.FP8_MAX).to(torch.float8_e4m3fn)
+    assert torch.equal(xq.view(torch.uint8), ieee_q.view(torch.uint8))
     if x_per_row:
-        assert torch.equal(sx, ref_s)
+        assert torch.equal(sx, ieee_s)
+    # and numerics: scale within one ulp, codes equal but for rare midpoint ties
+    ref_q, ref_s = numerics.quantize_float8(xf, per_row=x_per_row)
+    ulp = torch.finfo(torch.float32).eps * ieee_s.abs()
+    assert ((ref_s - ieee_s).abs() <= ulp).all()
+    differ = (xq.view(torch.uint8) != ref_q.view(torch.uint8)).float().mean().item()
+    assert differ <= 1e-3, f"{differ:.2%} of e4m3 codes differ from numerics"
 
 
 @pytest.mark.cuda
@@ -322,7 +365,7 @@ def test_cuda_noncontiguous_and_odd_k(m, x_per_row):
     qdata, scale = make_weight(n, k, True, device="cuda")
     x = make_x(m, k + 10, torch.bfloat16, device="cuda")[:, 3:3 + k]
     ref = reference(x, qdata, scale, x_per_row, None)
-    torch.testing.assert_close(kernels.linear(x, qdata, scale, x_per_row), ref, **gpu_tol(ref))
+    assert_fp8dq_close(kernels.linear(x, qdata, scale, x_per_row), ref)
     xt = make_x(k, m, torch.bfloat16, device="cuda").t()
     ref = reference(xt, qdata, scale, x_per_row, None)
-    torch.testing.assert_close(kernels.linear(xt, qdata, scale, x_per_row), ref, **gpu_tol(ref))
+    assert_fp8dq_close(kernels.linear(xt, qdata, scale, x_per_row), ref)

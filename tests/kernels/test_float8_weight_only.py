@@ -129,6 +129,9 @@ def test_select_config_buckets():
     assert small.kind == "dot" and small.BLOCK_M == 16
     assert kernels.select_config(17, n, k).BLOCK_M == 64
     assert kernels.select_config(1024, n, k).BLOCK_M == 256
+    # narrow layers get smaller column tiles from the same M buckets
+    assert kernels.select_config(16, 4096, 14336) == kernels.NARROW_CONFIGS[16]
+    assert kernels.select_config(128, 4096, 14336) == kernels.NARROW_CONFIGS[256]
     tiny = kernels.select_config(1024, 24, 40)
     assert tiny.BLOCK_N == 32 and tiny.BLOCK_K == 64
 
@@ -139,6 +142,7 @@ CUDA_MS = [0, 1, 3, 16, 17, 64, 129, 1024]
 CUDA_SHAPES = [pytest.param(4096, 4096, id="4096x4096"), pytest.param(1000, 768, id="1000x768"),
                pytest.param(4096, 14336, id="4096x14336")]
 CUDA_FORCED = [pytest.param(cfg, id=f"{max_m}") for max_m, cfg in kernels.CONFIGS] + [
+    pytest.param(cfg, id=f"narrow-{max_m}") for max_m, cfg in kernels.NARROW_CONFIGS.items()] + [
     pytest.param(Cfg("gemv", 1, 32, 256, num_stages=3), id="gemv-wide"),
     pytest.param(Cfg("dot", 16, 64, 256, num_stages=4), id="m16-noswap"),
     pytest.param(Cfg("dot", 128, 256, 64, num_warps=8, num_stages=3), id="large-noswap"),

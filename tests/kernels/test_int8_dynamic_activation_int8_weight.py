@@ -62,6 +62,9 @@ INTERP_CASES = [
     pytest.param(1, 200, QUANTIZED, id="quantized-M1"),
     pytest.param(17, 256, dataclasses.replace(QUANTIZED, split_k=3), id="quantized-splitk"),
     pytest.param(17, 200, dataclasses.replace(QUANTIZED, block_m=32, block_k=128, group_m=1), id="quantized-gm1"),
+    pytest.param(3, 200, dataclasses.replace(QUANTIZED, swap_ab=True), id="quantized-swap-oddK"),
+    pytest.param(17, 256, dataclasses.replace(QUANTIZED, split_k=2, swap_ab=True), id="quantized-swap-splitk"),
+    pytest.param(5, 200, dataclasses.replace(FUSED, swap_ab=True), id="fused-swap"),
 ]
 
 

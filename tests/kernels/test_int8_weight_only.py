@@ -64,6 +64,8 @@ INTERP_CASES = [
     pytest.param(16, 256, 32, MM, id="mm-g32"),
     pytest.param(3, 256, 64, MM_SPLIT, id="mm-g64-splitk"),
     pytest.param(17, 256, 128, dataclasses.replace(MM, block_m=32, block_k=64, group_m=1), id="mm-g128-gm1"),
+    pytest.param(5, 200, None, dataclasses.replace(MM, swap_ab=True), id="mm-swap-row-oddK"),
+    pytest.param(17, 256, 64, dataclasses.replace(MM_SPLIT, swap_ab=True), id="mm-swap-g64-splitk"),
 ]
 
 
