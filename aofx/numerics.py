@@ -32,8 +32,12 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 
 
 def safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """``amax / qmax`` in fp32, clamped to the smallest normal float so zeros stay zeros."""
-    return (amax.float() / qmax).clamp(min=TINY)
+    """``amax / qmax`` in fp32, clamped to the smallest normal float so zeros stay zeros.
+
+    Divides by a tensor: CUDA turns division by a Python scalar into a multiply by its reciprocal,
+    one ulp off about half the time, and the kernels divide exactly."""
+    amax = amax.float()
+    return (amax / torch.full_like(amax, qmax)).clamp(min=TINY)
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ import importlib
 import pytest
 import torch
 import triton
+from torch import nn
 from torch._inductor.utils import run_and_get_code
 
 import aofx
@@ -79,16 +80,24 @@ def test_export_on_cuda_matches_eager(config):
                              dynamic_shapes=({0: torch.export.Dim.AUTO},))
     for m in (1, 33, 256):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
-        torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
+        # split-K kernels add partial sums with atomics, in no fixed order
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=2e-2, atol=2e-3)
 
 
-def test_device_argument_quantizes_on_the_gpu_one_layer_at_a_time():
-    model = normal_weights(two_layer(dims=(4096, 4096, 4096)))  # bf16 on CPU: 2 x 32 MB
+def _quantize_peak(model) -> int:
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
     aofx.quantize_(model, aofx.Int4WeightOnlyConfig(), device="cuda")
+    return torch.cuda.max_memory_allocated() - start
+
+
+def test_device_argument_quantizes_on_the_gpu_one_layer_at_a_time():
+    one = _quantize_peak(normal_weights(nn.Linear(4096, 4096, dtype=torch.bfloat16)))
+    model = normal_weights(two_layer(dims=(4096, 4096, 4096)))  # on CPU
+    two = _quantize_peak(model)
     assert model.up.qdata.is_cuda and model.up.bias.is_cuda and model.down.scale.is_cuda
-    peak = torch.cuda.max_memory_allocated() - start
-    assert peak < 2 * 4096 * 4096 * 2, f"peak {peak / 1e6:.1f} MB: both bf16 weights were on the GPU at once"
+    # one layer's temporaries at a time, plus the packed layers already done
+    assert two < 1.3 * one, f"peak {two / 1e6:.1f} MB for two layers vs {one / 1e6:.1f} MB for one"
     x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
     assert model(x).shape == (3, 4096)

@@ -260,8 +260,8 @@ class Fp8DynamicConfig:
 #       4 rows walks all of K);
 #   M=1024: 128x256x128 with fast_accum 112 us (14336x4096) / 119 us (4096x14336), against 153 / 198
 #       for 128x128x128 with the per-BLOCK_K promotion, whose second accumulator rules out 128x256.
-#       fast_accum keeps SQNR >= 48 dB against the fp32-accumulated reference
-#       (test_cuda_fast_accum_sqnr), 20 dB above the fp8dq floor.
+#       fast_accum keeps SQNR >= 40 dB against the fp32-accumulated reference
+#       (test_cuda_fast_accum_sqnr; 48 dB measured at K=14336), far above the fp8dq floor.
 CONFIGS: tuple[tuple[float, Fp8DynamicConfig], ...] = (
     (16, Fp8DynamicConfig(16, 64, 256, num_warps=4, num_stages=4, fused_quant=True, swap_ab=True)),
     (64, Fp8DynamicConfig(64, 128, 128, num_warps=4, num_stages=4, swap_ab=True)),

@@ -78,6 +78,8 @@ def _int4_gemv_kernel(
     # 16 bytes (4 words) of a row, and nibble i of every word (k = 8 * word + i) is unpacked in
     # registers and multiplied by x[k]. No cross-thread reduction happens in the loop: per-word
     # partials are scaled and accumulated, and one reduction runs after the loop.
+    # (Left shifts that overflow, e.g. (q << 19) & mask, were miscompiled to constants by the
+    # sm_90 backend of Triton 3.8: the nibble is masked first, then shifted.)
     G: tl.constexpr = GROUPS_PER_ITER
     GW: tl.constexpr = GROUP_SIZE // 8  # int32 words per group row
     m = tl.program_id(0)
@@ -100,6 +102,8 @@ def _int4_gemv_kernel(
     words = offs_g[:, None] * GW + offs_w[None, :]  # (G, GW) word index in the step
     q_ptrs = q_ptr + rows[:, None, None] * stride_qw + words[None, :, :]  # (BN, G, GW)
     x_ptrs = x_ptr + m * stride_xm + (8 * words[None, :, :]) * stride_xk  # (1, G, GW): k of nibble 0
+    offs_v = tl.arange(0, GW * 8)
+    xv_ptrs = x_ptr + m * stride_xm + (offs_g[None, :, None] * GROUP_SIZE + offs_v[None, None, :]) * stride_xk
     s_ptrs = scale_ptr + rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg  # (BN, G, 1)
     z_ptrs = zero_ptr + rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg
 
@@ -109,14 +113,24 @@ def _int4_gemv_kernel(
         q = tl.load(q_ptrs + g0 * GW, mask=gmask, other=0, eviction_policy="evict_first")
         s = tl.load(s_ptrs + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)  # (BN, G, 1)
         z = tl.load(z_ptrs + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)
+        # x of the step, loaded once per program and split into x_i[word] = x[8 * word + i]:
+        # only this small tile changes layout (through shared memory), never the weight tile
+        xv = tl.load(xv_ptrs + g0 * GROUP_SIZE * stride_xk, mask=gmask, other=0.0,
+                     eviction_policy="evict_last").to(tl.float32)  # (1, G, GW * 8)
+        xv = tl.reshape(xv, (1, G, GW, 2, 2, 2))  # k = 8 * word + 4 * a + 2 * b + c
+        xa, xb = tl.split(xv)
+        xa0, xa1 = tl.split(xa)
+        xb0, xb1 = tl.split(xb)
+        x0, x4 = tl.split(xa0)
+        x2, x6 = tl.split(xa1)
+        x1, x5 = tl.split(xb0)
+        x3, x7 = tl.split(xb1)
         fx = tl.zeros((BLOCK_N, G, GW), dtype=tl.float32)
-        xs = tl.zeros((1, G, GW), dtype=tl.float32)
+        xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
         for i in tl.static_range(8):
-            xi = tl.load(x_ptrs + (g0 * GROUP_SIZE + i) * stride_xk, mask=gmask, other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)  # (1, G, GW)
+            xi = [x0, x1, x2, x3, x4, x5, x6, x7][i]
             fi = (((q >> (4 * i)) & 0xF) << 19) | 0x3F800000  # bits of 1 + q_i/16
             fx += fi.to(tl.float32, bitcast=True) * xi
-            xs += xi
         # per (row, word): 16 s * sum(f x) + (z - 24 s) * sum(x), s and z of the word's group
         acc += fx * (16.0 * s) + xs * (z - 24.0 * s)
 
@@ -253,13 +267,13 @@ class Int4Config:
 
 # (largest M of the bucket, config); the first bucket with M <= bound wins, the last covers the rest.
 # Measured on H100 (benchmarks/bench_layers.py stacks, 14336x4096 and 4096x14336, group 128):
-#   M=1 gemv 64 rows x 1 group, 4 warps: 28 / 27 us (4x16x?-word tiles with more groups per step or
-#       more rows per program were slower: 30-74 us); the previous join/reshape GEMV took 41 us.
+#   M=1 gemv 128 rows x 1 group, 8 warps: 26 / 25 us (64 rows, 4 warps: 28 / 27; two groups per
+#       step: 240 registers, 30-74 us); the previous join/reshape GEMV took 41 / 41 us.
 #   M=16 16x128x128 swap_ab, 8 warps: 35 / 33 us (4 warps, 4 stages: 41 / 38).
 #   M=128 128x128x64 without swap, 8 warps, 4 stages: 62 / 61 us (128x256x64 swap: 97 / 95).
 #   M=1024 256x128x64, 8 warps: 333 / 379 us (128x256x64: 518 / 591).
 CONFIGS = (
-    (2, Int4Config("gemv", block_n=64, block_k=128, num_warps=4, num_stages=3)),
+    (2, Int4Config("gemv", block_n=128, block_k=128, num_warps=8, num_stages=3)),
     (16, Int4Config("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_warps=8, num_stages=3)),
     (64, Int4Config("mm", block_m=64, block_n=256, block_k=64, swap_ab=True, num_warps=8, num_stages=4)),
     (256, Int4Config("mm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)),
