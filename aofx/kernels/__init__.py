@@ -1,8 +1,10 @@
 """Triton kernels, one family per file (``<scheme>.py``), each with its layout doc, config table,
-selector and launcher. Shared here: the M that the selectors branch on."""
+selector and launcher. Shared here: the M that the selectors branch on, and the grouped tile order."""
 
 import sympy
 import torch
+import triton
+import triton.language as tl
 from torch.utils._sympy.numbers import int_oo
 
 
@@ -18,3 +20,15 @@ def bucket_m(m) -> int:
         return m
     upper = m.node.shape_env.bound_sympy(m.node.expr).upper
     return 2**31 - 1 if upper in (int_oo, sympy.oo) else int(upper)
+
+
+@triton.jit
+def grid_order(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped (swizzled) tile order: GROUP_M row blocks share each weight column block in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n

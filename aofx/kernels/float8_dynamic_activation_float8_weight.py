@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from aofx.kernels import bucket_m, grid_order
+
 __all__ = ["Fp8DynamicConfig", "select_config", "linear"]
 
 FP8_MAX = tl.constexpr(448.0)
@@ -134,16 +136,7 @@ def _fp8dq_gemm_kernel(
     SWAP_AB: tl.constexpr,  # compute (w @ xq^T)^T: the weight tile is the MMA's M side
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # grouped (swizzled) program order: GROUP_M row blocks share each weight column block in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grid_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -337,7 +330,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, activation
     if K == 0:
         return out.copy_(bias.expand(M, N)) if bias is not None else out.zero_()
 
-    cfg = config if config is not None else select_config(M, N, K, activation_per_row)
+    cfg = config if config is not None else select_config(bucket_m(M), N, K, activation_per_row)
     has_bias = bias is not None
     bias_arg = bias if has_bias else scale  # any valid pointer; never read when HAS_BIAS is False
 

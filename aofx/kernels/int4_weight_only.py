@@ -55,6 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
+from aofx.kernels import bucket_m
+
 __all__ = ["Int4Config", "select_config", "linear"]
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -371,7 +373,7 @@ def linear(x, qdata, scale, zero, group_size: int, bias=None, *, config=None) ->
     if M == 0 or N == 0:
         return torch.empty((M, N), dtype=x.dtype, device=x.device)
     if config is None:
-        cfg = select_config(M, N, K, group_size, x.device)
+        cfg = select_config(bucket_m(M), N, K, group_size, x.device)
     else:
         cfg = _resolve(config, M, N, K, group_size, x.device)
 
