@@ -8,23 +8,26 @@ Layout read (the one ``aofx.numerics.quantize_int8`` writes):
   x      (M, K) bf16 / fp16 with arbitrary row stride; y is (M, N) in x.dtype.
 
 Kernel paths and M buckets (``select_config``):
-  M == 1       ``gemv``: one program per BLOCK_N weight rows, a software-pipelined K loop (``tl.range``
+  M == 1       ``gemv``: one program per BLOCK_N (8) weight rows, a software-pipelined K loop (``tl.range``
                stages, cp.async); each weight tile is converted to fp32 (bit trick, no I2F) and reduced
                against the x row on the CUDA cores. Per-group scales are applied per (row, group)
-               partial sum, per-row scales in the epilogue. (``mm`` with BLOCK_M = 16 also runs M = 1,
-               masked rows cost no memory traffic: an A/B candidate when tuning.)
-  2 <= M <= 16 ``mm`` with BLOCK_M = 16 and a narrow BLOCK_N so that there are >= ~128 programs;
-               memory bound, tensor cores via mma.sync.
-  M <= 128     ``mm`` 64 x 128 tiles.  M <= 256: 128 x 128.  Larger: 128 x 256 (compute bound).
-  ``mm`` converts int8 -> x.dtype inside the K loop and uses ``tl.dot`` (fp32 accumulate). Per-row
-  scales go in the epilogue; per-group scales are applied to the weight tile inside the K loop
+               partial sum, per-row scales in the epilogue.
+  2 <= M <= 16 ``mm`` with BLOCK_M = 16 and a narrow BLOCK_N so that there are >= ~128 programs (512-wide
+               K tiles for long K); memory bound, tensor cores via mma.sync.
+  M <= 128     ``mm`` 128 x 64 tiles (BLOCK_M x BLOCK_N), ``swap_ab``; M <= 256: 128 x 128, ``swap_ab``; up to
+               M = 256 a shape with fewer than 128 tiles takes 128 x 128 tiles and splits K. Larger M:
+               256 x 128 x 64, 8 warps, ``swap_ab`` (compute bound).
+  ``mm`` converts int8 -> x.dtype inside the K loop and uses ``tl.dot`` (fp32 accumulate). With ``swap_ab``
+  it computes y.T = W @ x.T, so the converted weight tile is wgmma's A operand, read from registers; as the B
+  operand it would make a round trip through shared memory (measured 1.2-1.6x slower from M = 128 on).
+  Per-row scales go in the epilogue; per-group scales are applied to the weight tile inside the K loop
   (BLOCK_K divides group_size, so a tile lies in one group), which rounds ``q * s`` to x.dtype
   exactly as the reference's dequantization does.
-  Either path may split K (``split_k > 1``): fp32 partials are added with atomics into a zeroed fp32
-  output that the launcher casts afterwards. The default tables only split when N is too small to
-  fill the GPU, because the zero-fill and the cast are two extra kernels.
+  Either path may split K (``split_k > 1``): each split stores its fp32 partial (scales applied, bias
+  in split 0) into a (split_k, M, N) workspace that the launcher sums and casts. The default tables
+  only split when the tiles alone cannot fill the GPU, because the reduction is one more kernel.
 
-The helpers ``KernelConfig``, ``check_linear_args`` and ``grid_order`` are shared with
+The helpers ``KernelConfig`` and ``check_linear_args`` are shared with
 ``int8_dynamic_activation_int8_weight.py``.
 """
 
@@ -36,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aofx.kernels import bucket_m
+from aofx.kernels import bucket_m, grid_order
 
 _X_DTYPES = (torch.bfloat16, torch.float16)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -58,18 +61,6 @@ class KernelConfig:
 
 
 # ---------------------------------------------------------------- shared device helpers
-
-@triton.jit
-def grid_order(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Grouped (swizzled) ordering: GROUP_M row blocks share each weight column block in L2."""
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
-
 
 @triton.jit
 def _int8_to_f32(q):
@@ -127,7 +118,7 @@ def _int8wo_gemv_kernel(
         acc += tl.where(pid_k == 0, bias, 0.0)
     n_mask = rn < N
     if SPLIT_K > 1:
-        tl.atomic_add(y_ptr + rn, acc, mask=n_mask)
+        tl.store(y_ptr + pid_k * N + rn, acc, mask=n_mask)  # fp32 partial, slice pid_k of (SPLIT_K, 1, N)
     else:
         tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
@@ -193,34 +184,36 @@ def _int8wo_mm_kernel(
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     mask = m_mask & (rn[None, :] < N)
     if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, acc, mask=mask)
+        tl.store(y_ptrs + pid_k * M * stride_ym, acc, mask=mask)  # fp32 partial, slice pid_k of (SPLIT_K, M, N)
     else:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- config tables
 
-# (max M, config) per bucket, first match wins. block_n / split_k are refined per shape in select_config.
+# (max M, config) per bucket, first match wins. block_n / block_k / split_k are refined per shape in
+# select_config. Measured on H100 (4-layer CUDA-graph stacks, 14336x4096 and 4096x14336): from M = 128 on,
+# swap_ab (the converted weight tile as wgmma's register A operand) beats the x @ W.T orientation by 1.2-1.6x.
 _MM_TABLE = (
     (16, KernelConfig("mm", block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)),
-    (128, KernelConfig("mm", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)),
-    (256, KernelConfig("mm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)),
-    (None, KernelConfig("mm", block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)),
+    (128, KernelConfig("mm", block_m=128, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
+    (256, KernelConfig("mm", block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3, swap_ab=True)),
+    (None, KernelConfig("mm", block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3, swap_ab=True)),
 )
-# gemv: 8 warps each own 2 rows x 512 codes (16-byte cp.async per thread per row), so the K reduction stays
-# inside a warp; 4 stages of 8 KB (x arrives through shared memory in the layout the product needs) and
-# ~40 registers, so several programs share an SM and ~100 KB of weight reads are in flight per SM (sm_90).
-_GEMV = KernelConfig("gemv", block_m=1, block_n=16, block_k=512, num_warps=8, num_stages=4)
+# gemv: 2 warps own 8 rows x 512 codes (16-byte cp.async per thread per row), 4 stages of 4 KB: small
+# programs, many per SM, so that the weight reads of many rows are in flight at once (best of 10 measured).
+_GEMV = KernelConfig("gemv", block_m=1, block_n=8, block_k=512, num_warps=2, num_stages=4)
+_LONG_K = 8192  # M <= 16: from this K on, 512-wide K tiles (fewer, longer programs need more bytes per stage)
 
 # Enough programs to cover 132 SMs about once; below this small-M configs narrow BLOCK_N, then split K.
 _MIN_PROGRAMS = 128
 _SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (sm_90 allows 227 KB)
 
 
-def split_k_for(programs: int, k_tiles: int) -> int:
-    """Smallest power-of-two K split that gives >= ``_MIN_PROGRAMS`` programs (each split keeps >= 2 tiles)."""
+def split_k_for(programs: int, k_tiles: int, min_programs: int = _MIN_PROGRAMS) -> int:
+    """Smallest power-of-two K split that gives >= ``min_programs`` programs (each split keeps >= 2 tiles)."""
     split = 1
-    while programs * split < _MIN_PROGRAMS and 2 * split * 2 <= k_tiles:
+    while programs * split < min_programs and 2 * split * 2 <= k_tiles:
         split *= 2
     return split
 
@@ -240,13 +233,20 @@ def select_config(M: int, N: int, K: int, group_size: int = 0) -> KernelConfig:
         stage_bytes = cfg.block_m * block_k * 2 + cfg.block_n * block_k
         num_stages = max(cfg.num_stages, min(8, cfg.num_stages * cfg.block_k // block_k, _SMEM_BUDGET // stage_bytes))
     if M <= 16:
-        # Memory bound: narrow the weight tile before splitting K, so no zero-fill / cast kernels are needed.
+        # Memory bound: narrow the weight tile before splitting K, so no reduction kernel is needed.
         while block_n > 32 and triton.cdiv(N, block_n) < _MIN_PROGRAMS:
             block_n //= 2
         if block_k < 128:  # small groups force a short K tile: widen N to keep bytes in flight per stage
             block_n = max(block_n, 64)
+        if K >= _LONG_K and not group_size:
+            block_k = 512
         programs = triton.cdiv(N, block_n)
         split_k = split_k_for(programs, triton.cdiv(K, block_k))
+    elif M <= 256 and triton.cdiv(M, cfg.block_m) * triton.cdiv(N, block_n) < _MIN_PROGRAMS and not group_size:
+        # Few tiles (N = 4096: 64 programs at M = 128) leave SMs idle for a whole long K loop: split K,
+        # with the larger 128 x 128 tile (measured 51.8 us against 73 us for 128 x 64 split 2, 4096x14336).
+        cfg, block_n = _MM_TABLE[2][1], _MM_TABLE[2][1].block_n
+        split_k = split_k_for(triton.cdiv(M, cfg.block_m) * triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     else:
         split_k = 1
     return dataclasses.replace(cfg, block_n=block_n, block_k=block_k, split_k=split_k, num_stages=num_stages)
@@ -319,7 +319,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     stride_sg = scale.stride(1) if group_size else 0
     split = cfg.split_k
     if split > 1:
-        out = torch.zeros((M, N), device=x.device, dtype=torch.float32)
+        out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)  # per-split partials
     else:
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     even_k = K % cfg.block_k == 0
@@ -339,7 +339,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
         torch.library.wrap_triton(_int8wo_mm_kernel)[grid](
             x, qdata, scale, b_arg, out,
             M, N, K,
-            x.stride(0), qdata.stride(0), scale.stride(0), stride_sg, out.stride(0),
+            x.stride(0), qdata.stride(0), scale.stride(0), stride_sg, out.stride(-2),
             HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             SWAP_AB=cfg.swap_ab,
@@ -347,4 +347,6 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
         )
     else:
         raise ValueError(f"int8_weight_only.linear: unknown path {cfg.path!r} (expected 'gemv' or 'mm')")
-    return out.to(x.dtype) if split > 1 else out
+    # Split K: the partials are summed in a fixed order (deterministic, unlike atomics, and cheaper:
+    # scattered fp32 atomics cost more than a plain store plus one reduction).
+    return out.sum(0).to(x.dtype) if split > 1 else out

@@ -110,13 +110,16 @@ def test_fused_prologue_spans_several_tiles_interpret(monkeypatch):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("block_k", [None, 64], ids=["one-tile", "5-tiles"])
-def test_quantize_per_token_bit_exact_interpret(block_k, monkeypatch):
+@pytest.mark.parametrize("block_k, rows", [(None, 9), (64, 9), (64, 20)], ids=["one-tile", "5-chunks", "two-pass"])
+def test_quantize_per_token_bit_exact_interpret(block_k, rows, monkeypatch):
+    """Few rows: each row split over K / BLOCK_K programs; many rows: one program per row, in one pass over
+    x when the row fits one tile, else two."""
     if block_k:
         monkeypatch.setattr(kernels, "_QUANT_BLOCK_K", block_k)
+        monkeypatch.setattr(kernels, "_QUANT_ONE_PASS_MAX_K", block_k)
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float16, torch.bfloat16):  # no tl.dot here, so bf16 is fine under the interpreter
-        x = (torch.randn(9, 300, generator=g) * torch.logspace(-3, 3, 9)[:, None]).to(dtype)
+        x = (torch.randn(rows, 300, generator=g) * torch.logspace(-3, 3, rows)[:, None]).to(dtype)
         x[4] = 0
         xq, sx = kernels.quantize_per_token(x)
         ref_q, ref_s = numerics.quantize_int8_per_token(x)
@@ -146,12 +149,14 @@ def test_select_config_buckets():
     for M in (1, 2, 16):
         for N, K in ((14336, 4096), (4096, 14336), (1000, 768)):
             cfg = kernels.select_config(M, N, K)
-            assert cfg.path == "fused" and cfg.block_m == 16
+            assert cfg.path == "quantized" and cfg.block_m == 16
     for M in (17, 128, 129, 256, 257, 4096):
         cfg = kernels.select_config(M, 4096, 4096)
-        assert cfg.path == "quantized" and cfg.block_m >= 64 and cfg.split_k == 1
+        assert cfg.path == "quantized" and cfg.block_m >= 64
+    assert kernels.select_config(4096, 4096, 14336).split_k == 1
     assert kernels.select_config(1, 14336, 4096).split_k == 1
     assert kernels.select_config(1, 256, 4096).split_k > 1
+    assert kernels.select_config(128, 4096, 14336).split_k > 1  # 64 tiles: split K to fill the GPU
 
 
 @pytest.mark.parametrize("bad, err", [
