@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from aofx.kernels import bucket_m, grid_order
+from aofx.kernels.float8_weight_only import prepare
 
 __all__ = ["Fp8DynamicConfig", "select_config", "linear"]
 
@@ -301,30 +302,9 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, activation
 
     Returns (M, N) in x.dtype. ``config`` overrides the M-bucket choice (tests force each path).
     """
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"x must be bfloat16 or float16, got {x.dtype}")
-    if qdata.dtype != torch.float8_e4m3fn or qdata.dim() != 2:
-        raise TypeError(f"qdata must be 2-D float8_e4m3fn (N, K), got {qdata.dtype} {tuple(qdata.shape)}")
-    M, K = x.shape
-    N = qdata.shape[0]
-    if qdata.shape[1] != K:
-        raise ValueError(f"x has K={K} but qdata is {tuple(qdata.shape)} (expected (N, {K}))")
-    if scale.dtype != torch.float32 or tuple(scale.shape) not in ((), (N,)):
-        raise ValueError(f"scale must be float32 of shape () or ({N},), got {scale.dtype} {tuple(scale.shape)}")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    x, qdata, scale, bias, out = prepare(x, qdata, scale, bias, per_tensor_scale_ok=True)
+    (M, K), N = x.shape, qdata.shape[0]
     activation_per_row = bool(activation_per_row)
-    if qdata.stride(1) != 1:
-        qdata = qdata.contiguous()
-    if x.stride(1) != 1:
-        x = x.contiguous()  # the only copy: K must be the contiguous axis for vector loads
-    scale = scale.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
-
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
     if K == 0:

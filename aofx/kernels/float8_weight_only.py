@@ -224,11 +224,10 @@ def select_config(M: int, N: int, K: int) -> Fp8WeightOnlyConfig:
 
 # ---------------------------------------------------------------- launcher
 
-def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-           config: Fp8WeightOnlyConfig | None = None) -> torch.Tensor:
-    """``x (M, K) @ (qdata * scale[:, None]).T (+ bias)`` -> (M, N) in x.dtype.
+def prepare(x, qdata, scale, bias, per_tensor_scale_ok: bool):
+    """Check an fp8 launcher's arguments (clear errors), make the K axes contiguous, allocate the output.
 
-    ``config`` overrides the M-bucket choice (tests use it to force each kernel path).
+    Shared with ``float8_dynamic_activation_float8_weight.py``. Returns ``(x, qdata, scale, bias, out)``.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
@@ -240,19 +239,28 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     N = qdata.shape[0]
     if qdata.shape[1] != K:
         raise ValueError(f"x has K={K} but qdata is {tuple(qdata.shape)} (expected (N, {K}))")
-    if scale.dtype != torch.float32 or tuple(scale.shape) != (N,):
-        raise ValueError(f"scale must be float32 of shape ({N},), got {scale.dtype} {tuple(scale.shape)}")
+    shapes = ((), (N,)) if per_tensor_scale_ok else ((N,),)
+    if scale.dtype != torch.float32 or tuple(scale.shape) not in shapes:
+        allowed = f"() or ({N},)" if per_tensor_scale_ok else f"({N},)"
+        raise ValueError(f"scale must be float32 of shape {allowed}, got {scale.dtype} {tuple(scale.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     if qdata.stride(1) != 1:
         qdata = qdata.contiguous()
     if x.stride(1) != 1:
         x = x.contiguous()  # the only copy: K must be the contiguous axis for vector loads
-    scale = scale.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    return x, qdata, scale.contiguous(), bias, torch.empty((M, N), dtype=x.dtype, device=x.device)
 
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+
+def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+           config: Fp8WeightOnlyConfig | None = None) -> torch.Tensor:
+    """``x (M, K) @ (qdata * scale[:, None]).T (+ bias)`` -> (M, N) in x.dtype.
+
+    ``config`` overrides the M-bucket choice (tests use it to force each kernel path).
+    """
+    x, qdata, scale, bias, out = prepare(x, qdata, scale, bias, per_tensor_scale_ok=False)
+    (M, K), N = x.shape, qdata.shape[0]
     if M == 0 or N == 0:
         return out
     if K == 0:
