@@ -267,12 +267,11 @@ def _capture_model(model, ep, weights) -> CapturedGraph:
     _rewrite(capture, targets)
     # A weight still read by other ops (an embedding tied to the head) stays a float parameter,
     # reached through an alias that survives installation, or kept where it is.
-    rename = {}
+    rename, dropped = {}, {x.fqn for x in weights}
     for node, w in param_nodes.items():
         if not node.users:
             continue
         fqn = capture.sources[node.name][1]
-        dropped = {x.fqn for x in weights}
         aliases = [n for n, p in model.named_parameters(remove_duplicate=False)
                    if p is getattr(w.owner, w.name) and n not in dropped]
         if aliases:
