@@ -25,7 +25,7 @@ from torch import nn
 from aofx import passes  # noqa: F401  (registers the built-in passes)
 from aofx.capture import CapturedGraph, export_unit, resolve
 from aofx.configs import AOBaseConfig, FqnToConfig, describe
-from aofx.passes._graph import LINEAR, Target, drop_unused_inputs, placeholders, subgraph_calls, thread_targets
+from aofx.passes._graph import Target, drop_unused_inputs, linear_weight_inputs, placeholders, thread_targets
 from aofx.registry import check_registered, find_handler, find_pass
 
 log = logging.getLogger("aofx")
@@ -169,17 +169,8 @@ def _plan(model, config, filter_fn, ep):
 def _linear_weight_ids(model, ep) -> set:
     """ids of the parameters used as a linear's weight anywhere in the exported graph."""
     capture = CapturedGraph(ep)
-    used = set()
-
-    def visit(gm, outer):  # outer: this graph's placeholder -> top-level placeholder
-        for node in gm.graph.nodes:
-            if node.target is LINEAR and node.args[1] in outer:
-                used.add(outer[node.args[1]])
-        for hop, sub, first in subgraph_calls(gm):
-            visit(sub, {inner: outer[a] for a, inner in zip(hop.args[first:], placeholders(sub.graph)) if a in outer})
-
-    visit(capture.gm, {n: n for n in placeholders(capture.gm.graph)})
-    return {id(resolve(model, capture.sources[n.name][1])) for n in used if capture.sources[n.name][0] == "state"}
+    sources = [capture.sources[n.name] for n in linear_weight_inputs(capture.gm)]
+    return {id(resolve(model, fqn)) for kind, fqn in sources if kind == "state"}
 
 
 def _validate(weights, skipped):

@@ -99,6 +99,22 @@ def subgraph_calls(gm: fx.GraphModule):
                 break
 
 
+def linear_weight_inputs(gm: fx.GraphModule) -> set:
+    """The top-level placeholders of ``gm`` used as a linear's weight, in ``gm`` or its subgraphs."""
+    used = set()
+
+    def visit(graph_module, outer):  # outer: this graph's placeholder -> top-level placeholder
+        for node in graph_module.graph.nodes:
+            if node.target is LINEAR and node.args[1] in outer:
+                used.add(outer[node.args[1]])
+        for hop, sub, first in subgraph_calls(graph_module):
+            inner = zip(hop.args[first:], placeholders(sub.graph))
+            visit(sub, {p: outer[a] for a, p in inner if a in outer})
+
+    visit(gm, {n: n for n in placeholders(gm.graph)})
+    return used
+
+
 def thread_targets(gm: fx.GraphModule, targets: dict) -> list:
     """Make each target's packed tensors reachable inside the subgraphs that use its weight.
 
