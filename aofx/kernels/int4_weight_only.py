@@ -74,7 +74,7 @@ def _int4_gemv_kernel(
     stride_xm, stride_xk, stride_qw, stride_sn, stride_sg, stride_om,
     # meta-parameters
     GROUP_SIZE: tl.constexpr, GROUPS_PER_ITER: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # One step is a (BLOCK_N rows, G groups, GW int32 words) tile of the weight: each thread loads
     # 16 bytes (4 words) of a row, and nibble i of every word (k = 8 * word + i) is unpacked in
@@ -110,7 +110,8 @@ def _int4_gemv_kernel(
     z_ptrs = zero_ptr + rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg
 
     acc = tl.zeros((BLOCK_N, G, GW), dtype=tl.float32)
-    for g0 in range(g_start, g_end, G):
+    # A loop without tl.dot is software-pipelined (cp.async stages) only when asked to, with tl.range.
+    for g0 in tl.range(g_start, g_end, G, num_stages=NUM_STAGES):
         gmask = ((g0 + offs_g) < g_end)[None, :, None]  # the last step may hang over g_end
         q = tl.load(q_ptrs + g0 * GW, mask=gmask, other=0, eviction_policy="evict_first")
         s = tl.load(s_ptrs + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)  # (BN, G, 1)
@@ -397,7 +398,7 @@ def linear(x, qdata, scale, zero, group_size: int, bias=None, *, config=None) ->
             N, K,
             x.stride(0), x.stride(1), qwords.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
             GROUP_SIZE=group_size, GROUPS_PER_ITER=max(1, cfg.block_k // group_size), BLOCK_N=cfg.block_n,
-            SPLIT_K=split, HAS_BIAS=bias is not None,
+            SPLIT_K=split, HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:

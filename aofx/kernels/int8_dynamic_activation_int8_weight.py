@@ -47,18 +47,21 @@ __all__ = ["KernelConfig", "linear", "quantize_per_token", "select_config"]
 # ---------------------------------------------------------------- device helpers
 
 @triton.jit
-def _row_scale(amax):
-    # s_x = max(amax / 127, float32 tiny), with an IEEE division as in numerics.safe_scale.
-    return tl.maximum(tl.div_rn(amax, 127.0), 1.1754943508222875e-38)
+def _row_scale(amax, FP8: tl.constexpr):
+    # s_x = max(amax / qmax, float32 tiny), with an IEEE division as in numerics.safe_scale.
+    return tl.maximum(tl.div_rn(amax, 448.0 if FP8 else 127.0), 1.1754943508222875e-38)
 
 
 @triton.jit
-def _quantize(v):
-    """fp32 ``x / s_x`` -> int8 codes: round half to even, then clamp to [-127, 127]."""
-    # Adding 1.5 * 2**23 rounds to an integer (|v| < 2**22); its bit pattern minus that of 1.5 * 2**23
-    # is the integer itself: no float -> int conversion instruction needed.
-    q = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
-    return tl.minimum(tl.maximum(q, -127), 127).to(tl.int8)
+def _quantize(v, FP8: tl.constexpr):
+    """fp32 ``x / s_x`` -> int8 codes (round half to even, clamp to [-127, 127]) or e4m3 (clamp to 448)."""
+    if FP8:
+        return tl.minimum(tl.maximum(v, -448.0), 448.0).to(tl.float8e4nv)
+    else:
+        # Adding 1.5 * 2**23 rounds to an integer (|v| < 2**22); its bit pattern minus that of 1.5 * 2**23
+        # is the integer itself: no float -> int conversion instruction needed.
+        q = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+        return tl.minimum(tl.maximum(q, -127), 127).to(tl.int8)
 
 
 # ---------------------------------------------------------------- kernels
@@ -74,7 +77,7 @@ def _quantize_per_token_kernel(
     # columns quantized per program (a multiple of BLOCK_K; K when one program does the whole row)
     CHUNK_K,
     # meta-parameters
-    BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr,
 ):
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
@@ -83,8 +86,8 @@ def _quantize_per_token_kernel(
     if ONE_PASS:
         # The whole row (BLOCK_K >= K) stays in registers: x is read from memory once.
         xv = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
-        s = _row_scale(tl.max(tl.abs(xv), axis=0))
-        tl.store(q_row + rk, _quantize(tl.div_rn(xv, s)), mask=rk < K)
+        s = _row_scale(tl.max(tl.abs(xv), axis=0), FP8)
+        tl.store(q_row + rk, _quantize(tl.div_rn(xv, s), FP8), mask=rk < K)
     else:
         # Every program of a row gets the row's amax (a read of the row, from L2 after the first), then
         # quantizes its own CHUNK_K columns: with few rows, several programs share the divisions.
@@ -93,10 +96,10 @@ def _quantize_per_token_kernel(
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             xv = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-        s = _row_scale(tl.max(amax, axis=0))
+        s = _row_scale(tl.max(amax, axis=0), FP8)
         for k0 in range(chunk * CHUNK_K, tl.minimum(chunk * CHUNK_K + CHUNK_K, K), BLOCK_K):
             xv = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0)
-            tl.store(q_row + k0 + rk, _quantize(tl.div_rn(xv.to(tl.float32), s)), mask=k0 + rk < K)
+            tl.store(q_row + k0 + rk, _quantize(tl.div_rn(xv.to(tl.float32), s), FP8), mask=k0 + rk < K)
     if tl.program_id(1) == 0:
         tl.store(sx_ptr + row, s)
 
@@ -113,6 +116,7 @@ def _int8dq_mm_kernel(
     HAS_BIAS: tl.constexpr, QUANTIZE_X: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     AMAX_BLOCK_K: tl.constexpr, AMAX_STAGES: tl.constexpr, SWAP_AB: tl.constexpr,
+    FP8: tl.constexpr,  # e4m3 codes (fp8 dynamic, per row): fp32 accumulation instead of exact int32
 ):
     pid_m, pid_n = grid_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
@@ -138,29 +142,30 @@ def _int8dq_mm_kernel(
             amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=1))
         # Rows past M get s_x = 1: dividing their zeros by TINY would send every element down the slow
         # path of the IEEE division.
-        s_x = tl.where(rm < M, _row_scale(amax), 1.0)  # (BLOCK_M,)
+        s_x = tl.where(rm < M, _row_scale(amax, FP8), 1.0)  # (BLOCK_M,)
     else:
         s_x = tl.load(sx_ptr + rm, mask=rm < M, other=1.0)
 
+    acc_dtype: tl.constexpr = tl.float32 if FP8 else tl.int32
     if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc_dtype)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         k = k0 + rk
         if EVEN_K:
-            xt = tl.load(x_rows + k[None, :], mask=m_mask, other=0, eviction_policy="evict_last")
+            xt = tl.load(x_rows + k[None, :], mask=m_mask, other=0.0, eviction_policy="evict_last")
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
         else:
-            xt = tl.load(x_rows + k[None, :], mask=m_mask & (k[None, :] < K), other=0, eviction_policy="evict_last")
-            w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0, eviction_policy="evict_first")
+            xt = tl.load(x_rows + k[None, :], mask=m_mask & (k[None, :] < K), other=0.0, eviction_policy="evict_last")
+            w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_first")
         if QUANTIZE_X:
-            xt = _quantize(tl.div_rn(xt.to(tl.float32), s_x[:, None]))  # (BLOCK_M, BLOCK_K) int8
+            xt = _quantize(tl.div_rn(xt.to(tl.float32), s_x[:, None]), FP8)  # (BLOCK_M, BLOCK_K) codes
         if SWAP_AB:
             # y.T = W @ xq.T: the weight tile fills the 64-row tensor-core operand, x's few rows the narrow one.
-            acc = tl.dot(w, tl.trans(xt), acc, out_dtype=tl.int32)  # (BLOCK_N, BLOCK_M)
+            acc = tl.dot(w, tl.trans(xt), acc, out_dtype=acc_dtype)  # (BLOCK_N, BLOCK_M)
         else:
-            acc = tl.dot(xt, tl.trans(w), acc, out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N)
+            acc = tl.dot(xt, tl.trans(w), acc, out_dtype=acc_dtype)  # (BLOCK_M, BLOCK_N)
     if SWAP_AB:
         acc = tl.trans(acc)
 
@@ -226,12 +231,13 @@ def select_config(M: int, N: int, K: int) -> KernelConfig:
 
 # ---------------------------------------------------------------- launchers
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) bf16/fp16, contiguous along K -> (xq int8 (M, K), s_x fp32 (M,)), as numerics.quantize_int8_per_token."""
+def quantize_per_token(x: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) bf16/fp16 -> (xq int8 (M, K), s_x fp32 (M,)), as numerics.quantize_int8_per_token;
+    with ``fp8``, xq is e4m3 and s_x = amax / 448, as the fp8 dynamic reference quantizes x per row."""
     if x.stride(1) != 1:
         x = x.contiguous()
     M, K = x.shape
-    xq = torch.empty((M, K), device=x.device, dtype=torch.int8)
+    xq = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     sx = torch.empty((M,), device=x.device, dtype=torch.float32)
     if M > 0:
         few_rows = bucket_m(M) <= _QUANT_FEW_ROWS
@@ -243,7 +249,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             K,
             x.stride(0), xq.stride(0),
             block_k if few_rows else K,
-            BLOCK_K=block_k, ONE_PASS=one_pass, STAGES=_QUANT_STAGES,
+            BLOCK_K=block_k, ONE_PASS=one_pass, STAGES=_QUANT_STAGES, FP8=fp8,
             num_warps=_QUANT_NUM_WARPS if block_k <= 4096 else 2 * _QUANT_NUM_WARPS,
         )
     return xq, sx
@@ -259,13 +265,23 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     M, N, K = check_linear_args(name, x, qdata, scale, bias, scale_dims=(1,))
     if M == 0:
         return x.new_empty((0, N))
+    cfg = config if config is not None else select_config(bucket_m(M), N, K)
+    return launch(name, x, qdata, scale, bias, cfg)
+
+
+def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig) -> torch.Tensor:
+    """Launch ``cfg``'s kernels on checked arguments: x (M >= 1, K) bf16/fp16, qdata int8 or e4m3 (N, K)
+    contiguous along K, scale fp32 (N,), bias (N,) or None. With e4m3 codes x is quantized per row to e4m3
+    (the fp8 dynamic per-row scheme, which shares these kernels)."""
+    M, K = x.shape
+    N = qdata.shape[0]
+    fp8 = qdata.dtype == torch.float8_e4m3fn
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = config if config is not None else select_config(bucket_m(M), N, K)
     if cfg.path == "fused":
         x_arg, sx_arg = x, scale  # sx_arg is never read when QUANTIZE_X
     elif cfg.path == "quantized":
-        x_arg, sx_arg = quantize_per_token(x)
+        x_arg, sx_arg = quantize_per_token(x, fp8)
     else:
         raise ValueError(f"{name}: unknown path {cfg.path!r} (expected 'fused' or 'quantized')")
     scale = scale.contiguous()
@@ -285,7 +301,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
         x_arg.stride(0), qdata.stride(0), out.stride(-2),
         HAS_BIAS=has_bias, QUANTIZE_X=cfg.path == "fused", SPLIT_K=split, EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        AMAX_BLOCK_K=amax_block_k, AMAX_STAGES=amax_stages, SWAP_AB=cfg.swap_ab,
+        AMAX_BLOCK_K=amax_block_k, AMAX_STAGES=amax_stages, SWAP_AB=cfg.swap_ab, FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.sum(0).to(x.dtype) if split > 1 else out  # split K: fixed-order sum of the partials

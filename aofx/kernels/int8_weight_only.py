@@ -63,13 +63,22 @@ class KernelConfig:
 # ---------------------------------------------------------------- shared device helpers
 
 @triton.jit
-def _int8_to_f32(q):
-    # 0x4B400000 is 1.5 * 2**23: adding q (|q| < 2**22) to its bit pattern gives the float 1.5 * 2**23 + q
-    # exactly, so one integer add and one float subtract replace the slow I2F conversion.
-    return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+def _code_to_f32(q):
+    """int8 or e4m3 weight codes -> fp32, exactly."""
+    if q.dtype.is_int8():
+        # 0x4B400000 is 1.5 * 2**23: adding q (|q| < 2**22) to its bit pattern gives the float 1.5 * 2**23 + q
+        # exactly, so one integer add and one float subtract replace the slow I2F conversion.
+        return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        return q.to(tl.float32)
 
 
 # ---------------------------------------------------------------- kernels
+
+# ``QUANTIZE_X`` of the GEMV: x read as is, or quantized per row in the kernel (int8 / fp8 dynamic, M = 1)
+X_AS_IS = tl.constexpr(0)
+X_INT8 = tl.constexpr(1)
+X_FP8 = tl.constexpr(2)
 
 @triton.jit
 def _int8wo_gemv_kernel(
@@ -82,6 +91,7 @@ def _int8wo_gemv_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    QUANTIZE_X: tl.constexpr,  # X_AS_IS, or X_INT8 / X_FP8: quantize the row in a prologue (dynamic configs)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -89,6 +99,16 @@ def _int8wo_gemv_kernel(
     rn_safe = rn % N  # out-of-range rows re-read valid rows; their results are masked at the store
     rk = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rn_safe[:, None] * stride_wn  # (BLOCK_N, 1)
+
+    if QUANTIZE_X != X_AS_IS:
+        # Prologue: the row's amax over all of K (from L2 after the first program), s_x as in numerics.
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+            xv = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0, eviction_policy="evict_last")
+            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+        q_max: tl.constexpr = 127.0 if QUANTIZE_X == X_INT8 else 448.0
+        s_x = tl.maximum(tl.div_rn(tl.max(amax, axis=0), q_max), 1.1754943508222875e-38)
+        inv_s_x = tl.div_rn(1.0, s_x)
 
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # A loop without tl.dot is only software-pipelined when asked to (tl.range stages).
@@ -98,9 +118,16 @@ def _int8wo_gemv_kernel(
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
             xv = tl.load(x_ptr + k, eviction_policy="evict_last")
         else:
-            w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0, eviction_policy="evict_first")
+            w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_first")
             xv = tl.load(x_ptr + k, mask=k < K, other=0.0, eviction_policy="evict_last")
-        prod = _int8_to_f32(w) * xv.to(tl.float32)[None, :]  # (BLOCK_N, BLOCK_K)
+        xf = xv.to(tl.float32)
+        if QUANTIZE_X == X_INT8:
+            # IEEE x / s_x, round half to even (1.5 * 2**23 trick), clamp: the reference's codes exactly
+            xf = tl.minimum(tl.maximum((tl.div_rn(xf, s_x) + 12582912.0) - 12582912.0, -127.0), 127.0)
+        elif QUANTIZE_X == X_FP8:
+            # times 1 / s_x, like the fp8 GEMM's fused path (see its file for when that differs by a step)
+            xf = tl.minimum(tl.maximum(xf * inv_s_x, -448.0), 448.0).to(tl.float8e4nv).to(tl.float32)
+        prod = _code_to_f32(w) * xf[None, :]  # (BLOCK_N, BLOCK_K)
         if GROUP_SIZE > 0:
             # BLOCK_K is a multiple of GROUP_SIZE: reduce each group, then weight it by its scale.
             g = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
@@ -111,6 +138,8 @@ def _int8wo_gemv_kernel(
         else:
             acc += tl.sum(prod, axis=1)
 
+    if QUANTIZE_X != X_AS_IS:
+        acc = acc * s_x  # the reference's association: (acc * s_x) * s_w
     if GROUP_SIZE == 0:
         acc = acc * tl.load(s_ptr + rn_safe * stride_sn).to(tl.float32)
     if HAS_BIAS:
@@ -160,11 +189,11 @@ def _int8wo_mm_kernel(
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
         else:
             xt = tl.load(x_rows + k[None, :], mask=m_mask & (k[None, :] < K), other=0.0, eviction_policy="evict_last")
-            w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0, eviction_policy="evict_first")
+            w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_first")
         if GROUP_SIZE > 0:
             # BLOCK_K divides GROUP_SIZE: the whole tile lies in group k0 // GROUP_SIZE.
             s = tl.load(s_ptr + rn_safe * stride_sn + (k0 // GROUP_SIZE) * stride_sg).to(tl.float32)
-            wt = (_int8_to_f32(w) * s[:, None]).to(x_dtype)  # (BLOCK_N, BLOCK_K)
+            wt = (_code_to_f32(w) * s[:, None]).to(x_dtype)  # (BLOCK_N, BLOCK_K)
         else:
             wt = w.to(x_dtype)
         if SWAP_AB:
@@ -305,17 +334,31 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     group_size = _group_size(K, scale)
     if M == 0:
         return x.new_empty((0, N))
-    if x.stride(1) != 1:
-        x = x.contiguous()
     scale = scale.reshape(N) if group_size == 0 else scale.contiguous()
     cfg = config if config is not None else select_config(bucket_m(M), N, K, group_size)
+    return launch("int8_weight_only.linear", x, qdata, scale, bias, cfg, group_size)
+
+
+def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int = 0,
+           quantize_x=X_AS_IS) -> torch.Tensor:
+    """Launch ``cfg``'s kernel on checked arguments: x (M >= 1, K) bf16/fp16, qdata int8 or e4m3 (N, K)
+    contiguous along K, scale (N,) (or (N, G) with ``group_size``; a 0-d per-tensor scale only with
+    ``quantize_x``), bias (N,) or None. Shared by the fp8 weight-only and the M = 1 dynamic launchers.
+    """
+    M, K = x.shape
+    N = qdata.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
     if cfg.path == "gemv" and M != 1:
-        raise ValueError(f"int8_weight_only.linear: the gemv path needs M == 1, got M={M}")
+        raise ValueError(f"{name}: the gemv path needs M == 1, got M={M}")
+    if quantize_x != X_AS_IS and cfg.path != "gemv":
+        raise ValueError(f"{name}: in-kernel quantization of x is a gemv path, got {cfg.path!r}")
     if group_size and (cfg.block_k % group_size if cfg.path == "gemv" else group_size % cfg.block_k):
-        raise ValueError(f"int8_weight_only.linear: block_k={cfg.block_k} does not fit group_size={group_size} "
+        raise ValueError(f"{name}: block_k={cfg.block_k} does not fit group_size={group_size} "
                          "(gemv: a multiple of it; mm: a divisor of it)")
     has_bias = bias is not None
     b_arg = bias.contiguous() if has_bias else scale  # any tensor: never read without HAS_BIAS
+    stride_sn = scale.stride(0) if scale.dim() else 0  # a per-tensor scale is every row's scale
     stride_sg = scale.stride(1) if group_size else 0
     split = cfg.split_k
     if split > 1:
@@ -329,9 +372,9 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
         torch.library.wrap_triton(_int8wo_gemv_kernel)[grid](
             x, qdata, scale, b_arg, out,
             N, K,
-            qdata.stride(0), scale.stride(0), stride_sg,
+            qdata.stride(0), stride_sn, stride_sg,
             HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, QUANTIZE_X=quantize_x,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.path == "mm":
@@ -339,14 +382,14 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
         torch.library.wrap_triton(_int8wo_mm_kernel)[grid](
             x, qdata, scale, b_arg, out,
             M, N, K,
-            x.stride(0), qdata.stride(0), scale.stride(0), stride_sg, out.stride(-2),
+            x.stride(0), qdata.stride(0), stride_sn, stride_sg, out.stride(-2),
             HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             SWAP_AB=cfg.swap_ab,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
-        raise ValueError(f"int8_weight_only.linear: unknown path {cfg.path!r} (expected 'gemv' or 'mm')")
+        raise ValueError(f"{name}: unknown path {cfg.path!r} (expected 'gemv' or 'mm')")
     # Split K: the partials are summed in a fixed order (deterministic, unlike atomics, and cheaper:
     # scattered fp32 atomics cost more than a plain store plus one reduction).
     return out.sum(0).to(x.dtype) if split > 1 else out

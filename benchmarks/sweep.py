@@ -1,0 +1,188 @@
+"""Time candidate launch configs of the aofx kernels on the GPU: the data behind the config tables.
+
+Each candidate is a kernel launcher with a forced config, timed exactly as ``bench_layers.py`` times the
+ops (a CUDA-graph stack of distinct layers, median replay) next to bf16 ``F.linear`` in the same run, and
+checked against its ``aofx.numerics`` reference first (SQNR >= 30 dB, or it is reported as wrong).
+
+    python benchmarks/sweep.py --families int4,fp8wo --out /tmp/sweep.json
+
+Prints one line per candidate and the best per (family, shape, M); writes every row as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_layers as bl  # noqa: E402
+
+from aofx import numerics  # noqa: E402
+from aofx.kernels import float8_dynamic_activation_float8_weight as fp8dq  # noqa: E402
+from aofx.kernels import float8_weight_only as fp8wo  # noqa: E402
+from aofx.kernels import int4_weight_only as int4  # noqa: E402
+from aofx.kernels import int8_dynamic_activation_int8_weight as int8dq  # noqa: E402
+from aofx.kernels import int8_weight_only as int8wo  # noqa: E402
+
+KC = int8wo.KernelConfig
+
+
+def _int4(M, N, K):
+    c = int4.Int4Config
+    cands = {"default": int4.select_config(M, N, K, 128)}
+    if M == 1:
+        for bn, w, st, split in ((128, 8, 1, None), (128, 8, 2, None), (128, 8, 3, None), (128, 8, 4, None),
+                                 (64, 4, 3, None), (64, 4, 4, None), (64, 8, 4, None), (32, 4, 4, None),
+                                 (32, 2, 4, None), (128, 8, 4, 1), (64, 4, 4, 1), (32, 4, 4, 1)):
+            cands[f"gemv bn{bn} w{w} s{st} sk{split}"] = c("gemv", block_n=bn, block_k=128, num_warps=w,
+                                                          num_stages=st, split_k=split)
+    else:
+        for bm, bn, bk, w, st, swap in ((16, 128, 128, 8, 4, True), (16, 64, 128, 4, 4, True),
+                                        (16, 128, 128, 4, 3, True), (16, 256, 64, 8, 4, True)) if M <= 16 else (
+                                       (128, 128, 64, 8, 3, False), (64, 128, 128, 4, 3, True),
+                                       (128, 128, 128, 8, 3, True)) if M <= 128 else (
+                                       (128, 256, 64, 8, 3, False), (256, 128, 64, 8, 4, False),
+                                       (128, 128, 128, 8, 3, False)):
+            cands[f"mm {bm}x{bn}x{bk} w{w} s{st} swap{int(swap)}"] = c(
+                "mm", block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, swap_ab=swap)
+    stored = lambda w: numerics.quantize_int4(w, 128)  # noqa: E731
+    call = lambda cfg: lambda x, q, s, z: int4.linear(x, q, s, z, 128, config=cfg)  # noqa: E731
+    ref = lambda x, q, s, z: numerics.int4_weight_only_linear(x, q, s, z, 128)  # noqa: E731
+    return stored, ref, {k: call(v) for k, v in cands.items()}
+
+
+def _gemv_grid():
+    for bn, bk, w, st in ((8, 512, 2, 4), (8, 512, 2, 6), (8, 1024, 4, 4), (16, 512, 4, 4), (16, 1024, 4, 3),
+                          (4, 512, 1, 4), (8, 256, 1, 6), (16, 512, 2, 4)):
+        yield f"gemv bn{bn} bk{bk} w{w} s{st}", KC("gemv", 1, bn, bk, num_warps=w, num_stages=st)
+
+
+def _split_auto(cfg, N, K):
+    if cfg.path != "gemv":
+        return cfg
+    import dataclasses
+    import triton
+    return dataclasses.replace(cfg, split_k=int8wo.split_k_for(triton.cdiv(N, cfg.block_n), triton.cdiv(K, cfg.block_k)))
+
+
+def _fp8wo(M, N, K):
+    cands = {"old default": lambda x, q, s: fp8wo.linear(x, q, s)}
+    cfgs = dict(_gemv_grid()) if M == 1 else {}
+    cfgs["int8 table"] = int8wo.select_config(M, N, K)
+    for k, cfg in cfgs.items():
+        cfg = _split_auto(cfg, N, K)
+        cands[k] = lambda x, q, s, cfg=cfg: int8wo.launch("sweep", x, q, s, None, cfg)
+    return (lambda w: numerics.quantize_float8(w, per_row=True)), numerics.float8_weight_only_linear, cands
+
+
+def _fp8dq(M, N, K):
+    cands = {"old default": lambda x, q, s: fp8dq.linear(x, q, s, True)}
+    if M == 1:
+        for k, cfg in _gemv_grid():
+            cfg = _split_auto(cfg, N, K)
+            cands[k + " qx"] = lambda x, q, s, cfg=cfg: int8wo.launch("sweep", x, q, s, None, cfg,
+                                                                     quantize_x=int8wo.X_FP8)
+    cfg = int8dq.select_config(M, N, K)
+    cands["int8dq table"] = lambda x, q, s: int8dq.launch("sweep", x, q, s, None, cfg)
+    if M >= 128:
+        for bm, bn, bk, w, st in ((128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3)):
+            c = fp8dq.Fp8DynamicConfig(bm, bn, bk, num_warps=w, num_stages=st, fast_accum=True, QUANT_BLOCK_M=8)
+            cands[f"fp8 {bm}x{bn}x{bk} w{w} s{st}"] = lambda x, q, s, c=c: fp8dq.linear(x, q, s, True, config=c)
+        cands["scaled_mm"] = _scaled_mm
+    ref = lambda x, q, s: numerics.float8_dynamic_activation_float8_weight_linear(x, q, s, True)  # noqa: E731
+    return (lambda w: numerics.quantize_float8(w, per_row=True)), ref, cands
+
+
+def _scaled_mm(x, q, s):
+    xq, sx = int8dq.quantize_per_token(x, fp8=True)
+    return torch._scaled_mm(xq, q.t(), scale_a=sx[:, None], scale_b=s[None, :], out_dtype=x.dtype)
+
+
+def _int8dq(M, N, K):
+    cands = {"default": lambda x, q, s: int8dq.linear(x, q, s)}
+    if M == 1:
+        for k, cfg in _gemv_grid():
+            cfg = _split_auto(cfg, N, K)
+            cands[k + " qx"] = lambda x, q, s, cfg=cfg: int8wo.launch("sweep", x, q, s, None, cfg,
+                                                                     quantize_x=int8wo.X_INT8)
+    if M == 128:
+        for bm, bn, bk, w, st, sk in ((64, 128, 128, 4, 4, 4), (64, 128, 128, 4, 4, 2), (128, 128, 128, 8, 4, 2),
+                                      (64, 64, 256, 4, 3, 2), (128, 64, 128, 4, 4, 2)):
+            c = KC("quantized", bm, bn, bk, split_k=sk, num_warps=w, num_stages=st, swap_ab=True)
+            cands[f"{bm}x{bn}x{bk} w{w} s{st} sk{sk}"] = lambda x, q, s, c=c: int8dq.launch("sweep", x, q, s, None, c)
+    return numerics.quantize_int8, numerics.int8_dynamic_activation_int8_weight_linear, cands
+
+
+def _int8wo(M, N, K):
+    cands = {"default": lambda x, q, s: int8wo.linear(x, q, s)}
+    if M == 1:
+        for k, cfg in _gemv_grid():
+            cfg = _split_auto(cfg, N, K)
+            cands[k] = lambda x, q, s, cfg=cfg: int8wo.launch("sweep", x, q, s, None, cfg)
+    return numerics.quantize_int8, numerics.int8_weight_only_linear, cands
+
+
+FAMILIES = {"int4": _int4, "fp8wo": _fp8wo, "fp8dq": _fp8dq, "int8dq": _int8dq, "int8wo": _int8wo}
+
+
+def sweep_shape(family, N, K, ms, args, rows):
+    layers = bl.stack_layers(N, K, args.layers, args.min_stack_mb)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weights = [torch.randn(N, K, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+    for M in ms:
+        x = torch.randn(M, K, generator=gen, device="cuda", dtype=torch.bfloat16)
+        bf16_us = bl.time_stack(lambda: [F.linear(x, w) for w in weights], args.rep_ms)[0] / layers
+        quantize, reference, cands = FAMILIES[family](M, N, K)
+        stored = [quantize(w) for w in weights]
+        best = None
+        for label, fn in cands.items():
+            row = {"family": family, "N": N, "K": K, "M": M, "candidate": label, "bf16_us": bf16_us}
+            try:
+                out = fn(x, *stored[0])
+                row["check_sqnr"] = bl.check_against_reference(reference, x, stored[0], out)
+                us = bl.time_stack(lambda: [fn(x, *s) for s in stored], args.rep_ms)[0] / layers
+                row.update(us=us, speedup=bf16_us / us, ok=row["check_sqnr"] >= bl.CHECK_SQNR_DB)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = bl._error_text(e)
+                bl._sync_quietly()
+            rows.append(row)
+            print(f"{family} {N}x{K} M={M} {label:32s} " + (
+                f"{row['us']:7.1f} us {row['speedup']:5.2f}x sqnr {row['check_sqnr']:.0f}" + ("" if row["ok"] else " WRONG")
+                if "us" in row else row["error"]), flush=True)
+            if row.get("ok") and (best is None or row["us"] < best["us"]):
+                best = row
+        if best:
+            print(f"BEST {family} {N}x{K} M={M}: {best['candidate']} {best['us']:.1f} us {best['speedup']:.2f}x "
+                  f"(bf16 {bf16_us:.1f} us)", flush=True)
+        del stored
+    del weights
+    bl._free_cuda()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--shapes", type=bl._parse_shapes, default="14336x4096,4096x14336")
+    p.add_argument("--m", type=bl._parse_ms, default="1,16,128,1024")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--min-stack-mb", type=float, default=100.0)
+    p.add_argument("--rep-ms", type=float, default=30.0)
+    p.add_argument("--out", type=Path, default=Path("sweep.json"))
+    args = p.parse_args(argv)
+    rows = []
+    for spec in args.families.split(","):
+        family, _, ms = spec.partition(":")  # "int4:1+16" limits the Ms of one family
+        ms = [int(m) for m in ms.split("+")] if ms else args.m
+        for N, K in args.shapes:
+            sweep_shape(family, N, K, ms, args, rows)
+            args.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
