@@ -57,45 +57,66 @@ def _int4(M, N, K):
 
 
 def _gemv_grid():
-    for bn, bk, w, st in ((8, 512, 2, 4), (8, 512, 2, 6), (8, 1024, 4, 4), (16, 512, 4, 4), (16, 1024, 4, 3),
-                          (4, 512, 1, 4), (8, 256, 1, 6), (16, 512, 2, 4)):
+    for bn, bk, w, st in ((8, 512, 2, 4), (16, 1024, 4, 3), (8, 1024, 4, 4), (16, 512, 4, 4)):
         yield f"gemv bn{bn} bk{bk} w{w} s{st}", KC("gemv", 1, bn, bk, num_warps=w, num_stages=st)
 
 
-def _split_auto(cfg, N, K):
-    if cfg.path != "gemv":
-        return cfg
+def _mm_grid(M, path):
+    """Tensor-core tile candidates for the large-M buckets (swap_ab: the weight tile is wgmma's A)."""
+    if M >= 512:
+        tiles = ((256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                 (128, 128, 128, 8, 4), (128, 128, 64, 4, 4))
+    elif M >= 64:
+        tiles = ((128, 64, 128, 4, 3), (64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (64, 64, 256, 4, 3))
+    else:
+        return
+    for bm, bn, bk, w, st in tiles:
+        for swap in (True, False) if path == "mm" else (True,):
+            yield (f"{path} {bm}x{bn}x{bk} w{w} s{st} swap{int(swap)}",
+                   KC(path, bm, bn, bk, num_warps=w, num_stages=st, swap_ab=swap))
+
+
+def _split_auto(cfg, N, K, M):
     import dataclasses
     import triton
-    return dataclasses.replace(cfg, split_k=int8wo.split_k_for(triton.cdiv(N, cfg.block_n), triton.cdiv(K, cfg.block_k)))
+    tiles = triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m)
+    min_programs = 128 if cfg.path == "gemv" else 256
+    if cfg.path != "gemv" and M > 256:
+        return cfg
+    return dataclasses.replace(cfg, split_k=int8wo.split_k_for(tiles, triton.cdiv(K, cfg.block_k), min_programs))
 
 
-def _fp8wo(M, N, K):
-    cands = {"old default": lambda x, q, s: fp8wo.linear(x, q, s)}
-    cfgs = dict(_gemv_grid()) if M == 1 else {}
-    cfgs["int8 table"] = int8wo.select_config(M, N, K)
-    for k, cfg in cfgs.items():
-        cfg = _split_auto(cfg, N, K)
-        cands[k] = lambda x, q, s, cfg=cfg: int8wo.launch("sweep", x, q, s, None, cfg)
-    return (lambda w: numerics.quantize_float8(w, per_row=True)), numerics.float8_weight_only_linear, cands
+def _weight_only(per_row_fp8):
+    def family(M, N, K):
+        cands = {"default": (lambda x, q, s: fp8wo.linear(x, q, s)) if per_row_fp8
+                 else (lambda x, q, s: int8wo.linear(x, q, s))}
+        for label, cfg in (_gemv_grid() if M == 1 else _mm_grid(M, "mm")):
+            cfg = _split_auto(cfg, N, K, M)
+            cands[label] = lambda x, q, s, cfg=cfg: int8wo.launch("sweep", x, q, s, None, cfg)
+        if per_row_fp8:
+            return (lambda w: numerics.quantize_float8(w, per_row=True)), numerics.float8_weight_only_linear, cands
+        return numerics.quantize_int8, numerics.int8_weight_only_linear, cands
+    return family
 
 
-def _fp8dq(M, N, K):
-    cands = {"old default": lambda x, q, s: fp8dq.linear(x, q, s, True)}
-    if M == 1:
-        for k, cfg in _gemv_grid():
-            cfg = _split_auto(cfg, N, K)
-            cands[k + " qx"] = lambda x, q, s, cfg=cfg: int8wo.launch("sweep", x, q, s, None, cfg,
-                                                                     quantize_x=int8wo.X_FP8)
-    cfg = int8dq.select_config(M, N, K)
-    cands["int8dq table"] = lambda x, q, s: int8dq.launch("sweep", x, q, s, None, cfg)
-    if M >= 128:
-        for bm, bn, bk, w, st in ((128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3)):
-            c = fp8dq.Fp8DynamicConfig(bm, bn, bk, num_warps=w, num_stages=st, fast_accum=True, QUANT_BLOCK_M=8)
-            cands[f"fp8 {bm}x{bn}x{bk} w{w} s{st}"] = lambda x, q, s, c=c: fp8dq.linear(x, q, s, True, config=c)
-        cands["scaled_mm"] = _scaled_mm
-    ref = lambda x, q, s: numerics.float8_dynamic_activation_float8_weight_linear(x, q, s, True)  # noqa: E731
-    return (lambda w: numerics.quantize_float8(w, per_row=True)), ref, cands
+def _dynamic(fp8):
+    def family(M, N, K):
+        cands = {"default": (lambda x, q, s: fp8dq.linear(x, q, s, True)) if fp8
+                 else (lambda x, q, s: int8dq.linear(x, q, s))}
+        if M == 1 and fp8:
+            for label, cfg in _gemv_grid():
+                cfg = _split_auto(cfg, N, K, M)
+                cands[label] = lambda x, q, s, cfg=cfg: int8wo.launch("sweep", x, q, s, None, cfg, quantize_x=True)
+        for label, cfg in _mm_grid(M, "quantized"):
+            cfg = _split_auto(cfg, N, K, M)
+            cands[label] = lambda x, q, s, cfg=cfg: int8dq.launch("sweep", x, q, s, None, cfg)
+        if fp8 and M >= 128:
+            cands["scaled_mm"] = _scaled_mm
+        if fp8:
+            ref = lambda x, q, s: numerics.float8_dynamic_activation_float8_weight_linear(x, q, s, True)  # noqa: E731
+            return (lambda w: numerics.quantize_float8(w, per_row=True)), ref, cands
+        return numerics.quantize_int8, numerics.int8_dynamic_activation_int8_weight_linear, cands
+    return family
 
 
 def _scaled_mm(x, q, s):
@@ -103,31 +124,8 @@ def _scaled_mm(x, q, s):
     return torch._scaled_mm(xq, q.t(), scale_a=sx[:, None], scale_b=s[None, :], out_dtype=x.dtype)
 
 
-def _int8dq(M, N, K):
-    cands = {"default": lambda x, q, s: int8dq.linear(x, q, s)}
-    if M == 1:
-        for k, cfg in _gemv_grid():
-            cfg = _split_auto(cfg, N, K)
-            cands[k + " qx"] = lambda x, q, s, cfg=cfg: int8wo.launch("sweep", x, q, s, None, cfg,
-                                                                     quantize_x=int8wo.X_INT8)
-    if M == 128:
-        for bm, bn, bk, w, st, sk in ((64, 128, 128, 4, 4, 4), (64, 128, 128, 4, 4, 2), (128, 128, 128, 8, 4, 2),
-                                      (64, 64, 256, 4, 3, 2), (128, 64, 128, 4, 4, 2)):
-            c = KC("quantized", bm, bn, bk, split_k=sk, num_warps=w, num_stages=st, swap_ab=True)
-            cands[f"{bm}x{bn}x{bk} w{w} s{st} sk{sk}"] = lambda x, q, s, c=c: int8dq.launch("sweep", x, q, s, None, c)
-    return numerics.quantize_int8, numerics.int8_dynamic_activation_int8_weight_linear, cands
-
-
-def _int8wo(M, N, K):
-    cands = {"default": lambda x, q, s: int8wo.linear(x, q, s)}
-    if M == 1:
-        for k, cfg in _gemv_grid():
-            cfg = _split_auto(cfg, N, K)
-            cands[k] = lambda x, q, s, cfg=cfg: int8wo.launch("sweep", x, q, s, None, cfg)
-    return numerics.quantize_int8, numerics.int8_weight_only_linear, cands
-
-
-FAMILIES = {"int4": _int4, "fp8wo": _fp8wo, "fp8dq": _fp8dq, "int8dq": _int8dq, "int8wo": _int8wo}
+FAMILIES = {"int4": _int4, "fp8wo": _weight_only(True), "int8wo": _weight_only(False),
+            "fp8dq": _dynamic(True), "int8dq": _dynamic(False)}
 
 
 def sweep_shape(family, N, K, ms, args, rows):

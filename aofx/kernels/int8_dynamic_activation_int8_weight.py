@@ -112,6 +112,7 @@ def _int8dq_mm_kernel(
     M, N, K,
     # strides (x and qdata are contiguous along K)
     stride_xm, stride_wn, stride_ym,
+    stride_sx, stride_sw,  # 0 for a per-tensor scale (fp8 dynamic per tensor)
     # meta-parameters
     HAS_BIAS: tl.constexpr, QUANTIZE_X: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -144,7 +145,7 @@ def _int8dq_mm_kernel(
         # path of the IEEE division.
         s_x = tl.where(rm < M, _row_scale(amax, FP8), 1.0)  # (BLOCK_M,)
     else:
-        s_x = tl.load(sx_ptr + rm, mask=rm < M, other=1.0)
+        s_x = tl.load(sx_ptr + rm * stride_sx, mask=rm < M, other=1.0)
 
     acc_dtype: tl.constexpr = tl.float32 if FP8 else tl.int32
     if SWAP_AB:
@@ -170,7 +171,7 @@ def _int8dq_mm_kernel(
         acc = tl.trans(acc)
 
     # Same association as the reference: (acc * s_x) * s_w, then + bias.
-    y = acc.to(tl.float32) * s_x[:, None] * tl.load(sw_ptr + rn_safe).to(tl.float32)[None, :]
+    y = acc.to(tl.float32) * s_x[:, None] * tl.load(sw_ptr + rn_safe * stride_sw).to(tl.float32)[None, :]
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn_safe).to(tl.float32)
         y += tl.where(pid_k == 0, bias, 0.0)[None, :]
@@ -269,16 +270,21 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     return launch(name, x, qdata, scale, bias, cfg)
 
 
-def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig) -> torch.Tensor:
+def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, xq_sx=None) -> torch.Tensor:
     """Launch ``cfg``'s kernels on checked arguments: x (M >= 1, K) bf16/fp16, qdata int8 or e4m3 (N, K)
-    contiguous along K, scale fp32 (N,), bias (N,) or None. With e4m3 codes x is quantized per row to e4m3
-    (the fp8 dynamic per-row scheme, which shares these kernels)."""
+    contiguous along K, scale fp32 (N,) (or () with e4m3), bias (N,) or None. With e4m3 codes x is
+    quantized per row to e4m3: the fp8 dynamic scheme shares these kernels. ``xq_sx``: x already
+    quantized, ``(codes (M, K), s_x (M,) or ())`` (fp8 per tensor); it needs the "quantized" path."""
     M, K = x.shape
     N = qdata.shape[0]
     fp8 = qdata.dtype == torch.float8_e4m3fn
     if x.stride(1) != 1:
         x = x.contiguous()
-    if cfg.path == "fused":
+    if xq_sx is not None:
+        if cfg.path != "quantized":
+            raise ValueError(f"{name}: a quantized x needs the 'quantized' path, got {cfg.path!r}")
+        x_arg, sx_arg = xq_sx
+    elif cfg.path == "fused":
         x_arg, sx_arg = x, scale  # sx_arg is never read when QUANTIZE_X
     elif cfg.path == "quantized":
         x_arg, sx_arg = quantize_per_token(x, fp8)
@@ -299,6 +305,7 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig) -> torch.Tensor:
         x_arg, sx_arg, qdata, scale, b_arg, out,
         M, N, K,
         x_arg.stride(0), qdata.stride(0), out.stride(-2),
+        sx_arg.stride(0) if sx_arg.dim() else 0, scale.stride(0) if scale.dim() else 0,
         HAS_BIAS=has_bias, QUANTIZE_X=cfg.path == "fused", SPLIT_K=split, EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         AMAX_BLOCK_K=amax_block_k, AMAX_STAGES=amax_stages, SWAP_AB=cfg.swap_ab, FP8=fp8,

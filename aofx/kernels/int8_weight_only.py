@@ -75,10 +75,6 @@ def _code_to_f32(q):
 
 # ---------------------------------------------------------------- kernels
 
-# ``QUANTIZE_X`` of the GEMV: x read as is, or quantized per row in the kernel (int8 / fp8 dynamic, M = 1)
-X_AS_IS = tl.constexpr(0)
-X_INT8 = tl.constexpr(1)
-X_FP8 = tl.constexpr(2)
 
 @triton.jit
 def _int8wo_gemv_kernel(
@@ -91,7 +87,7 @@ def _int8wo_gemv_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    QUANTIZE_X: tl.constexpr,  # X_AS_IS, or X_INT8 / X_FP8: quantize the row in a prologue (dynamic configs)
+    QUANTIZE_X: tl.constexpr,  # quantize the x row to e4m3 in the kernel (fp8 dynamic, M = 1)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -100,14 +96,13 @@ def _int8wo_gemv_kernel(
     rk = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rn_safe[:, None] * stride_wn  # (BLOCK_N, 1)
 
-    if QUANTIZE_X != X_AS_IS:
+    if QUANTIZE_X:
         # Prologue: the row's amax over all of K (from L2 after the first program), s_x as in numerics.
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
             xv = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0, eviction_policy="evict_last")
             amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-        q_max: tl.constexpr = 127.0 if QUANTIZE_X == X_INT8 else 448.0
-        s_x = tl.maximum(tl.div_rn(tl.max(amax, axis=0), q_max), 1.1754943508222875e-38)
+        s_x = tl.maximum(tl.div_rn(tl.max(amax, axis=0), 448.0), 1.1754943508222875e-38)
         inv_s_x = tl.div_rn(1.0, s_x)
 
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -121,11 +116,9 @@ def _int8wo_gemv_kernel(
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_first")
             xv = tl.load(x_ptr + k, mask=k < K, other=0.0, eviction_policy="evict_last")
         xf = xv.to(tl.float32)
-        if QUANTIZE_X == X_INT8:
-            # IEEE x / s_x, round half to even (1.5 * 2**23 trick), clamp: the reference's codes exactly
-            xf = tl.minimum(tl.maximum((tl.div_rn(xf, s_x) + 12582912.0) - 12582912.0, -127.0), 127.0)
-        elif QUANTIZE_X == X_FP8:
-            # times 1 / s_x, like the fp8 GEMM's fused path (see its file for when that differs by a step)
+        if QUANTIZE_X:
+            # times 1 / s_x: one multiply per element instead of an IEEE division (which every program
+            # would redo); it can move a code by one e4m3 step when x / s_x is within an ulp of a midpoint
             xf = tl.minimum(tl.maximum(xf * inv_s_x, -448.0), 448.0).to(tl.float8e4nv).to(tl.float32)
         prod = _code_to_f32(w) * xf[None, :]  # (BLOCK_N, BLOCK_K)
         if GROUP_SIZE > 0:
@@ -138,7 +131,7 @@ def _int8wo_gemv_kernel(
         else:
             acc += tl.sum(prod, axis=1)
 
-    if QUANTIZE_X != X_AS_IS:
+    if QUANTIZE_X:
         acc = acc * s_x  # the reference's association: (acc * s_x) * s_w
     if GROUP_SIZE == 0:
         acc = acc * tl.load(s_ptr + rn_safe * stride_sn).to(tl.float32)
@@ -340,10 +333,11 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
 
 
 def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int = 0,
-           quantize_x=X_AS_IS) -> torch.Tensor:
+           quantize_x: bool = False) -> torch.Tensor:
     """Launch ``cfg``'s kernel on checked arguments: x (M >= 1, K) bf16/fp16, qdata int8 or e4m3 (N, K)
     contiguous along K, scale (N,) (or (N, G) with ``group_size``; a 0-d per-tensor scale only with
-    ``quantize_x``), bias (N,) or None. Shared by the fp8 weight-only and the M = 1 dynamic launchers.
+    ``quantize_x``), bias (N,) or None. ``quantize_x`` (gemv only): quantize x to e4m3 per row in the
+    kernel, the fp8 dynamic scheme at M = 1. Shared with the fp8 launchers.
     """
     M, K = x.shape
     N = qdata.shape[0]
@@ -351,7 +345,7 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
         x = x.contiguous()
     if cfg.path == "gemv" and M != 1:
         raise ValueError(f"{name}: the gemv path needs M == 1, got M={M}")
-    if quantize_x != X_AS_IS and cfg.path != "gemv":
+    if quantize_x and cfg.path != "gemv":
         raise ValueError(f"{name}: in-kernel quantization of x is a gemv path, got {cfg.path!r}")
     if group_size and (cfg.block_k % group_size if cfg.path == "gemv" else group_size % cfg.block_k):
         raise ValueError(f"{name}: block_k={cfg.block_k} does not fit group_size={group_size} "

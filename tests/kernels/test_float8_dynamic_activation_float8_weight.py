@@ -21,21 +21,32 @@ import torch
 
 from aofx import numerics
 from aofx.kernels import float8_dynamic_activation_float8_weight as kernels
-from aofx.kernels.float8_dynamic_activation_float8_weight import Fp8DynamicConfig as Cfg
+from aofx.kernels import int8_dynamic_activation_int8_weight as int8dq
+from aofx.kernels.int8_weight_only import KernelConfig as Cfg
 
 # Every path with interpreter-sized blocks; "swizzle" has several row and column blocks per group.
-INTERP_CONFIGS = [
-    pytest.param(Cfg(16, 32, 64, fused_quant=True, QUANT_BLOCK_M=4, QUANT_BLOCK_K=64), id="fused"),
-    pytest.param(Cfg(16, 32, 64, fused_quant=False, QUANT_BLOCK_M=4, QUANT_BLOCK_K=64), id="prequant"),
-    pytest.param(Cfg(16, 16, 32, GROUP_M=2, fused_quant=False, fast_accum=True, QUANT_BLOCK_M=2,
-                     QUANT_BLOCK_K=32), id="prequant-swizzle-fast"),
-    pytest.param(Cfg(32, 64, 128, GROUP_M=1, fused_quant=True, QUANT_BLOCK_M=8, QUANT_BLOCK_K=128),
-                 id="fused-m32"),
-    pytest.param(Cfg(16, 64, 64, fused_quant=True, swap_ab=True, QUANT_BLOCK_M=4, QUANT_BLOCK_K=64),
-                 id="fused-swap"),
-    pytest.param(Cfg(32, 16, 32, GROUP_M=2, fused_quant=False, swap_ab=True, QUANT_BLOCK_M=4,
-                     QUANT_BLOCK_K=64), id="prequant-swap-swizzle"),
+GEMV_CONFIGS = [  # M = 1 only
+    pytest.param(Cfg("gemv", 1, 8, 64, num_warps=2, num_stages=2), id="gemv"),
+    pytest.param(Cfg("gemv", 1, 16, 64, split_k=2, num_warps=2, num_stages=2), id="gemv-split"),
 ]
+MM_CONFIGS = [
+    pytest.param(Cfg("quantized", 16, 32, 64), id="quantized"),
+    pytest.param(Cfg("quantized", 16, 16, 32, group_m=2), id="quantized-swizzle"),
+    pytest.param(Cfg("quantized", 16, 64, 64, split_k=2, swap_ab=True), id="quantized-swap-split"),
+    pytest.param(Cfg("quantized", 32, 32, 64, swap_ab=True, group_m=1), id="quantized-m32-swap"),
+]
+FUSED_CONFIGS = [  # activation per row only
+    pytest.param(Cfg("fused", 16, 32, 64), id="fused"),
+    pytest.param(Cfg("fused", 16, 64, 64, swap_ab=True, split_k=2), id="fused-swap-split"),
+]
+INTERP_CONFIGS = GEMV_CONFIGS + MM_CONFIGS + FUSED_CONFIGS
+
+
+def valid(config, m, x_per_row):
+    """Whether a forced config applies: the GEMV needs M = 1, the fused prologue a per-row scale."""
+    return (config.path != "gemv" or m == 1) and (config.path != "fused" or x_per_row)
+
+
 GRANULARITIES = [
     pytest.param(True, True, id="x-row-w-row"),
     pytest.param(True, False, id="x-row-w-tensor"),
@@ -108,6 +119,10 @@ def exact_fp8_cast(monkeypatch):
 @pytest.mark.parametrize("x_per_row,w_per_row", GRANULARITIES)
 @pytest.mark.parametrize("m,n,k", [(1, 40, 200), (3, 64, 256), (17, 40, 200)])
 def test_interp_exact_x(config, x_per_row, w_per_row, m, n, k):
+    if not valid(config, m, x_per_row):
+        with pytest.raises(ValueError, match="gemv path needs M == 1|needs the 'quantized' path"):
+            kernels.linear(make_exact_x(m, k, x_per_row), *make_weight(n, k, w_per_row), x_per_row, config=config)
+        return
     qdata, scale = make_weight(n, k, w_per_row)
     x = make_exact_x(m, k, x_per_row)
     bias = torch.randn(n).half() if m != 3 else None
@@ -123,9 +138,10 @@ def test_interp_exact_x(config, x_per_row, w_per_row, m, n, k):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("config", INTERP_CONFIGS[:3] + INTERP_CONFIGS[4:])
-@pytest.mark.parametrize("x_per_row,w_per_row", GRANULARITIES[::3])
-@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("config,x_per_row,w_per_row,m", [
+    pytest.param(c.values[0], xr, wr, m, id=f"{c.id}-{g.id}-m{m}")
+    for c in INTERP_CONFIGS for g in GRANULARITIES[::3] for xr, wr in [g.values] for m in (1, 17)
+    if valid(c.values[0], m, xr)])
 def test_interp_random_x(exact_fp8_cast, config, x_per_row, w_per_row, m):
     n, k = 40, 200
     qdata, scale = make_weight(n, k, w_per_row)
@@ -133,43 +149,23 @@ def test_interp_random_x(exact_fp8_cast, config, x_per_row, w_per_row, m):
     bias = torch.randn(n).half()
     out = kernels.linear(x, qdata, scale, x_per_row, bias, config=config)
     ref = reference(x, qdata, scale, x_per_row, bias)
-    # "prequant" divides like the reference, so it is exact up to summation order; "fused" multiplies
-    # by 1/s_x, which may move a code by one e4m3 step when x/s_x sits on a rounding midpoint
+    # "quantized" divides like the reference, so it is exact up to summation order; "fused" and the
+    # GEMV multiply by 1/s_x, which may move a code by one e4m3 step when x/s_x sits on a midpoint
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=2e-3 * ref.abs().max().item())
 
 
 @pytest.mark.interpret
-def test_interp_quantize_kernel_matches_numerics(exact_fp8_cast):
-    """The prequant kernel's outputs themselves: xq and s_x bit-exact vs numerics.quantize_float8."""
-    import triton
-
-    m, k = 7, 200
+@pytest.mark.parametrize("m", [1, 7])
+def test_interp_quantize_per_token_matches_numerics(exact_fp8_cast, m):
+    """The per-token kernel's fp8 mode: xq and s_x bit-exact vs numerics.quantize_float8 per row."""
+    k = 200
     x = make_x(m, k, torch.float16) * 5
-    x[2] = 0.0
-    for per_row in (True, False):
-        xq = torch.empty(m, k, dtype=torch.float8_e4m3fn)
-        sx = torch.empty(m)
-        amax = x.float().abs().amax().reshape(1)
-        torch.library.wrap_triton(kernels._fp8_quantize_kernel)[(triton.cdiv(m, 4),)](
-            x, xq, sx, amax, m, k, x.stride(0), x.stride(1), xq.stride(0),
-            ACT_PER_ROW=per_row, BLOCK_M=4, BLOCK_K=64)
-        ref_q, ref_s = numerics.quantize_float8(x.float(), per_row=per_row)
-        assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
-        if per_row:
-            assert torch.equal(sx, ref_s)
-
-
-@pytest.mark.interpret
-def test_interp_tensor_amax_kernel():
-    import triton
-
-    m, k = 9, 200
-    x = make_x(m, k, torch.float16)
-    x[5, 77] = -20.0
-    amax = torch.zeros(1)
-    torch.library.wrap_triton(kernels._fp8_tensor_amax_kernel)[(triton.cdiv(m, 4),)](
-        x, amax, m, k, x.stride(0), x.stride(1), BLOCK_M=4, BLOCK_K=64)
-    assert amax.item() == 20.0
+    x[m // 2] = 0.0
+    xq, sx = int8dq.quantize_per_token(x, fp8=True)
+    ref_q, ref_s = numerics.quantize_float8(x.float(), per_row=True)
+    assert xq.dtype == torch.float8_e4m3fn
+    assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.equal(sx, ref_s)
 
 
 @pytest.mark.interpret
@@ -185,7 +181,7 @@ def test_interp_default_buckets(m, x_per_row):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("view", ["transposed", "row-stride", "column-slice"])
-@pytest.mark.parametrize("config", INTERP_CONFIGS[:2] + INTERP_CONFIGS[4:5])
+@pytest.mark.parametrize("config", MM_CONFIGS[:1] + FUSED_CONFIGS[:1])
 def test_interp_noncontiguous_x(view, config):
     m, n, k = 5, 40, 96
     base = make_exact_x(2 * m if view == "row-stride" else m, k, True)
@@ -224,22 +220,17 @@ def test_rejects_bad_inputs():
         kernels.linear(x.half(), qdata, scale.double(), True)
     with pytest.raises(TypeError, match="float8_e4m3fn"):
         kernels.linear(x.half(), qdata.float(), scale, True)
-    with pytest.raises(ValueError, match="fp8 tl.dot"):
-        Cfg(16, 16, 16)
+    with pytest.raises(ValueError, match="needs the 'quantized' path"):
+        kernels.linear(x.half(), qdata, scale, False, config=Cfg("fused", 16, 32, 64))
 
 
 def test_select_config_buckets():
-    n, k = 14336, 4096
-    assert kernels.select_config(1, n, k).fused_quant
-    assert kernels.select_config(16, n, k).fused_quant and kernels.select_config(16, n, k).BLOCK_M == 16
-    assert not kernels.select_config(17, n, k).fused_quant
-    assert kernels.select_config(1024, n, k).BLOCK_M == 128
-    assert kernels.select_config(1024, n, k).fast_accum
-    # narrow layers get smaller column tiles from the same M buckets
-    assert kernels.select_config(128, 4096, 14336) == kernels.NARROW_CONFIGS[256]
-    assert kernels.select_config(16, 4096, 14336).fused_quant
-    tiny = kernels.select_config(1024, 24, 40)
-    assert tiny.BLOCK_N == 32 and tiny.BLOCK_K == 64 and tiny.QUANT_BLOCK_K == 64
+    for n, k in ((14336, 4096), (4096, 14336)):
+        assert kernels.select_config(1, n, k).path == "gemv"
+        for m in (2, 16, 17, 128, 1024):
+            assert kernels.select_config(m, n, k) == int8dq.select_config(m, n, k)
+    assert kernels.select_config(16, 14336, 4096).block_m == 16
+    assert kernels.select_config(1024, 14336, 4096).block_m == 128
 
 
 # ---------------------------------------------------------------- GPU
@@ -247,11 +238,10 @@ def test_select_config_buckets():
 CUDA_MS = [0, 1, 3, 16, 17, 64, 129, 1024]
 CUDA_SHAPES = [pytest.param(4096, 4096, id="4096x4096"), pytest.param(1000, 768, id="1000x768"),
                pytest.param(4096, 14336, id="4096x14336")]
-CUDA_FORCED = [pytest.param(cfg, id=f"{max_m}") for max_m, cfg in kernels.CONFIGS] + [
-    pytest.param(cfg, id=f"narrow-{max_m}") for max_m, cfg in kernels.NARROW_CONFIGS.items()] + [
-    pytest.param(Cfg(16, 64, 256, fused_quant=False), id="small-prequant"),
-    pytest.param(Cfg(64, 128, 128, fused_quant=True), id="m64-fused-noswap"),
-    pytest.param(Cfg(16, 64, 256, fused_quant=True, fast_accum=True, swap_ab=False), id="small-noswap-fast"),
+CUDA_FORCED = [pytest.param(cfg, id=f"table-{max_m}") for max_m, cfg in int8dq._TABLE] + [
+    pytest.param(Cfg("quantized", 16, 64, 256, split_k=4, swap_ab=True), id="small-swap-split"),
+    pytest.param(Cfg("fused", 64, 128, 128), id="m64-fused"),
+    pytest.param(Cfg("fused", 16, 64, 256, swap_ab=True), id="small-fused-swap"),
 ]
 
 
@@ -264,11 +254,11 @@ def gpu_tol(ref):
 def assert_fp8dq_close(out, ref):
     """Dynamic-activation outputs vs ``reference``: SQNR >= 40 dB and >= 99% of elements within gpu_tol.
 
-    Element-wise closeness alone cannot be required: the fused (M <= 16) path multiplies by 1/s_x,
+    Element-wise closeness alone cannot be required: the GEMV and fused paths multiply by 1/s_x,
     which moves x / s_x by up to an ulp, and an x / s_x on an e4m3 rounding midpoint then takes the
     other code. One x code one e4m3 step off moves its whole output row by step * s_x * w[n, k],
     above the element tolerance where |w| is largest, so a handful of elements may miss gpu_tol.
-    (The prequant kernel itself is bit-exact: ``test_cuda_quantize_kernel_bit_exact``.) A layout,
+    (The per-token kernel itself is bit-exact: ``test_cuda_quantize_kernel_bit_exact``.) A layout,
     scale or masking bug shows up in both checks: a wrong row of 1000 or a wrong column block of
     4096 costs more than 1% of the elements or drops SQNR far under 40 dB.
     """
@@ -300,9 +290,10 @@ def test_cuda_default(dtype, x_per_row, w_per_row, n, k, m):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("config", CUDA_FORCED)
-@pytest.mark.parametrize("x_per_row", [True, False], ids=["x-row", "x-tensor"])
-@pytest.mark.parametrize("m", [1, 17, 129])
+@pytest.mark.parametrize("config,x_per_row", [
+    pytest.param(c.values[0], xr, id=f"{c.id}-x-{'row' if xr else 'tensor'}")
+    for c in CUDA_FORCED for xr in (True, False) if valid(c.values[0], 17, xr)])
+@pytest.mark.parametrize("m", [17, 129])
 def test_cuda_every_bucket(dtype, config, x_per_row, m):
     n, k = 1000, 768
     qdata, scale = make_weight(n, k, True, device="cuda")
@@ -314,52 +305,36 @@ def test_cuda_every_bucket(dtype, config, x_per_row, m):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("x_per_row", [True, False], ids=["x-row", "x-tensor"])
-def test_cuda_quantize_kernel_bit_exact(x_per_row):
-    """The prequant kernel's xq and s_x bit for bit against ``numerics.quantize_float8``'s formula
-    evaluated with IEEE division (s = amax / 448, xq = e4m3(clamp(x / s))); the hardware cvt is RTNE
-    like torch's cast. ``numerics`` itself on CUDA divides by the scalar 448 through its reciprocal
-    (see ``assert_fp8dq_close``): its scale may be one ulp off and flip a few midpoint codes."""
-    import triton
-
-    m, k = 300, 4096
-    x = make_x(m, k, torch.bfloat16, device="cuda") * 7
-    x[3] = 0.0
-    xq = torch.empty(m, k, dtype=torch.float8_e4m3fn, device="cuda")
-    sx = torch.empty(m, device="cuda")
-    amax = x.float().abs().amax().reshape(1)
-    torch.library.wrap_triton(kernels._fp8_quantize_kernel)[(triton.cdiv(m, 4),)](
-        x, xq, sx, amax, m, k, x.stride(0), x.stride(1), xq.stride(0),
-        ACT_PER_ROW=x_per_row, BLOCK_M=4, BLOCK_K=1024)
-    xf = x.float()
-    ref_amax = xf.abs().amax(dim=-1) if x_per_row else torch.cat([xf.abs().flatten(), xf.new_zeros(1)]).amax()
-    ieee_s = (ref_amax / torch.full_like(ref_amax, numerics.FP8_MAX)).clamp(min=numerics.TINY)  # tensor / tensor: IEEE
-    s_b = ieee_s[:, None] if x_per_row else ieee_s
-    ieee_q = (xf / s_b).clamp(-numerics.FP8_MAX, numerics.FP8_MAX).to(torch.float8_e4m3fn)
-    assert torch.equal(xq.view(torch.uint8), ieee_q.view(torch.uint8))
-    if x_per_row:
+def test_cuda_quantize_kernel_bit_exact():
+    """The per-token kernel's fp8 xq and s_x bit for bit against ``numerics.quantize_float8``'s
+    formula evaluated with IEEE division (s = amax / 448, xq = e4m3(clamp(x / s))); the hardware cvt
+    is RTNE like torch's cast. ``numerics`` itself on CUDA may divide through a reciprocal (see
+    ``assert_fp8dq_close``): its scale may be one ulp off and flip a few midpoint codes."""
+    for m, k in ((300, 4096), (3, 14336)):  # one program per row; several programs per row
+        x = make_x(m, k, torch.bfloat16, device="cuda") * 7
+        x[1] = 0.0
+        xq, sx = int8dq.quantize_per_token(x, fp8=True)
+        xf = x.float()
+        amax = xf.abs().amax(dim=-1)
+        ieee_s = (amax / torch.full_like(amax, numerics.FP8_MAX)).clamp(min=numerics.TINY)  # tensor / tensor: IEEE
+        ieee_q = (xf / ieee_s[:, None]).clamp(-numerics.FP8_MAX, numerics.FP8_MAX).to(torch.float8_e4m3fn)
+        assert torch.equal(xq.view(torch.uint8), ieee_q.view(torch.uint8))
         assert torch.equal(sx, ieee_s)
-    # and numerics: scale within one ulp, codes equal but for rare midpoint ties
-    ref_q, ref_s = numerics.quantize_float8(xf, per_row=x_per_row)
-    ulp = torch.finfo(torch.float32).eps * ieee_s.abs()
-    assert ((ref_s - ieee_s).abs() <= ulp).all()
-    differ = (xq.view(torch.uint8) != ref_q.view(torch.uint8)).float().mean().item()
-    assert differ <= 1e-3, f"{differ:.2%} of e4m3 codes differ from numerics"
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("x_per_row", [True, False], ids=["x-row", "x-tensor"])
 @pytest.mark.parametrize("m", [1, 16, 1024])
 def test_cuda_fast_accum_sqnr(m, x_per_row):
+    """The fp8 MMA's fast accumulation over all of K stays far above the fp8dq floor (28 dB)."""
     n, k = 4096, 14336
     qdata, scale = make_weight(n, k, True, device="cuda")
     x = make_x(m, k, torch.bfloat16, device="cuda")
-    cfg = kernels.select_config(m, n, k)
-    fast = kernels.linear(x, qdata, scale, x_per_row, None, config=type(cfg)(**{**cfg.__dict__, "fast_accum": True}))
+    out = kernels.linear(x, qdata, scale, x_per_row, None)
     ref = numerics.float8_dynamic_activation_float8_weight_linear(  # fp32, on the CPU (see reference)
         x.float().cpu(), qdata.cpu(), scale.cpu(), x_per_row).to(x.device)
-    db = numerics.sqnr(ref, fast.float())
-    assert db > 40.0, f"fast accumulation SQNR {db:.1f} dB vs the fp32-accumulated reference"
+    db = numerics.sqnr(ref, out.float())
+    assert db > 40.0, f"SQNR {db:.1f} dB vs the fp32-accumulated reference"
 
 
 @pytest.mark.cuda

@@ -12,18 +12,24 @@ import torch
 
 from aofx import numerics
 from aofx.kernels import float8_weight_only as kernels
-from aofx.kernels.float8_weight_only import Fp8WeightOnlyConfig as Cfg
+from aofx.kernels import int8_weight_only
+from aofx.kernels.int8_weight_only import KernelConfig as Cfg
 
-# Every path of the file, with blocks small enough for the interpreter. "dot-swizzle" has several
-# row and column blocks per group so the grouped program order is exercised.
-INTERP_CONFIGS = [
-    pytest.param(Cfg("gemv", 1, 16, 64), id="gemv"),
-    pytest.param(Cfg("dot", 16, 32, 64), id="dot-m16"),
-    pytest.param(Cfg("dot", 16, 16, 32, GROUP_M=2), id="dot-swizzle"),
-    pytest.param(Cfg("dot", 32, 64, 128, GROUP_M=1), id="dot-m32"),
-    pytest.param(Cfg("dot", 16, 64, 64, swap_ab=True), id="swap-m16"),
-    pytest.param(Cfg("dot", 32, 16, 32, GROUP_M=2, swap_ab=True), id="swap-swizzle"),
+# Every path the fp8 launcher reaches (the int8 weight-only kernels with e4m3 codes), with blocks small
+# enough for the interpreter. "mm-swizzle" has several row and column blocks per group so the grouped
+# program order is exercised; the GEMV takes M = 1 only.
+GEMV_CONFIGS = [
+    pytest.param(Cfg("gemv", 1, 16, 64, num_warps=2), id="gemv"),
+    pytest.param(Cfg("gemv", 1, 8, 64, split_k=2, num_warps=2), id="gemv-split"),
 ]
+MM_CONFIGS = [
+    pytest.param(Cfg("mm", 16, 32, 64), id="mm-m16"),
+    pytest.param(Cfg("mm", 16, 16, 32, group_m=2), id="mm-swizzle"),
+    pytest.param(Cfg("mm", 32, 64, 128, group_m=1, split_k=2), id="mm-m32-split"),
+    pytest.param(Cfg("mm", 16, 64, 64, swap_ab=True), id="swap-m16"),
+    pytest.param(Cfg("mm", 32, 16, 32, group_m=2, swap_ab=True), id="swap-swizzle"),
+]
+INTERP_CONFIGS = GEMV_CONFIGS + MM_CONFIGS
 
 
 def make_weight(n, k, seed=0, device="cpu"):
@@ -55,8 +61,8 @@ def check(x, qdata, scale, bias, config=None, **tol):
 # ---------------------------------------------------------------- interpreter
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("config", INTERP_CONFIGS)
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("config,m", [pytest.param(c.values[0], m, id=f"{c.id}-m{m}") for c in INTERP_CONFIGS
+                                      for m in (1, 3, 17) if c.values[0].path == "mm" or m == 1])
 @pytest.mark.parametrize("n,k", [(40, 200), (64, 256)], ids=["ragged", "even"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_interp_paths(config, m, n, k, with_bias):
@@ -76,16 +82,17 @@ def test_interp_default_buckets(m):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("m", [1, 5])
-def test_interp_gemv_bf16(m):
+def test_interp_gemv_bf16():
     qdata, scale = make_weight(40, 200)
-    x = make_x(m, 200, torch.bfloat16)
-    check(x, qdata, scale, torch.randn(40, dtype=torch.bfloat16), Cfg("gemv", 1, 16, 64))
+    x = make_x(1, 200, torch.bfloat16)
+    check(x, qdata, scale, torch.randn(40, dtype=torch.bfloat16), GEMV_CONFIGS[0].values[0])
+    with pytest.raises(ValueError, match="gemv path needs M == 1"):
+        kernels.linear(make_x(2, 200, torch.bfloat16), qdata, scale, config=GEMV_CONFIGS[0].values[0])
 
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("view", ["transposed", "row-stride", "column-slice"])
-@pytest.mark.parametrize("config", [INTERP_CONFIGS[0], INTERP_CONFIGS[1], INTERP_CONFIGS[4]])
+@pytest.mark.parametrize("config", [MM_CONFIGS[0], MM_CONFIGS[3]])
 def test_interp_noncontiguous_x(view, config):
     m, n, k = 5, 40, 96
     g = torch.Generator().manual_seed(3)
@@ -123,17 +130,11 @@ def test_rejects_bad_inputs():
 
 
 def test_select_config_buckets():
-    n, k = 14336, 4096
-    assert kernels.select_config(1, n, k).kind == "gemv"
-    small = kernels.select_config(16, n, k)
-    assert small.kind == "dot" and small.BLOCK_M == 16
-    assert kernels.select_config(17, n, k).BLOCK_M == 64
-    assert kernels.select_config(1024, n, k).BLOCK_M == 256
-    # narrow layers get smaller column tiles from the same M buckets
-    assert kernels.select_config(16, 4096, 14336) == kernels.NARROW_CONFIGS[16]
-    assert kernels.select_config(128, 4096, 14336) == kernels.NARROW_CONFIGS[256]
-    tiny = kernels.select_config(1024, 24, 40)
-    assert tiny.BLOCK_N == 32 and tiny.BLOCK_K == 64
+    for n, k in ((14336, 4096), (4096, 14336), (24, 40)):
+        for m in (1, 2, 16, 17, 128, 1024):
+            assert kernels.select_config(m, n, k) == int8_weight_only.select_config(m, n, k)
+    assert kernels.select_config(1, 14336, 4096).path == "gemv"
+    assert kernels.select_config(16, 14336, 4096).block_m == 16
 
 
 # ---------------------------------------------------------------- GPU
@@ -141,11 +142,9 @@ def test_select_config_buckets():
 CUDA_MS = [0, 1, 3, 16, 17, 64, 129, 1024]
 CUDA_SHAPES = [pytest.param(4096, 4096, id="4096x4096"), pytest.param(1000, 768, id="1000x768"),
                pytest.param(4096, 14336, id="4096x14336")]
-CUDA_FORCED = [pytest.param(cfg, id=f"{max_m}") for max_m, cfg in kernels.CONFIGS] + [
-    pytest.param(cfg, id=f"narrow-{max_m}") for max_m, cfg in kernels.NARROW_CONFIGS.items()] + [
-    pytest.param(Cfg("gemv", 1, 32, 256, num_stages=3), id="gemv-wide"),
-    pytest.param(Cfg("dot", 16, 64, 256, num_stages=4), id="m16-noswap"),
-    pytest.param(Cfg("dot", 128, 256, 64, num_warps=8, num_stages=3), id="large-noswap"),
+CUDA_FORCED = [pytest.param(cfg, id=f"table-{max_m}") for max_m, cfg in int8_weight_only._MM_TABLE] + [
+    pytest.param(Cfg("mm", 16, 64, 256, num_stages=4, split_k=4), id="m16-split"),
+    pytest.param(Cfg("mm", 128, 256, 64, num_warps=8, num_stages=3), id="large-noswap"),
 ]
 
 
@@ -173,7 +172,7 @@ def test_cuda_default(dtype, n, k, m):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("config", CUDA_FORCED)
-@pytest.mark.parametrize("m", [1, 17, 129])
+@pytest.mark.parametrize("m", [2, 17, 129])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_cuda_every_bucket(dtype, config, m, with_bias):
     n, k = 1000, 768
