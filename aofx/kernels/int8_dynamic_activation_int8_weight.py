@@ -189,11 +189,13 @@ def _int8dq_mm_kernel(
 # select_config. Measured on H100 (4-layer CUDA-graph stacks): quantizing x once in its own kernel beats the
 # fused prologue at every M (M = 1: 29 us against 107 us for 14336x4096), because the fused prologue
 # quantizes BLOCK_M = 16 rows per tile in every program, masked rows included (an IEEE division each).
+# M = 1024 (benchmarks/sweep.py, one run): 256 x 128 x 128 with swap_ab, 3 stages: int8 134 / 130 us, e4m3
+# 109 / 109 us (14336x4096 / 4096x14336), as fast as or faster than 128 x 256 x 128 in every case.
 _TABLE = (
     (16, KernelConfig("quantized", block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)),
     (128, KernelConfig("quantized", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)),
     (256, KernelConfig("quantized", block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4)),
-    (None, KernelConfig("quantized", block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=4)),
+    (None, KernelConfig("quantized", block_m=256, block_n=128, block_k=128, num_warps=8, num_stages=3, swap_ab=True)),
 )
 _LONG_K = 8192  # M <= 16: from this K on, 512-wide K tiles
 _MIN_SPLIT_PROGRAMS = 256

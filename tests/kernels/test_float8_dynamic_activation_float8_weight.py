@@ -230,7 +230,7 @@ def test_select_config_buckets():
         for m in (2, 16, 17, 128, 1024):
             assert kernels.select_config(m, n, k) == int8dq.select_config(m, n, k)
     assert kernels.select_config(16, 14336, 4096).block_m == 16
-    assert kernels.select_config(1024, 14336, 4096).block_m == 128
+    assert kernels.select_config(1024, 14336, 4096).block_m == 256
 
 
 # ---------------------------------------------------------------- GPU
