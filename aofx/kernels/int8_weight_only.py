@@ -9,9 +9,11 @@ Layout read (the one ``aofx.numerics.quantize_int8`` writes):
 
 Kernel paths and M buckets (``select_config``):
   M == 1       ``gemv``: one program per BLOCK_N (8) weight rows, a software-pipelined K loop (``tl.range``
-               stages, cp.async); each weight tile is converted to fp32 (bit trick, no I2F) and reduced
-               against the x row on the CUDA cores. Per-group scales are applied per (row, group)
-               partial sum, per-row scales in the epilogue.
+               stages, cp.async); each weight tile is converted to fp32 (bit trick for int8, no I2F) and
+               multiplied by the x row on the CUDA cores. Per-group scales are applied per (row, group)
+               partial sum every step; with per-row scales the products accumulate in a (BLOCK_N, BLOCK_K)
+               tile reduced once after the loop, and the scale is applied in the epilogue. With
+               ``quantize_x`` (fp8 dynamic) the program first reads the row for its amax.
   2 <= M <= 16 ``mm`` with BLOCK_M = 16 and a narrow BLOCK_N so that there are >= ~128 programs (512-wide
                K tiles for long K); memory bound, tensor cores via mma.sync.
   M <= 128     ``mm`` 128 x 64 tiles (BLOCK_M x BLOCK_N), ``swap_ab``; M <= 256: 128 x 128, ``swap_ab``; up to
@@ -105,7 +107,8 @@ def _int8wo_gemv_kernel(
         s_x = tl.maximum(tl.div_rn(tl.max(amax, axis=0), 448.0), 1.1754943508222875e-38)
         inv_s_x = tl.div_rn(1.0, s_x)
 
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)  # per-group scales: reduced every step
+    acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # per-row scale: one reduction after the loop
     # A loop without tl.dot is only software-pipelined when asked to (tl.range stages).
     for k0 in tl.range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + rk
@@ -129,8 +132,10 @@ def _int8wo_gemv_kernel(
             part = tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE)), axis=2)  # (BLOCK_N, groups)
             acc += tl.sum(part * s.to(tl.float32), axis=1)
         else:
-            acc += tl.sum(prod, axis=1)
+            acc_k += prod
 
+    if GROUP_SIZE == 0:
+        acc = tl.sum(acc_k, axis=1)
     if QUANTIZE_X:
         acc = acc * s_x  # the reference's association: (acc * s_x) * s_w
     if GROUP_SIZE == 0:
