@@ -270,13 +270,14 @@ class Int4Config:
 
 # (largest M of the bucket, config); the first bucket with M <= bound wins, the last covers the rest.
 # Measured on H100 (benchmarks/bench_layers.py stacks, 14336x4096 and 4096x14336, group 128):
-#   M=1 gemv 128 rows x 1 group, 8 warps: 26 / 25 us (64 rows, 4 warps: 28 / 27; two groups per
-#       step: 240 registers, 30-74 us); the previous join/reshape GEMV took 41 / 41 us.
+#   M=1 gemv 128 rows x 1 group, 8 warps, no software pipeline: 26 / 24 us (tl.range with 2-4 stages:
+#       27-29 / 26-28 us, benchmarks/sweep.py; 64 rows, 4 warps: 28 / 27; two groups per step: 240
+#       registers, 30-74 us); the previous join/reshape GEMV took 41 / 41 us.
 #   M=16 16x128x128 swap_ab, 8 warps: 35 / 33 us (4 warps, 4 stages: 41 / 38).
 #   M=128 128x128x64 without swap, 8 warps, 4 stages: 62 / 61 us (128x256x64 swap: 97 / 95).
 #   M=1024 256x128x64, 8 warps: 333 / 379 us (128x256x64: 518 / 591).
 CONFIGS = (
-    (2, Int4Config("gemv", block_n=128, block_k=128, num_warps=8, num_stages=3)),
+    (2, Int4Config("gemv", block_n=128, block_k=128, num_warps=8, num_stages=1)),
     (16, Int4Config("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_warps=8, num_stages=3)),
     (64, Int4Config("mm", block_m=64, block_n=256, block_k=64, swap_ab=True, num_warps=8, num_stages=4)),
     (256, Int4Config("mm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)),
