@@ -2,6 +2,7 @@
 right kernel for each batch size under a dynamic batch. Run with `pytest -m cuda` on a CUDA machine."""
 
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -17,9 +18,12 @@ pytestmark = pytest.mark.cuda
 
 
 def _kernel_names(config) -> set:
-    """The @triton.jit functions of the config's kernel file."""
+    """The @triton.jit functions of the config's kernel file and of the kernel files it runs (the fp8
+    schemes run the int8 files' kernels)."""
     module = importlib.import_module(f"aofx.kernels.{find_pass(config).name}")
-    return {name for name, obj in vars(module).items() if isinstance(obj, triton.runtime.JITFunction)}
+    files = [module] + [v for v in vars(module).values()
+                        if inspect.ismodule(v) and v.__name__.startswith("aofx.kernels.")]
+    return {name for m in files for name, obj in vars(m).items() if isinstance(obj, triton.runtime.JITFunction)}
 
 
 def _model(config):

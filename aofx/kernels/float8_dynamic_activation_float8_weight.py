@@ -19,9 +19,8 @@ files' kernels take either code type; e4m3 products accumulate in fp32 on the fp
                of a rounding midpoint. At M = 1 a per-tensor amax is the row's amax.
     M > 1      per row: ``int8_dynamic_activation_int8_weight``'s per-token kernel writes xq (an
                exact IEEE ``x / s_x``) and s_x, then its tensor-core GEMM with that file's M buckets,
-               ``swap_ab`` and K splits. Per tensor: x is quantized by ``numerics.quantize_float8``
-               itself (torch ops: one amax over all of x, then the division), then the same GEMM
-               with a stride-0 s_x.
+               ``swap_ab`` and K splits. Per tensor: max |x| over all of x (one torch reduction,
+               exact), then the same kernels with every row quantized by that amax.
 
 Hopper fp8 wgmma accumulates in reduced precision over all of K (Triton's default on sm_90, like
 torch._scaled_mm's use_fast_accum); ``test_cuda_fast_accum_sqnr`` holds it above 40 dB against the
@@ -34,7 +33,6 @@ from __future__ import annotations
 
 import torch
 
-from aofx import numerics
 from aofx.kernels import bucket_m
 from aofx.kernels import int8_dynamic_activation_int8_weight as int8dq
 from aofx.kernels import int8_weight_only as int8wo
@@ -65,5 +63,6 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, activation
     cfg = config if config is not None else select_config(bucket_m(M), N, K)
     if cfg.path == "gemv":
         return int8wo.launch(name, x, qdata, scale, bias, cfg, quantize_x=True)
-    xq_sx = None if activation_per_row else numerics.quantize_float8(x, per_row=False)
-    return int8dq.launch(name, x, qdata, scale, bias, cfg, xq_sx=xq_sx)
+    # per tensor: max |x| (exact in x.dtype) in one reduction, then every row is quantized with it
+    x_amax = None if activation_per_row else torch.linalg.vector_norm(x, float("inf"))
+    return int8dq.launch(name, x, qdata, scale, bias, cfg, x_amax=x_amax)

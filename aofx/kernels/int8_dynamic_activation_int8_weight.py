@@ -69,7 +69,7 @@ def _quantize(v, FP8: tl.constexpr):
 @triton.jit
 def _quantize_per_token_kernel(
     # pointers
-    x_ptr, xq_ptr, sx_ptr,
+    x_ptr, xq_ptr, sx_ptr, amax_ptr,
     # dimensions
     K,
     # strides (x and xq are contiguous along K)
@@ -78,6 +78,7 @@ def _quantize_per_token_kernel(
     CHUNK_K,
     # meta-parameters
     BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr,
+    GIVEN_AMAX: tl.constexpr,  # every row uses the amax at amax_ptr (a per-tensor scale), not its own
 ):
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
@@ -86,17 +87,23 @@ def _quantize_per_token_kernel(
     if ONE_PASS:
         # The whole row (BLOCK_K >= K) stays in registers: x is read from memory once.
         xv = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
-        s = _row_scale(tl.max(tl.abs(xv), axis=0), FP8)
+        if GIVEN_AMAX:
+            s = _row_scale(tl.load(amax_ptr).to(tl.float32), FP8)
+        else:
+            s = _row_scale(tl.max(tl.abs(xv), axis=0), FP8)
         tl.store(q_row + rk, _quantize(tl.div_rn(xv, s), FP8), mask=rk < K)
     else:
         # Every program of a row gets the row's amax (a read of the row, from L2 after the first), then
         # quantizes its own CHUNK_K columns: with few rows, several programs share the divisions.
         chunk = tl.program_id(1)
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            xv = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0)
-            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-        s = _row_scale(tl.max(amax, axis=0), FP8)
+        if GIVEN_AMAX:
+            s = _row_scale(tl.load(amax_ptr).to(tl.float32), FP8)
+        else:
+            amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+                xv = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0)
+                amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+            s = _row_scale(tl.max(amax, axis=0), FP8)
         for k0 in range(chunk * CHUNK_K, tl.minimum(chunk * CHUNK_K + CHUNK_K, K), BLOCK_K):
             xv = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0)
             tl.store(q_row + k0 + rk, _quantize(tl.div_rn(xv.to(tl.float32), s), FP8), mask=k0 + rk < K)
@@ -112,7 +119,7 @@ def _int8dq_mm_kernel(
     M, N, K,
     # strides (x and qdata are contiguous along K)
     stride_xm, stride_wn, stride_ym,
-    stride_sx, stride_sw,  # 0 for a per-tensor scale (fp8 dynamic per tensor)
+    stride_sw,  # 0 for a per-tensor weight scale (fp8 dynamic)
     # meta-parameters
     HAS_BIAS: tl.constexpr, QUANTIZE_X: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -145,7 +152,7 @@ def _int8dq_mm_kernel(
         # path of the IEEE division.
         s_x = tl.where(rm < M, _row_scale(amax, FP8), 1.0)  # (BLOCK_M,)
     else:
-        s_x = tl.load(sx_ptr + rm * stride_sx, mask=rm < M, other=1.0)
+        s_x = tl.load(sx_ptr + rm, mask=rm < M, other=1.0)
 
     acc_dtype: tl.constexpr = tl.float32 if FP8 else tl.int32
     if SWAP_AB:
@@ -234,9 +241,11 @@ def select_config(M: int, N: int, K: int) -> KernelConfig:
 
 # ---------------------------------------------------------------- launchers
 
-def quantize_per_token(x: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, fp8: bool = False, amax: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) bf16/fp16 -> (xq int8 (M, K), s_x fp32 (M,)), as numerics.quantize_int8_per_token;
-    with ``fp8``, xq is e4m3 and s_x = amax / 448, as the fp8 dynamic reference quantizes x per row."""
+    with ``fp8``, xq is e4m3 and s_x = amax / 448, as the fp8 dynamic reference quantizes x per row.
+    ``amax`` (a 0-d tensor): every row's amax, i.e. a per-tensor scale, repeated in s_x."""
     if x.stride(1) != 1:
         x = x.contiguous()
     M, K = x.shape
@@ -248,11 +257,11 @@ def quantize_per_token(x: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor
         block_k = triton.next_power_of_2(K) if one_pass else min(_QUANT_BLOCK_K, triton.next_power_of_2(K))
         chunks = triton.cdiv(K, block_k) if few_rows else 1
         torch.library.wrap_triton(_quantize_per_token_kernel)[(M, chunks)](
-            x, xq, sx,
+            x, xq, sx, amax if amax is not None else sx,
             K,
             x.stride(0), xq.stride(0),
             block_k if few_rows else K,
-            BLOCK_K=block_k, ONE_PASS=one_pass, STAGES=_QUANT_STAGES, FP8=fp8,
+            BLOCK_K=block_k, ONE_PASS=one_pass, STAGES=_QUANT_STAGES, FP8=fp8, GIVEN_AMAX=amax is not None,
             num_warps=_QUANT_NUM_WARPS if block_k <= 4096 else 2 * _QUANT_NUM_WARPS,
         )
     return xq, sx
@@ -272,24 +281,22 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     return launch(name, x, qdata, scale, bias, cfg)
 
 
-def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, xq_sx=None) -> torch.Tensor:
+def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> torch.Tensor:
     """Launch ``cfg``'s kernels on checked arguments: x (M >= 1, K) bf16/fp16, qdata int8 or e4m3 (N, K)
     contiguous along K, scale fp32 (N,) (or () with e4m3), bias (N,) or None. With e4m3 codes x is
-    quantized per row to e4m3: the fp8 dynamic scheme shares these kernels. ``xq_sx``: x already
-    quantized, ``(codes (M, K), s_x (M,) or ())`` (fp8 per tensor); it needs the "quantized" path."""
+    quantized per row to e4m3: the fp8 dynamic scheme shares these kernels. ``x_amax`` (0-d): quantize
+    every row with this amax instead of its own (fp8 per tensor); it needs the "quantized" path."""
     M, K = x.shape
     N = qdata.shape[0]
     fp8 = qdata.dtype == torch.float8_e4m3fn
     if x.stride(1) != 1:
         x = x.contiguous()
-    if xq_sx is not None:
-        if cfg.path != "quantized":
-            raise ValueError(f"{name}: a quantized x needs the 'quantized' path, got {cfg.path!r}")
-        x_arg, sx_arg = xq_sx
-    elif cfg.path == "fused":
+    if x_amax is not None and cfg.path != "quantized":
+        raise ValueError(f"{name}: a per-tensor activation scale needs the 'quantized' path, got {cfg.path!r}")
+    if cfg.path == "fused":
         x_arg, sx_arg = x, scale  # sx_arg is never read when QUANTIZE_X
     elif cfg.path == "quantized":
-        x_arg, sx_arg = quantize_per_token(x, fp8)
+        x_arg, sx_arg = quantize_per_token(x, fp8, x_amax)
     else:
         raise ValueError(f"{name}: unknown path {cfg.path!r} (expected 'fused' or 'quantized')")
     scale = scale.contiguous()
@@ -307,7 +314,7 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, xq_sx=None) -> t
         x_arg, sx_arg, qdata, scale, b_arg, out,
         M, N, K,
         x_arg.stride(0), qdata.stride(0), out.stride(-2),
-        sx_arg.stride(0) if sx_arg.dim() else 0, scale.stride(0) if scale.dim() else 0,
+        scale.stride(0) if scale.dim() else 0,
         HAS_BIAS=has_bias, QUANTIZE_X=cfg.path == "fused", SPLIT_K=split, EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         AMAX_BLOCK_K=amax_block_k, AMAX_STAGES=amax_stages, SWAP_AB=cfg.swap_ab, FP8=fp8,

@@ -120,7 +120,7 @@ def exact_fp8_cast(monkeypatch):
 @pytest.mark.parametrize("m,n,k", [(1, 40, 200), (3, 64, 256), (17, 40, 200)])
 def test_interp_exact_x(config, x_per_row, w_per_row, m, n, k):
     if not valid(config, m, x_per_row):
-        with pytest.raises(ValueError, match="gemv path needs M == 1|needs the 'quantized' path"):
+        with pytest.raises(ValueError, match="gemv path needs M == 1|scale needs the 'quantized' path"):
             kernels.linear(make_exact_x(m, k, x_per_row), *make_weight(n, k, w_per_row), x_per_row, config=config)
         return
     qdata, scale = make_weight(n, k, w_per_row)
@@ -220,7 +220,7 @@ def test_rejects_bad_inputs():
         kernels.linear(x.half(), qdata, scale.double(), True)
     with pytest.raises(TypeError, match="float8_e4m3fn"):
         kernels.linear(x.half(), qdata.float(), scale, True)
-    with pytest.raises(ValueError, match="needs the 'quantized' path"):
+    with pytest.raises(ValueError, match="scale needs the 'quantized' path"):
         kernels.linear(x.half(), qdata, scale, False, config=Cfg("fused", 16, 32, 64))
 
 
