@@ -20,7 +20,7 @@ Kernel paths (``KernelConfig.path``), both one ``_int8dq_mm_kernel`` (``QUANTIZE
            (each recomputes the row's amax from L2), else one program per row keeps the row in registers.
            M <= 16: 16-row tiles, BLOCK_N narrowed until there are >= 128 programs, 512-wide K tiles for long K,
            and ``swap_ab`` (y.T = W @ xq.T: the weight rows on wgmma's 64-row side) where BLOCK_N >= 64.
-           M <= 128: 64 x 128; M <= 256: 128 x 128; larger: 128 x 256 x 128 with 4 stages. Up to M = 256, a
+           M <= 128: 64 x 128; M <= 256: 128 x 128; larger: 256 x 128 x 128, swap_ab, 3 stages. Up to M = 256, a
            shape with fewer than 128 tiles splits K (up to ~256 programs).
   ``fused`` (forced configs only): the activation quantization is fused into the GEMM prologue. Each
            program loops over K for the amax of its BLOCK_M rows, then quantizes x tiles on the fly. Measured
@@ -28,6 +28,10 @@ Kernel paths (``KernelConfig.path``), both one ``_int8dq_mm_kernel`` (``QUANTIZE
            for all BLOCK_M (>= 16) rows of every x tile, masked rows included, while the separate kernel
            costs one short launch (~4 us at M <= 16, in a CUDA graph).
 Split K stores fp32 partials into a (split_k, M, N) workspace that the launcher sums and casts.
+
+The fp8 dynamic scheme (``float8_dynamic_activation_float8_weight.py``) runs these kernels with e4m3 weights:
+``FP8`` selects e4m3 codes (x / s_x clamped to +-448 and rounded by the RTNE convert, s_x = amax / 448) and
+fp32 accumulation; ``GIVEN_AMAX`` quantizes every row with one amax (a per-tensor activation scale).
 """
 
 from __future__ import annotations
