@@ -54,13 +54,10 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, activation
     "fused") overrides the M-bucket choice; per tensor, M > 1 needs "quantized".
     """
     name = "float8_dynamic_activation_float8_weight.linear"
-    x, qdata, scale, bias, out = prepare(x, qdata, scale, bias, per_tensor_scale_ok=True)
-    (M, K), N = x.shape, qdata.shape[0]
-    if M == 0 or N == 0:
-        return out
-    if K == 0:
-        return out.copy_(bias.expand(M, N)) if bias is not None else out.zero_()
-    cfg = config if config is not None else select_config(bucket_m(M), N, K)
+    done = prepare(name, x, qdata, scale, bias, per_tensor_scale_ok=True)
+    if done is not None:
+        return done
+    cfg = config if config is not None else select_config(bucket_m(x.shape[0]), qdata.shape[0], x.shape[1])
     if cfg.path == "gemv":
         return int8wo.launch(name, x, qdata, scale, bias, cfg, quantize_x=True)
     # per tensor: max |x| (exact in x.dtype) in one reduction, then every row is quantized with it

@@ -31,33 +31,20 @@ def select_config(M: int, N: int, K: int) -> int8.KernelConfig:
     return int8.select_config(M, N, K)
 
 
-def prepare(x, qdata, scale, bias, per_tensor_scale_ok: bool):
-    """Check an fp8 launcher's arguments (clear errors), make the K axes contiguous, allocate the output.
+def prepare(name: str, x, qdata, scale, bias, per_tensor_scale_ok: bool) -> torch.Tensor | None:
+    """Check an fp8 launcher's arguments (clear errors; shared with the dynamic launcher).
 
-    Shared with ``float8_dynamic_activation_float8_weight.py``. Returns ``(x, qdata, scale, bias, out)``.
+    Returns the finished (M, N) output when there is nothing to compute (M, N or K is 0), else None.
     """
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"x must be bfloat16 or float16, got {x.dtype}")
-    if qdata.dtype != torch.float8_e4m3fn or qdata.dim() != 2:
-        raise TypeError(f"qdata must be 2-D float8_e4m3fn (N, K), got {qdata.dtype} {tuple(qdata.shape)}")
-    M, K = x.shape
-    N = qdata.shape[0]
-    if qdata.shape[1] != K:
-        raise ValueError(f"x has K={K} but qdata is {tuple(qdata.shape)} (expected (N, {K}))")
+    M, N, K = int8.check_linear_args(name, x, qdata, scale, bias, scale_dims=(), codes=torch.float8_e4m3fn)
     shapes = ((), (N,)) if per_tensor_scale_ok else ((N,),)
     if scale.dtype != torch.float32 or tuple(scale.shape) not in shapes:
         allowed = f"() or ({N},)" if per_tensor_scale_ok else f"({N},)"
-        raise ValueError(f"scale must be float32 of shape {allowed}, got {scale.dtype} {tuple(scale.shape)}")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    if qdata.stride(1) != 1:
-        qdata = qdata.contiguous()
-    if x.stride(1) != 1:
-        x = x.contiguous()  # the only copy: K must be the contiguous axis for vector loads
-    bias = bias.contiguous() if bias is not None else None
-    return x, qdata, scale.contiguous(), bias, torch.empty((M, N), dtype=x.dtype, device=x.device)
+        raise ValueError(f"{name}: scale must be float32 of shape {allowed}, got {scale.dtype} {tuple(scale.shape)}")
+    if M and N and K:
+        return None
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    return out.copy_(bias.expand(M, N)) if bias is not None and K == 0 else out.zero_()
 
 
 def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -66,11 +53,9 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
 
     ``config`` (an ``int8_weight_only.KernelConfig``) overrides the M-bucket choice (tests, tuning).
     """
-    x, qdata, scale, bias, out = prepare(x, qdata, scale, bias, per_tensor_scale_ok=False)
-    (M, K), N = x.shape, qdata.shape[0]
-    if M == 0 or N == 0:
-        return out
-    if K == 0:
-        return out.copy_(bias.expand(M, N)) if bias is not None else out.zero_()
-    cfg = config if config is not None else select_config(bucket_m(M), N, K)
-    return int8.launch("float8_weight_only.linear", x, qdata, scale, bias, cfg)
+    name = "float8_weight_only.linear"
+    done = prepare(name, x, qdata, scale, bias, per_tensor_scale_ok=False)
+    if done is not None:
+        return done
+    cfg = config if config is not None else select_config(bucket_m(x.shape[0]), qdata.shape[0], x.shape[1])
+    return int8.launch(name, x, qdata, scale, bias, cfg)

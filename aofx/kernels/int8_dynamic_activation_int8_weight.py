@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from aofx.kernels import bucket_m, grid_order
-from aofx.kernels.int8_weight_only import _MIN_PROGRAMS, KernelConfig, check_linear_args, split_k_for
+from aofx.kernels.int8_weight_only import (_MIN_PROGRAMS, KernelConfig, _store_tile, check_linear_args,
+                                           split_k_for, split_k_output, split_k_result)
 
 __all__ = ["KernelConfig", "linear", "quantize_per_token", "select_config"]
 
@@ -183,15 +184,7 @@ def _int8dq_mm_kernel(
 
     # Same association as the reference: (acc * s_x) * s_w, then + bias.
     y = acc.to(tl.float32) * s_x[:, None] * tl.load(sw_ptr + rn_safe * stride_sw).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + rn_safe).to(tl.float32)
-        y += tl.where(pid_k == 0, bias, 0.0)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    mask = m_mask & (rn[None, :] < N)
-    if SPLIT_K > 1:
-        tl.store(y_ptrs + pid_k * M * stride_ym, y, mask=mask)  # fp32 partial, slice pid_k of (SPLIT_K, M, N)
-    else:
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_tile(y, y_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
 
 # ---------------------------------------------------------------- config tables
@@ -307,10 +300,7 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> 
     has_bias = bias is not None
     b_arg = bias.contiguous() if has_bias else scale  # any tensor: never read without HAS_BIAS
     split = cfg.split_k
-    if split > 1:
-        out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)  # per-split partials
-    else:
-        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    out = split_k_output(x, M, N, split)
     amax_block_k = min(_AMAX_BLOCK_K, triton.next_power_of_2(K))
     amax_stages = max(2, min(_AMAX_STAGES, _AMAX_SMEM_BYTES // (cfg.block_m * amax_block_k * x.element_size())))
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
@@ -324,4 +314,4 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> 
         AMAX_BLOCK_K=amax_block_k, AMAX_STAGES=amax_stages, SWAP_AB=cfg.swap_ab, FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out.sum(0).to(x.dtype) if split > 1 else out  # split K: fixed-order sum of the partials
+    return split_k_result(out, x.dtype)

@@ -75,6 +75,22 @@ def _code_to_f32(q):
         return q.to(tl.float32)
 
 
+@triton.jit
+def _store_tile(y, y_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, N, stride_ym, pid_k,
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Epilogue of the tensor-core kernels: ``y`` (BLOCK_M, BLOCK_N) fp32 with scales applied; bias is
+    added by split 0. A split stores its fp32 partial in slice pid_k of the (SPLIT_K, M, N) workspace."""
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn_safe).to(tl.float32)
+        y += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    mask = m_mask & (rn[None, :] < N)
+    if SPLIT_K > 1:
+        tl.store(y_ptrs + pid_k * M * stride_ym, y, mask=mask)
+    else:
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------- kernels
 
 
@@ -205,15 +221,7 @@ def _int8wo_mm_kernel(
 
     if GROUP_SIZE == 0:
         acc = acc * tl.load(s_ptr + rn_safe * stride_sn).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + rn_safe).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    mask = m_mask & (rn[None, :] < N)
-    if SPLIT_K > 1:
-        tl.store(y_ptrs + pid_k * M * stride_ym, acc, mask=mask)  # fp32 partial, slice pid_k of (SPLIT_K, M, N)
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_tile(acc, y_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
 
 # ---------------------------------------------------------------- config tables
@@ -281,21 +289,24 @@ def select_config(M: int, N: int, K: int, group_size: int = 0) -> KernelConfig:
 
 # ---------------------------------------------------------------- launcher helpers (shared)
 
-def check_linear_args(name: str, x, qdata, scale, bias, scale_dims=(1, 2)):
-    """Shape / dtype / device checks shared by the int8 launchers. Returns (M, N, K)."""
+def check_linear_args(name: str, x, qdata, scale, bias, scale_dims=(1, 2), codes=torch.int8):
+    """Shape / dtype / device checks shared by the int8 and fp8 launchers. Returns (M, N, K).
+
+    ``codes``: qdata's dtype. ``scale_dims=()`` leaves the scale's dtype and shape to the caller."""
     if x.dim() != 2:
         raise ValueError(f"{name}: x must be 2-D (M, K), got shape {tuple(x.shape)}")
     if x.dtype not in _X_DTYPES:
         raise TypeError(f"{name}: x must be bfloat16 or float16, got {x.dtype}")
-    if qdata.dtype != torch.int8 or qdata.dim() != 2:
-        raise TypeError(f"{name}: qdata must be a 2-D int8 (N, K) tensor, got {qdata.dtype} {tuple(qdata.shape)}")
+    if qdata.dtype != codes or qdata.dim() != 2:
+        raise TypeError(f"{name}: qdata must be a 2-D {str(codes).removeprefix('torch.')} (N, K) tensor, "
+                        f"got {qdata.dtype} {tuple(qdata.shape)}")
     M, K = x.shape
     N = qdata.shape[0]
     if qdata.shape[1] != K:
         raise ValueError(f"{name}: x has K={K} but qdata is {tuple(qdata.shape)} (expected (N, {K}))")
     if qdata.stride(1) != 1:
         raise ValueError(f"{name}: qdata must be contiguous along K (stride {qdata.stride()})")
-    if scale.dtype not in _FLOAT_DTYPES or scale.dim() not in scale_dims or scale.shape[0] != N:
+    if scale_dims and (scale.dtype not in _FLOAT_DTYPES or scale.dim() not in scale_dims or scale.shape[0] != N):
         raise ValueError(
             f"{name}: scale must be a float tensor of shape (N,)" + (" or (N, K // group_size)" if 2 in scale_dims else "")
             + f" with N={N}, got {scale.dtype} {tuple(scale.shape)}")
@@ -360,10 +371,7 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
     stride_sn = scale.stride(0) if scale.dim() else 0  # a per-tensor scale is every row's scale
     stride_sg = scale.stride(1) if group_size else 0
     split = cfg.split_k
-    if split > 1:
-        out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)  # per-split partials
-    else:
-        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    out = split_k_output(x, M, N, split)
     even_k = K % cfg.block_k == 0
 
     if cfg.path == "gemv":
@@ -389,6 +397,17 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
         )
     else:
         raise ValueError(f"{name}: unknown path {cfg.path!r} (expected 'gemv' or 'mm')")
-    # Split K: the partials are summed in a fixed order (deterministic, unlike atomics, and cheaper:
-    # scattered fp32 atomics cost more than a plain store plus one reduction).
-    return out.sum(0).to(x.dtype) if split > 1 else out
+    return split_k_result(out, x.dtype)
+
+
+def split_k_output(x, M: int, N: int, split: int) -> torch.Tensor:
+    """The kernels' output: (M, N) in x.dtype, or a (split, M, N) fp32 workspace of per-split partials."""
+    if split > 1:
+        return torch.empty((split, M, N), device=x.device, dtype=torch.float32)
+    return torch.empty((M, N), device=x.device, dtype=x.dtype)
+
+
+def split_k_result(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(M, N) in ``dtype``: a split-K workspace is summed in a fixed order (deterministic, unlike atomics,
+    and cheaper: scattered fp32 atomics cost more than a plain store plus one reduction)."""
+    return out.sum(0).to(dtype) if out.dim() == 3 else out
