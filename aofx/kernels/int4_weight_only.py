@@ -18,16 +18,18 @@ is the fp32 number ``f = 1 + q/16`` exactly, so
 Kernel paths, chosen per M bucket by ``select_config`` (plain Python ``if``: Inductor ignores
 ``triton.autotune`` keys for user kernels):
 
-    M <= 2     ``gemv``: CUDA-core GEMV, one x row per program (grid axis 0, fastest, so the
-               programs of the M rows that share a weight tile run together and the second read
-               hits L2). qdata is read as int32 words (8 nibbles, k = 8 * word + i): a step is a
-               (BLOCK_N rows, G groups, GROUP_SIZE/8 words) tile, 16-byte loads of 4 words per
-               thread; nibble i of every word is unpacked in registers (shift, mask, or: the fp32
-               ``1 + q/16`` below) and multiplied by x[8 * word + i], read by the same thread, so no
-               layout conversion or cross-thread reduction runs inside the loop. Each word's partial
-               is scaled in the loop, ``acc += 16 s * sum_i(f x) + (z - 24 s) * sum_i(x)``, and
-               one reduction over the tile runs after it. Split-K only when N / BLOCK_N is too few
-               programs to fill the GPU.
+    M <= 2     ``gemv``: CUDA-core GEMV, stream-K: the (row tile, K step) units of one x row are
+               shared out equally among a fixed grid of programs (programs_per_sm per SM), so no
+               SM idles through a tail wave whatever N and K are. A program adds each row tile's
+               fp32 partial atomically into a zeroed workspace, then its step count into the tile's
+               counter; the program that completes the count adds bias and stores the tile in x's
+               dtype (no cast kernel). qdata is read as int32 words (8 nibbles, k = 8 * word + i):
+               a step is a (BLOCK_N rows, G groups, GROUP_SIZE/8 words) tile, 16-byte loads of 4
+               words per thread, issued one step ahead; nibble i of every word is unpacked in
+               registers (one shift, one LOP3: the fp32 ``1 + q/16`` below) and multiplied by
+               x[8 * word + i], read by the same thread, so no layout conversion or cross-thread
+               reduction runs inside the K loop. Each word's partial is scaled in the loop,
+               ``acc += 16 s * sum_i(f x) + (z - 24 s) * sum_i(x)``.
     M <= 16    ``mm`` with BLOCK_M=16, SWAP_AB (the dequantized weight tile is the MMA's A
                operand, x.T the B operand), split-K to fill the GPU. Memory-bound.
     M <= 64    ``mm`` with BLOCK_M=64, SWAP_AB, BLOCK_N=256 (the x tile re-read from L2 costs
@@ -60,95 +62,124 @@ from aofx.kernels import bucket_m
 __all__ = ["Int4Config", "select_config", "linear"]
 
 GROUP_SIZES = (32, 64, 128, 256)
+_ONE_BITS = 0x3F800000  # fp32 1.0
 
 
 # ---------------------------------------------------------------- kernels
 
 @triton.jit
+def _gemv_step_loads(q_ptrs, s_ptrs, z_ptrs, g0, num_groups, offs_g, stride_sg, GW: tl.constexpr):
+    # the weight words and fp32 scale / zero of the step starting at group g0; groups >= num_groups
+    # are masked off
+    gmask = ((g0 + offs_g) < num_groups)[None, :, None]
+    q = tl.load(q_ptrs + g0 * GW, mask=gmask, other=0, eviction_policy="evict_first")
+    s = tl.load(s_ptrs + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)  # (BN, G, 1)
+    z = tl.load(z_ptrs + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)
+    return q, s, z
+
+
+@triton.jit
 def _int4_gemv_kernel(
-    # pointers
-    x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
+    # pointers (acc_ptr: fp32 (M, N) zeros; count_ptr: int32 (M, tiles) zeros)
+    x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, acc_ptr, count_ptr,
     # dimensions
     N, K,
     # strides (stride_qw: qdata row stride in int32 words)
     stride_xm, stride_xk, stride_qw, stride_sn, stride_sg, stride_om,
+    # the bits of 1.0f as a run-time value: a LOP3 encodes one immediate, so with the nibble mask
+    # also an immediate the mask-and-or would take two LOP3s
+    one_bits,
     # meta-parameters
     GROUP_SIZE: tl.constexpr, GROUPS_PER_ITER: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    # One step is a (BLOCK_N rows, G groups, GW int32 words) tile of the weight: each thread loads
+    # Stream-K: the work is (row tile, K step) units, row tile by row tile, and program p of P takes
+    # units [p U / P, (p + 1) U / P): every program gets the same work (within one unit) whatever
+    # the shape, so no SM idles through a tail wave. A program's span covers the end of one row tile,
+    # maybe whole tiles, and the start of another; for each tile it adds its fp32 partial to acc
+    # (atomics) and then the number of units it did to the tile's counter. The program whose count
+    # completes the tile reads the sums back, adds bias and stores the tile in out's dtype.
+    #
+    # A step is a (BLOCK_N rows, G groups, GW int32 words) tile of the weight: each thread loads
     # 16 bytes (4 words) of a row, and nibble i of every word (k = 8 * word + i) is unpacked in
-    # registers and multiplied by x[k]. No cross-thread reduction happens in the loop: per-word
-    # partials are scaled and accumulated, and one reduction runs after the loop.
-    # (Left shifts that overflow, e.g. (q << 19) & mask, were miscompiled to constants by the
-    # sm_90 backend of Triton 3.8: the nibble is masked first, then shifted.)
+    # registers and multiplied by x[k]. No cross-thread reduction happens in the K loop.
     G: tl.constexpr = GROUPS_PER_ITER
     GW: tl.constexpr = GROUP_SIZE // 8  # int32 words per group row
-    m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    steps = tl.cdiv(K // GROUP_SIZE, G)  # K steps per row tile
+    tiles = tl.cdiv(N, BLOCK_N)
+    units = tiles * steps
+    u = (pid.to(tl.int64) * units // tl.num_programs(0)).to(tl.int32)
+    u_end = ((pid + 1).to(tl.int64) * units // tl.num_programs(0)).to(tl.int32)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    # Out-of-range rows read row 0 instead of being masked (never stored).
-    rows = tl.where(mask_n, offs_n, 0)
     offs_g = tl.arange(0, G)
     offs_w = tl.arange(0, GW)
-
-    # split-K in whole groups
-    num_groups = K // GROUP_SIZE
-    groups_per_split = tl.cdiv(num_groups, SPLIT_K)
-    g_start = pid_k * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, num_groups)
-
-    words = offs_g[:, None] * GW + offs_w[None, :]  # (G, GW) word index in the step
-    q_ptrs = q_ptr + rows[:, None, None] * stride_qw + words[None, :, :]  # (BN, G, GW)
-    x_ptrs = x_ptr + m * stride_xm + (8 * words[None, :, :]) * stride_xk  # (1, G, GW): k of nibble 0
     offs_v = tl.arange(0, GW * 8)
+    words = offs_g[:, None] * GW + offs_w[None, :]  # (G, GW) word index in the step
     xv_ptrs = x_ptr + m * stride_xm + (offs_g[None, :, None] * GROUP_SIZE + offs_v[None, None, :]) * stride_xk
-    s_ptrs = scale_ptr + rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg  # (BN, G, 1)
-    z_ptrs = zero_ptr + rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg
+    num_groups = K // GROUP_SIZE
 
-    acc = tl.zeros((BLOCK_N, G, GW), dtype=tl.float32)
-    # A loop without tl.dot is software-pipelined (cp.async stages) only when asked to, with tl.range.
-    for g0 in tl.range(g_start, g_end, G, num_stages=NUM_STAGES):
-        gmask = ((g0 + offs_g) < g_end)[None, :, None]  # the last step may hang over g_end
-        q = tl.load(q_ptrs + g0 * GW, mask=gmask, other=0, eviction_policy="evict_first")
-        s = tl.load(s_ptrs + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)  # (BN, G, 1)
-        z = tl.load(z_ptrs + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)
-        # x of the step, loaded once per program and split into x_i[word] = x[8 * word + i]:
-        # only this small tile changes layout (through shared memory), never the weight tile
-        xv = tl.load(xv_ptrs + g0 * GROUP_SIZE * stride_xk, mask=gmask, other=0.0,
-                     eviction_policy="evict_last").to(tl.float32)  # (1, G, GW * 8)
-        xv = tl.reshape(xv, (1, G, GW, 2, 2, 2))  # k = 8 * word + 4 * a + 2 * b + c
-        xa, xb = tl.split(xv)
-        xa0, xa1 = tl.split(xa)
-        xb0, xb1 = tl.split(xb)
-        x0, x4 = tl.split(xa0)
-        x2, x6 = tl.split(xa1)
-        x1, x5 = tl.split(xb0)
-        x3, x7 = tl.split(xb1)
-        fx = tl.zeros((BLOCK_N, G, GW), dtype=tl.float32)
-        xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-        for i in tl.static_range(8):
-            xi = [x0, x1, x2, x3, x4, x5, x6, x7][i]
-            fi = (((q >> (4 * i)) & 0xF) << 19) | 0x3F800000  # bits of 1 + q_i/16
-            fx += fi.to(tl.float32, bitcast=True) * xi
-        # per (row, word): 16 s * sum(f x) + (z - 24 s) * sum(x), s and z of the word's group
-        acc += fx * (16.0 * s) + xs * (z - 24.0 * s)
+    while u < u_end:
+        tile = u // steps
+        first = u - tile * steps
+        last = tl.minimum(u_end - tile * steps, steps)  # this program's steps of the tile: [first, last)
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        rows = tl.where(mask_n, offs_n, 0)  # out-of-range rows read row 0 (never stored)
+        q_ptrs = q_ptr + rows[:, None, None] * stride_qw + words[None, :, :]  # (BN, G, GW)
+        s_ptrs = scale_ptr + rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg  # (BN, G, 1)
+        z_ptrs = zero_ptr + rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg
 
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
-    # epilogue: bias in fp32, cast (or fp32 atomic partials for split-K)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rows).to(tl.float32)
-        if SPLIT_K > 1:
-            bias = tl.where(pid_k == 0, bias, 0.0)
-        y += bias
-    out_ptrs = out_ptr + m * stride_om + offs_n
-    if SPLIT_K > 1:
-        tl.atomic_add(out_ptrs, y, mask=mask_n, sem="relaxed")
-    else:
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+        acc = tl.zeros((BLOCK_N, G, GW), dtype=tl.float32)
+        # the weight, scale and zero of a step are loaded one step ahead (in registers), so a
+        # step's DRAM reads are in flight while the previous step computes
+        q_next, s_next, z_next = _gemv_step_loads(q_ptrs, s_ptrs, z_ptrs, first * G, num_groups, offs_g,
+                                                  stride_sg, GW)
+        for step in tl.range(first, last, num_stages=NUM_STAGES):
+            g0 = step * G
+            gmask = ((g0 + offs_g) < num_groups)[None, :, None]  # the last step may hang over K
+            q, s, z = q_next, s_next, z_next
+            # past the last step this reads whole groups masked off: no memory traffic
+            q_next, s_next, z_next = _gemv_step_loads(q_ptrs, s_ptrs, z_ptrs, g0 + G,
+                                                      tl.where(step + 1 < last, num_groups, 0), offs_g,
+                                                      stride_sg, GW)
+            # x of the step, split into x_i[word] = x[8 * word + i] by the thread that uses it
+            xv = tl.load(xv_ptrs + g0 * GROUP_SIZE * stride_xk, mask=gmask, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)  # (1, G, GW * 8)
+            xv = tl.reshape(xv, (1, G, GW, 2, 2, 2))  # k = 8 * word + 4 * a + 2 * b + c
+            xa, xb = tl.split(xv)
+            xa0, xa1 = tl.split(xa)
+            xb0, xb1 = tl.split(xb)
+            x0, x4 = tl.split(xa0)
+            x2, x6 = tl.split(xa1)
+            x1, x5 = tl.split(xb0)
+            x3, x7 = tl.split(xb1)
+            fx = tl.zeros((BLOCK_N, G, GW), dtype=tl.float32)
+            xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+            for i in tl.static_range(8):
+                xi = [x0, x1, x2, x3, x4, x5, x6, x7][i]
+                # bits of 1 + q_i/16: nibble i moved to bits 19..22, one shift and one LOP3
+                if 4 * i <= 19:
+                    fi = ((q << (19 - 4 * i)) & 0x780000) | one_bits
+                else:
+                    fi = ((q >> (4 * i - 19)) & 0x780000) | one_bits
+                fx += fi.to(tl.float32, bitcast=True) * xi
+            # per (row, word): 16 s * sum(f x) + (z - 24 s) * sum(x), s and z of the word's group
+            acc += fx * (16.0 * s) + xs * (z - 24.0 * s)
+
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
+        sums = acc_ptr + m * N + offs_n
+        tl.atomic_add(sums, y, mask=mask_n, sem="relaxed")
+        # every thread's partial is in before one thread's release of the count
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + m * tiles + tile, last - first, sem="acq_rel") + (last - first)
+        if done == steps:  # this program completed the tile: bias, cast, store
+            total = tl.load(sums, mask=mask_n, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + rows).to(tl.float32)
+            tl.store(out_ptr + m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
+        u = tile * steps + last
 
 
 @triton.jit
@@ -158,7 +189,7 @@ def _int4_mm_kernel(
     # dimensions
     M, N, K,
     # strides
-    stride_xm, stride_xk, stride_qn, stride_sn, stride_sg, stride_om,
+    stride_xm, stride_xk, stride_qn, stride_sn, stride_sg, stride_om, one_bits,
     # meta-parameters
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -207,8 +238,8 @@ def _int4_mm_kernel(
         z = tl.load(z_rows + g * stride_sg).to(tl.float32)
 
         bi = b.to(tl.int32)
-        lo = ((bi & 0xF) << 19) | 0x3F800000  # bits of 1 + q_even/16
-        hi = ((bi & 0xF0) << 15) | 0x3F800000  # bits of 1 + q_odd/16
+        lo = ((bi << 19) & 0x780000) | one_bits  # bits of 1 + q_even/16
+        hi = ((bi << 15) & 0x780000) | one_bits  # bits of 1 + q_odd/16
         f = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)  # (BN, BK)
         w = (f * (16.0 * s)[:, None] + (z - 24.0 * s)[:, None]).to(xt.dtype)  # (BN, BK)
         if SWAP_AB:
@@ -241,8 +272,10 @@ class Int4Config:
     """One launch configuration.
 
     kernel: "gemv" or "mm". block_k: the K step of ``mm`` (clamped to group_size); for ``gemv``
-    the step is max(1, block_k // group_size) whole groups. split_k: None picks it from the
-    problem size (``_auto_split_k``), an int forces it. block_m, group_m, swap_ab: ``mm`` only.
+    the step is max(1, block_k // group_size) whole groups. programs_per_sm: the ``gemv`` grid is
+    this many programs per SM (fewer when there are fewer work units), each an equal share of the
+    (row tile, K step) units. split_k (``mm`` only): None picks it from the problem size
+    (``_auto_split_k``), an int forces it. block_m, group_m, swap_ab: ``mm`` only.
     """
 
     kernel: str
@@ -254,6 +287,7 @@ class Int4Config:
     swap_ab: bool = False
     num_warps: int = 4
     num_stages: int = 3
+    programs_per_sm: int = 2
 
     def __post_init__(self):
         if self.kernel not in ("gemv", "mm"):
@@ -266,27 +300,34 @@ class Int4Config:
             raise ValueError(f"Int4Config for 'mm' needs block_m, block_n >= 16 and block_k >= 32: {self}")
         if self.split_k is not None and self.split_k < 1:
             raise ValueError(f"Int4Config.split_k must be >= 1 or None, got {self.split_k}")
+        if self.kernel == "gemv" and self.split_k not in (None, 1):
+            raise ValueError(f"Int4Config: 'gemv' shares K among its programs itself; split_k is for 'mm', got {self.split_k}")
+        if self.programs_per_sm < 1:
+            raise ValueError(f"Int4Config.programs_per_sm must be >= 1, got {self.programs_per_sm}")
 
 
 # (largest M of the bucket, config); the first bucket with M <= bound wins, the last covers the rest.
 # Measured on H100 (benchmarks/bench_layers.py stacks, 14336x4096 and 4096x14336, group 128):
-#   M=1 gemv 128 rows x 1 group, 8 warps, no software pipeline: 26 / 24 us (tl.range with 2-4 stages:
-#       27-29 / 26-28 us, benchmarks/sweep.py; 64 rows, 4 warps: 28 / 27; two groups per step: 240
-#       registers, 30-74 us); the previous join/reshape GEMV took 41 / 41 us.
+#   M=1 stream-K gemv, 32 rows x 1 group, 2 warps, 8 programs per SM: 22.8 / 23.6 us; 128 rows,
+#       8 warps, 2 per SM: 23.0 / 23.6 (benchmarks/sweep.py, one run). Same run, the split-K gemv
+#       it replaced (128 rows, 8 warps, split 4 / 16, zero-fill + cast kernels): 27.8 / 27.5 us.
+#       Steps of 4-8 groups (16-32 rows) ran 30-52 us; more programs per SM than fit in one wave
+#       (8 warps x 3, 2 warps x 12) add a tail: 27-29 us. Without its weight loads the kernel
+#       still takes 15 us (ALU, x and scale loads); with 1/8 of its ALU work, 21.6 us.
 #   M=16 16x128x128 swap_ab, 8 warps: 35 / 33 us (4 warps, 4 stages: 41 / 38).
 #   M=128 128x128x64 without swap, 8 warps, 4 stages: 62 / 61 us (128x256x64 swap: 97 / 95).
 #   M=1024 256x128x64, 8 warps: 333 / 379 us (128x256x64: 518 / 591).
 CONFIGS = (
-    (2, Int4Config("gemv", block_n=128, block_k=128, num_warps=8, num_stages=1)),
+    (2, Int4Config("gemv", block_n=32, block_k=128, num_warps=2, num_stages=1, programs_per_sm=8)),
     (16, Int4Config("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_warps=8, num_stages=3)),
     (64, Int4Config("mm", block_m=64, block_n=256, block_k=64, swap_ab=True, num_warps=8, num_stages=4)),
     (256, Int4Config("mm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)),
     (None, Int4Config("mm", block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3)),
 )
 
-# Split-K aims for at least this many programs per SM. Splitting costs a zero-fill and a cast
-# kernel, so it is used only to fill the GPU, never to balance waves.
-_CTAS_PER_SM = {"gemv": 2, "mm": 1}
+# Split-K (``mm``) aims for at least this many programs per SM. Splitting costs a zero-fill and a
+# cast kernel, so it is used only to fill the GPU, never to balance waves.
+_CTAS_PER_SM = 1
 _MIN_STEPS_PER_SPLIT = 4  # K steps each split keeps, so a program amortizes its prologue/epilogue
 _MAX_SPLIT_K = 16
 
@@ -315,19 +356,20 @@ def select_config(M: int, N: int, K: int, group_size: int, device: torch.device 
     return _resolve(cfg, M, N, K, group_size, device)
 
 
+def _device_sms(device) -> int:
+    index = device.index if device is not None and device.type == "cuda" else None
+    if device is not None and device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return _num_sms(index)
+
+
 def _resolve(cfg: Int4Config, M: int, N: int, K: int, group_size: int, device) -> Int4Config:
-    if cfg.kernel == "mm":
-        cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, group_size))
-        tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-        k_steps = K // cfg.block_k
-    else:
-        tiles = M * triton.cdiv(N, cfg.block_n)
-        k_steps = (K // group_size) // max(1, cfg.block_k // group_size)
+    if cfg.kernel == "gemv":
+        return dataclasses.replace(cfg, split_k=1)
+    cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, group_size))
     if cfg.split_k is None:
-        index = device.index if device is not None and device.type == "cuda" else None
-        if device is not None and device.type == "cuda" and index is None:
-            index = torch.cuda.current_device()
-        split = _auto_split_k(tiles, k_steps, _num_sms(index) * _CTAS_PER_SM[cfg.kernel])
+        tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+        split = _auto_split_k(tiles, K // cfg.block_k, _device_sms(device) * _CTAS_PER_SM)
         cfg = dataclasses.replace(cfg, split_k=split)
     return cfg
 
@@ -379,6 +421,9 @@ def linear(x, qdata, scale, zero, group_size: int, bias=None, *, config=None) ->
     else:
         cfg = _resolve(config, M, N, K, group_size, x.device)
 
+    if cfg.kernel == "gemv":
+        return _launch_gemv(x, qdata, scale, zero, group_size, bias, cfg)
+
     # 2. output: fp32 zeros for split-K atomics (cast after), else x.dtype directly
     split = cfg.split_k
     if split > 1:
@@ -388,28 +433,39 @@ def linear(x, qdata, scale, zero, group_size: int, bias=None, *, config=None) ->
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
 
     # 3. launch
-    if cfg.kernel == "gemv":
-        # the kernel reads qdata as int32 words (8 nibbles each): rows must start on 4-byte bounds
-        if qdata.stride(0) % 4 or qdata.storage_offset() % 4:
-            qdata = qdata.contiguous()
-        qwords = qdata.view(torch.int32)  # (N, K//8)
-        grid = (M, triton.cdiv(N, cfg.block_n), split)
-        torch.library.wrap_triton(_int4_gemv_kernel)[grid](
-            x, qwords, scale, zero, bias_arg, out,
-            N, K,
-            x.stride(0), x.stride(1), qwords.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
-            GROUP_SIZE=group_size, GROUPS_PER_ITER=max(1, cfg.block_k // group_size), BLOCK_N=cfg.block_n,
-            SPLIT_K=split, HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    else:
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
-        torch.library.wrap_triton(_int4_mm_kernel)[grid](
-            x, qdata, scale, zero, bias_arg, out,
-            M, N, K,
-            x.stride(0), x.stride(1), qdata.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
-            GROUP_SIZE=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, HAS_BIAS=bias is not None,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+    torch.library.wrap_triton(_int4_mm_kernel)[grid](
+        x, qdata, scale, zero, bias_arg, out,
+        M, N, K,
+        x.stride(0), x.stride(1), qdata.stride(0), scale.stride(0), scale.stride(1), out.stride(0), _ONE_BITS,
+        GROUP_SIZE=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, HAS_BIAS=bias is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
     return out.to(x.dtype) if split > 1 else out
+
+
+def _launch_gemv(x, qdata, scale, zero, group_size: int, bias, cfg: Int4Config) -> torch.Tensor:
+    M, K = x.shape
+    N = qdata.shape[0]
+    # the kernel reads qdata as int32 words (8 nibbles each): rows must start on 4-byte bounds
+    if qdata.stride(0) % 4 or qdata.storage_offset() % 4:
+        qdata = qdata.contiguous()
+    qwords = qdata.view(torch.int32)  # (N, K//8)
+    group_step = max(1, cfg.block_k // group_size)
+    tiles = triton.cdiv(N, cfg.block_n)
+    units = tiles * triton.cdiv(K // group_size, group_step)
+    programs = min(units, cfg.programs_per_sm * _device_sms(x.device))
+    # one zero-filled buffer: the fp32 (M, N) sums, then the int32 (M, tiles) step counts
+    work = torch.zeros(M * (N + tiles), dtype=torch.int32, device=x.device)
+    sums, counts = work[: M * N].view(torch.float32), work[M * N:]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    torch.library.wrap_triton(_int4_gemv_kernel)[(programs, M)](
+        x, qwords, scale, zero, bias if bias is not None else out, out, sums, counts,
+        N, K,
+        x.stride(0), x.stride(1), qwords.stride(0), scale.stride(0), scale.stride(1), out.stride(0), _ONE_BITS,
+        GROUP_SIZE=group_size, GROUPS_PER_ITER=group_step, BLOCK_N=cfg.block_n,
+        HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

@@ -67,6 +67,10 @@ MM16 = int4.CONFIGS[1][1]
 def test_every_bucket_config(cfg, split_k):
     # N=40 and M=5 are not multiples of any block; K=256 with group 64 gives 4 groups.
     case = make_case(5, 40, 256, 64, torch.float16)
+    if cfg.kernel == "gemv" and split_k > 1:  # the gemv shares K among its programs itself
+        with pytest.raises(ValueError, match="split_k is for 'mm'"):
+            forced(cfg, split_k=split_k)
+        return
     out = int4.linear(*case[:4], 64, case[4], config=forced(cfg, split_k=split_k))
     check(out, *case[:4], 64, case[4])
 
@@ -89,12 +93,15 @@ def test_group_sizes(group_size, kernel):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("split_k", [1, 2, 3])
-def test_gemv_partial_steps(split_k):
-    # 5 groups of 32 stepped 2 at a time: the last step of a split hangs over its end.
+@pytest.mark.parametrize("programs", [1, 2, 4, 7, 9])
+def test_gemv_stream_k_spans(programs, monkeypatch):
+    # 3 row tiles x 3 K steps (5 groups of 32 stepped 2 at a time: the last step hangs over K) = 9
+    # units shared by 1 to 9 programs: spans that start or end inside a tile, cover whole tiles and
+    # cross tile boundaries; each tile is finished (bias, cast) by exactly one program.
+    monkeypatch.setattr(int4, "_num_sms", lambda index: 1)  # the grid is programs_per_sm programs
     case = make_case(2, 40, 160, 32, torch.float16)
-    out = int4.linear(*case[:4], 32, case[4], config=int4.Int4Config("gemv", block_n=16, block_k=64, split_k=split_k))
-    check(out, *case[:4], 32, case[4])
+    cfg = int4.Int4Config("gemv", block_n=16, block_k=64, programs_per_sm=programs)
+    check(int4.linear(*case[:4], 32, case[4], config=cfg), *case[:4], 32, case[4])
 
 
 @pytest.mark.interpret
