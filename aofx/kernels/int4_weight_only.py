@@ -80,8 +80,8 @@ def _gemv_step_loads(q_ptrs, s_ptrs, z_ptrs, g0, num_groups, offs_g, stride_sg, 
 
 @triton.jit
 def _int4_gemv_kernel(
-    # pointers (acc_ptr: fp32 (M, N) zeros; count_ptr: int32 (M, tiles) zeros)
-    x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, acc_ptr, count_ptr,
+    # pointers (work_ptr: int32 zeros, the fp32 (M, N) sums then the int32 (M, tiles) step counts)
+    x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, work_ptr,
     # dimensions
     N, K,
     # strides (stride_qw: qdata row stride in int32 words)
@@ -110,6 +110,9 @@ def _int4_gemv_kernel(
     steps = tl.cdiv(K // GROUP_SIZE, G)  # K steps per row tile
     tiles = tl.cdiv(N, BLOCK_N)
     units = tiles * steps
+    # one buffer, so the launcher passes no dtype view of it (Inductor cannot reindex those)
+    acc_ptr = work_ptr.to(tl.pointer_type(tl.float32), bitcast=True)
+    count_ptr = work_ptr + tl.num_programs(1) * N
     u = (pid.to(tl.int64) * units // tl.num_programs(0)).to(tl.int32)
     u_end = ((pid + 1).to(tl.int64) * units // tl.num_programs(0)).to(tl.int32)
 
@@ -456,12 +459,12 @@ def _launch_gemv(x, qdata, scale, zero, group_size: int, bias, cfg: Int4Config) 
     tiles = triton.cdiv(N, cfg.block_n)
     units = tiles * triton.cdiv(K // group_size, group_step)
     programs = min(units, cfg.programs_per_sm * _device_sms(x.device))
-    # one zero-filled buffer: the fp32 (M, N) sums, then the int32 (M, tiles) step counts
+    # one zero-filled buffer: the fp32 (M, N) sums (zero bits are 0.0), then the int32 (M, tiles)
+    # step counts
     work = torch.zeros(M * (N + tiles), dtype=torch.int32, device=x.device)
-    sums, counts = work[: M * N].view(torch.float32), work[M * N:]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     torch.library.wrap_triton(_int4_gemv_kernel)[(programs, M)](
-        x, qwords, scale, zero, bias if bias is not None else out, out, sums, counts,
+        x, qwords, scale, zero, bias if bias is not None else out, out, work,
         N, K,
         x.stride(0), x.stride(1), qwords.stride(0), scale.stride(0), scale.stride(1), out.stride(0), _ONE_BITS,
         GROUP_SIZE=group_size, GROUPS_PER_ITER=group_step, BLOCK_N=cfg.block_n,
