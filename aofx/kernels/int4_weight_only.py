@@ -314,7 +314,7 @@ class Int4Config:
 #   M=1 stream-K gemv, 32 rows x 1 group, 2 warps, 8 programs per SM: 22.8 / 23.6 us; 128 rows,
 #       8 warps, 2 per SM: 23.0 / 23.6 (benchmarks/sweep.py, one run). Same run, the split-K gemv
 #       it replaced (128 rows, 8 warps, split 4 / 16, zero-fill + cast kernels): 27.8 / 27.5 us.
-#       Steps of 4-8 groups (16-32 rows) ran 30-52 us; more programs per SM than fit in one wave
+#       Steps of 4-8 groups (8-32 rows) ran 25-52 us; more programs per SM than fit in one wave
 #       (8 warps x 3, 2 warps x 12) add a tail: 27-29 us. Without its weight loads the kernel
 #       still takes 15 us (ALU, x and scale loads); with 1/8 of its ALU work, 21.6 us.
 #   M=16 16x128x128 swap_ab, 8 warps: 35 / 33 us (4 warps, 4 stages: 41 / 38).
