@@ -367,8 +367,8 @@ def _device_sms(device) -> int:
 
 
 def _resolve(cfg: Int4Config, M: int, N: int, K: int, group_size: int, device) -> Int4Config:
-    if cfg.kernel == "gemv":
-        return dataclasses.replace(cfg, split_k=1)
+    if cfg.kernel == "gemv":  # its grid is sized at launch (_launch_gemv); nothing to resolve
+        return cfg
     cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, group_size))
     if cfg.split_k is None:
         tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
