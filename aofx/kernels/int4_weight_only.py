@@ -317,6 +317,11 @@ class Int4Config:
 #       Steps of 4-8 groups (8-32 rows) ran 25-52 us; more programs per SM than fit in one wave
 #       (8 warps x 3, 2 warps x 12) add a tail: 27-29 us. Without its weight loads the kernel
 #       still takes 15 us (ALU, x and scale loads); with 1/8 of its ALU work, 21.6 us.
+#       Variants tried later (one run, 14336x4096 / 4096x14336), all slower: weights and x through cp.async
+#       (one flat unit loop, tl.range stages 2-6; per-row counters, as a CTA barrier in the loop stops the
+#       pipeliner) 24.6-29.5 / 24.8-30.0 us; per-thread sums of 16-byte chunks (fewer accumulators)
+#       23.2-37.7 / 24.9-36.8; x gathered per nibble in the weight's layout (no shared-memory shuffle)
+#       26.6-51 us. ncu on this kernel: 51% of issue slots busy, 45% of DRAM bandwidth.
 #   M=16 16x128x128 swap_ab, 8 warps: 35 / 33 us (4 warps, 4 stages: 41 / 38).
 #   M=128 128x128x64 without swap, 8 warps, 4 stages: 62 / 61 us (128x256x64 swap: 97 / 95).
 #   M=1024 256x128x64, 8 warps: 333 / 379 us (128x256x64: 518 / 591).
