@@ -25,11 +25,11 @@ import aofx
 
 CONFIGS = {
     "bf16": None,
-    "int4wo-128": lambda: aofx.Int4WeightOnlyConfig(group_size=128),
-    "int8wo": lambda: aofx.Int8WeightOnlyConfig(),
-    "int8dq": lambda: aofx.Int8DynamicActivationInt8WeightConfig(),
-    "fp8wo": lambda: aofx.Float8WeightOnlyConfig(),
-    "fp8dq-row": lambda: aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerRow()),
+    "int4wo-128": aofx.Int4WeightOnlyConfig(group_size=128),
+    "int8wo": aofx.Int8WeightOnlyConfig(),
+    "int8dq": aofx.Int8DynamicActivationInt8WeightConfig(),
+    "fp8wo": aofx.Float8WeightOnlyConfig(),
+    "fp8dq-row": aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerRow()),
 }
 LLAMA3_8B = dict(dim=4096, layers=32, heads=32, kv_heads=8, hidden=14336, vocab=128256)
 
@@ -101,7 +101,7 @@ def run_config(name, args):
         model = Decoder(**shape, max_seq=args.max_seq).to(torch.bfloat16)
     start = time.perf_counter()
     if CONFIGS[name] is not None:
-        aofx.quantize_(model, CONFIGS[name]())
+        aofx.quantize_(model, CONFIGS[name])
     quantize_s = time.perf_counter() - start
     weight_gb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
     step = torch.compile(model, mode="reduce-overhead", fullgraph=True)

@@ -24,7 +24,7 @@ def test_quantized_decoder_compiles_and_decodes():
     torch.manual_seed(0)
     model = bench_e2e.Decoder(dim=128, layers=2, heads=4, kv_heads=2, hidden=256, vocab=512, max_seq=16)
     model = model.to(torch.bfloat16)
-    aofx.quantize_(model, bench_e2e.CONFIGS["int8wo"]())
+    aofx.quantize_(model, bench_e2e.CONFIGS["int8wo"])
     assert "Int8WeightOnlyConfig" in repr(model.blocks[0].wq) and "Int8WeightOnlyConfig" in repr(model.output)
     eager = _decode(model, 4)
     assert model.blocks[0].k_cache[:, :, :4].abs().sum(-1).gt(0).all()  # one cache row written per step
