@@ -1,5 +1,6 @@
 """Triton kernels, one family per file (``<scheme>.py``), each with its layout doc, config table,
-selector and launcher. Shared here: the M that the selectors branch on, and the grouped tile order."""
+selector and launcher. Shared here: the M that the selectors branch on, the large-M rule of the
+weight-only schemes, and the grouped tile order."""
 
 import sympy
 import torch
@@ -20,6 +21,23 @@ def bucket_m(m) -> int:
         return m
     upper = m.node.shape_env.bound_sympy(m.node.expr).upper
     return 2**31 - 1 if upper in (int_oo, sympy.oo) else int(upper)
+
+
+# Weight-only schemes at large M: a Triton kernel dequantizes the whole weight to x's dtype (memory bound,
+# one read of the codes and one write), then one cuBLAS GEMM (``F.linear``) does the compute-bound work.
+# Measured on H100 (benchmarks/bench_layers.py stacks, M = 1024): int4 214 us against 350 us for the
+# dequant-in-the-main-loop Triton GEMM, int8 224-230 us against 227-269 us. The copy is a temporary of
+# N x K elements, so weights whose copy would exceed this many bytes keep the in-loop kernel.
+DEQUANTIZE_MAX_BYTES = 256 << 20
+
+
+def dequantize_first(N: int, K: int) -> bool:
+    """Whether a large-M weight-only call may dequantize its (N, K) weight to a temporary and run cuBLAS.
+
+    Not while exporting: an exported graph serves every M of its range with one choice (``bucket_m``), and at
+    small M the copy costs more than the GEMM it saves. Not when the copy would exceed DEQUANTIZE_MAX_BYTES.
+    """
+    return N * K * 2 <= DEQUANTIZE_MAX_BYTES and not torch.compiler.is_exporting()
 
 
 @triton.jit

@@ -9,11 +9,12 @@ Every e4m3 value is exact in bf16 and fp16, so a weight tile converted to x's dt
 row scale is applied once, in fp32, in the epilogue (``acc * s[n] + bias[n]``). That is the int8
 weight-only scheme with other codes, so this scheme runs the kernels, M buckets and config table of
 ``int8_weight_only.py`` (its ``_code_to_f32`` converts either code type): a CUDA-core GEMV at M = 1,
-tensor-core tiles with the converted weight as wgmma's register A operand (``swap_ab``) above, and
-K splits where the tiles alone cannot fill the GPU. Measured on H100 against this file's own earlier
-kernels (``benchmarks/sweep.py``, 14336x4096 / 4096x14336): M=16 30.3 / 31.6 us (was 35.6 / 51.5),
-M=128 46.7 / 51.6 us (was 58.2 / 72.2), M=1 25.7 / 25.7 us (was 25.2 / 30.4), M=1024 244 / 210 us
-(was 222 / 200: the one bucket where the separate kernel was faster, by 5-10%).
+tensor-core tiles with the converted weight as wgmma's register A operand (``swap_ab``) above, K
+splits where the tiles alone cannot fill the GPU, and at large M the weight dequantized to x.dtype
+once, then cuBLAS (the ``dequant`` path). Measured on H100 against this file's own earlier kernels
+(``benchmarks/sweep.py``, 14336x4096 / 4096x14336): M=16 30.3 / 31.6 us (was 35.6 / 51.5), M=128
+46.7 / 51.6 us (was 58.2 / 72.2), M=1 25.7 / 25.7 us (was 25.2 / 30.4); M=1024 with ``dequant``
+224 / 220 us (the in-loop tiles took 280 / 223 in the same run).
 """
 
 from __future__ import annotations

@@ -35,8 +35,11 @@ Kernel paths, chosen per M bucket by ``select_config`` (plain Python ``if``: Ind
     M <= 64    ``mm`` with BLOCK_M=64, SWAP_AB, BLOCK_N=256 (the x tile re-read from L2 costs
                4*M/BLOCK_N of the weight bytes), split-K.
     M <= 256   ``mm`` 128x128 tiles, split-K to fill the GPU.
-    larger     ``mm`` 256x128 tiles (the dequantization of a weight tile is shared by 256 rows of
-               x), grouped program order for L2 reuse, no split.
+    larger     ``dequant``: ``_int4_dequantize_kernel`` writes the whole weight in x.dtype, computed
+               as the reference computes it (``(q - 8) * s + z`` in fp32, then cast), and one cuBLAS
+               GEMM (``F.linear``) follows (``kernels.dequantize_first``). Where that is not used
+               (exporting, or a copy over DEQUANTIZE_MAX_BYTES): ``mm`` 256x128 tiles, grouped
+               program order for L2 reuse, no split.
 
 The ``mm`` main loop loads a [BLOCK_N, BLOCK_K//2] byte tile, unpacks it with tl.join(low, high)
 + reshape to [BLOCK_N, BLOCK_K], applies the group's scale/zero in fp32 (BLOCK_K divides
@@ -54,10 +57,11 @@ import dataclasses
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from aofx.kernels import bucket_m
+from aofx.kernels import bucket_m, dequantize_first
 
 __all__ = ["Int4Config", "select_config", "linear"]
 
@@ -268,14 +272,45 @@ def _int4_mm_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _int4_dequantize_kernel(
+    # pointers
+    q_ptr, scale_ptr, zero_ptr, w_ptr,
+    # dimensions
+    N,
+    # strides
+    stride_qn, stride_sn, stride_sg, stride_wn,
+    # meta-parameters
+    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # one (BLOCK_N, BLOCK_K) tile of w = (q - 8) * s + z in w's dtype; BLOCK_K divides K (K is a multiple
+    # of the group size, BLOCK_K of 2 * 16), and a tile may span several groups
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # byte b holds k = 2b, 2b + 1
+    mask_n = offs_n[:, None] < N
+    b = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_b[None, :], mask=mask_n, other=0,
+                eviction_policy="evict_first").to(tl.int32)  # (BN, BK//2)
+    g = (2 * offs_b // GROUP_SIZE)[None, :]  # both nibbles of a byte lie in one group
+    s = tl.load(scale_ptr + offs_n[:, None] * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + offs_n[:, None] * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+    lo = ((b & 15) - 8).to(tl.float32) * s + z
+    hi = ((b >> 4) - 8).to(tl.float32) * s + z
+    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # (BN, BK), k = 2b + {0, 1}
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask_n)
+
+
 # ---------------------------------------------------------------- configs
 
 @dataclasses.dataclass(frozen=True)
 class Int4Config:
     """One launch configuration.
 
-    kernel: "gemv" or "mm". block_k: the K step of ``mm`` (clamped to group_size); for ``gemv``
-    the step is max(1, block_k // group_size) whole groups. programs_per_sm: the ``gemv`` grid is
+    kernel: "gemv", "mm" or "dequant". block_k: the K step of ``mm`` (clamped to group_size); for
+    ``gemv`` the step is max(1, block_k // group_size) whole groups; for ``dequant`` (block_n, block_k)
+    is its tile, block_k clamped to the largest power of two that divides K. programs_per_sm: the ``gemv`` grid is
     this many programs per SM (fewer when there are fewer work units), each an equal share of the
     (row tile, K step) units. split_k (``mm`` only): None picks it from the problem size
     (``_auto_split_k``), an int forces it. block_m, group_m, swap_ab: ``mm`` only.
@@ -293,8 +328,8 @@ class Int4Config:
     programs_per_sm: int = 2
 
     def __post_init__(self):
-        if self.kernel not in ("gemv", "mm"):
-            raise ValueError(f"Int4Config.kernel must be 'gemv' or 'mm', got {self.kernel!r}")
+        if self.kernel not in ("gemv", "mm", "dequant"):
+            raise ValueError(f"Int4Config.kernel must be 'gemv', 'mm' or 'dequant', got {self.kernel!r}")
         for name in ("block_n", "block_k", "block_m"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
@@ -303,8 +338,8 @@ class Int4Config:
             raise ValueError(f"Int4Config for 'mm' needs block_m, block_n >= 16 and block_k >= 32: {self}")
         if self.split_k is not None and self.split_k < 1:
             raise ValueError(f"Int4Config.split_k must be >= 1 or None, got {self.split_k}")
-        if self.kernel == "gemv" and self.split_k not in (None, 1):
-            raise ValueError(f"Int4Config: 'gemv' shares K among its programs itself; split_k is for 'mm', got {self.split_k}")
+        if self.kernel != "mm" and self.split_k not in (None, 1):
+            raise ValueError(f"Int4Config: split_k is for 'mm', got {self.split_k} for {self.kernel!r}")
         if self.programs_per_sm < 1:
             raise ValueError(f"Int4Config.programs_per_sm must be >= 1, got {self.programs_per_sm}")
 
@@ -324,14 +359,19 @@ class Int4Config:
 #       26.6-51 us. ncu on this kernel: 51% of issue slots busy, 45% of DRAM bandwidth.
 #   M=16 16x128x128 swap_ab, 8 warps: 35 / 33 us (4 warps, 4 stages: 41 / 38).
 #   M=128 128x128x64 without swap, 8 warps, 4 stages: 62 / 61 us (128x256x64 swap: 97 / 95).
-#   M=1024 256x128x64, 8 warps: 333 / 379 us (128x256x64: 518 / 591).
+#   M>256 dequant (benchmarks/sweep.py, one run, 14336x4096 / 4096x14336): M=1024 214 / 215 us against
+#       350 / 386 us for mm 256x128x64 8 warps (128x256x64: 518 / 591 in an earlier run); M=512 149 / 140
+#       against 166 / 378; M=256 113 / 124 against 90 / 104 for the M<=256 bucket's mm. Tiles of 8-64 rows
+#       x 128 codes, 2-8 warps, were within 4% of each other (the copy alone: ~60 us, 2.4 TB/s).
 CONFIGS = (
     (2, Int4Config("gemv", block_n=32, block_k=128, num_warps=2, num_stages=1, programs_per_sm=8)),
     (16, Int4Config("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_warps=8, num_stages=3)),
     (64, Int4Config("mm", block_m=64, block_n=256, block_k=64, swap_ab=True, num_warps=8, num_stages=4)),
     (256, Int4Config("mm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)),
-    (None, Int4Config("mm", block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3)),
+    (None, Int4Config("dequant", block_n=16, block_k=256, num_warps=4)),
 )
+# the largest bucket where ``dequant`` is not used (kernels.dequantize_first)
+MM_LARGE = Int4Config("mm", block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3)
 
 # Split-K (``mm``) aims for at least this many programs per SM. Splitting costs a zero-fill and a
 # cast kernel, so it is used only to fill the GPU, never to balance waves.
@@ -361,6 +401,8 @@ def select_config(M: int, N: int, K: int, group_size: int, device: torch.device 
     for bound, cfg in CONFIGS:
         if bound is None or M <= bound:
             break
+    if cfg.kernel == "dequant" and not dequantize_first(N, K):
+        cfg = MM_LARGE
     return _resolve(cfg, M, N, K, group_size, device)
 
 
@@ -374,6 +416,8 @@ def _device_sms(device) -> int:
 def _resolve(cfg: Int4Config, M: int, N: int, K: int, group_size: int, device) -> Int4Config:
     if cfg.kernel == "gemv":  # its grid is sized at launch (_launch_gemv); nothing to resolve
         return cfg
+    if cfg.kernel == "dequant":
+        return dataclasses.replace(cfg, block_k=min(cfg.block_k, K & -K))
     cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, group_size))
     if cfg.split_k is None:
         tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
@@ -431,6 +475,15 @@ def linear(x, qdata, scale, zero, group_size: int, bias=None, *, config=None) ->
 
     if cfg.kernel == "gemv":
         return _launch_gemv(x, qdata, scale, zero, group_size, bias, cfg)
+    if cfg.kernel == "dequant":
+        w = torch.empty((N, K), dtype=x.dtype, device=x.device)  # (N, K) in x.dtype
+        torch.library.wrap_triton(_int4_dequantize_kernel)[(triton.cdiv(N, cfg.block_n), K // cfg.block_k)](
+            qdata, scale, zero, w,
+            N,
+            qdata.stride(0), scale.stride(0), scale.stride(1), w.stride(0),
+            GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        )
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     # 2. output: fp32 zeros for split-K atomics (cast after), else x.dtype directly
     split = cfg.split_k

@@ -17,8 +17,11 @@ Kernel paths and M buckets (``select_config``):
   2 <= M <= 16 ``mm`` with BLOCK_M = 16 and a narrow BLOCK_N so that there are >= ~128 programs (512-wide
                K tiles for long K); memory bound, tensor cores via mma.sync.
   M <= 128     ``mm`` 128 x 64 tiles (BLOCK_M x BLOCK_N), ``swap_ab``; M <= 256: 128 x 128, ``swap_ab``; up to
-               M = 256 a shape with fewer than 128 tiles takes 128 x 128 tiles and splits K. Larger M:
-               256 x 128 x 64, 8 warps, ``swap_ab`` (compute bound).
+               M = 256 a shape with fewer than 128 tiles takes 128 x 128 tiles and splits K.
+  M > 512, or M > 256 with fewer than 128 tiles of 256 x 128: ``dequant``: ``_dequantize_kernel`` writes
+               the whole weight ``q * s`` in x.dtype (as the reference rounds it), then one cuBLAS GEMM
+               (``F.linear``; ``kernels.dequantize_first``). Otherwise (also when exporting, or for a copy
+               over DEQUANTIZE_MAX_BYTES): ``mm`` 256 x 128 x 64, 8 warps, ``swap_ab`` (compute bound).
   ``mm`` converts int8 -> x.dtype inside the K loop and uses ``tl.dot`` (fp32 accumulate). With ``swap_ab``
   it computes y.T = W @ x.T, so the converted weight tile is wgmma's A operand, read from registers; as the B
   operand it would make a round trip through shared memory (measured 1.2-1.6x slower from M = 128 on).
@@ -38,10 +41,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from aofx.kernels import bucket_m, grid_order
+from aofx.kernels import bucket_m, dequantize_first, grid_order
 
 _X_DTYPES = (torch.bfloat16, torch.float16)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -224,6 +228,30 @@ def _int8wo_mm_kernel(
     _store_tile(acc, y_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
 
+@triton.jit
+def _dequantize_kernel(
+    # pointers
+    w_ptr, s_ptr, out_ptr,
+    # dimensions
+    N, K,
+    # strides (qdata and out are contiguous along K)
+    stride_wn, stride_sn, stride_sg, stride_on,
+    # meta-parameters
+    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # one (BLOCK_N, BLOCK_K) tile of q * s in out's dtype, rounded once from fp32 like the reference
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, eviction_policy="evict_first")
+    if GROUP_SIZE > 0:
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + (rk // GROUP_SIZE)[None, :] * stride_sg, mask=mask, other=0.0)
+    else:
+        s = tl.load(s_ptr + rn * stride_sn, mask=rn < N, other=0.0)[:, None]
+    w = _code_to_f32(q) * s.to(tl.float32)  # (BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------- config tables
 
 # (max M, config) per bucket, first match wins. block_n / block_k / split_k are refined per shape in
@@ -243,6 +271,11 @@ _MM_TABLE = (
 # over half of the warp stall samples waiting on cp.async. fp8 dynamic (``quantize_x``) with 16-64 rows:
 # 28.4-38.1 us against 28.6 / 29.3.
 _GEMV = KernelConfig("gemv", block_m=1, block_n=8, block_k=512, num_warps=2, num_stages=4)
+# dequant (benchmarks/sweep.py, one run, int8 / e4m3, 14336x4096 and 4096x14336): M=1024 230 / 224 us and
+# 224 / 220 us against 269 / 227 and 280 / 223 for the mm 256 x 128 bucket; M=512 158 / 152 and 155 / 148
+# against 124 / 216 and 123 / 213 (only 64 tiles of 256 x 128 at N = 4096); M=256 mm stays ahead (86-93 us
+# against 119-133). Tiles of 8-64 rows x 256-1024 codes, 2-8 warps: within 14%; the copy alone ~70 us.
+_DEQUANT = KernelConfig("dequant", block_m=1, block_n=16, block_k=256, num_warps=2)
 _LONG_K = 8192  # M <= 16: from this K on, 512-wide K tiles (fewer, longer programs need more bytes per stage)
 
 # Enough programs to cover 132 SMs about once; below this small-M configs narrow BLOCK_N, then split K.
@@ -265,6 +298,9 @@ def select_config(M: int, N: int, K: int, group_size: int = 0) -> KernelConfig:
         n_tiles = triton.cdiv(N, _GEMV.block_n)
         return dataclasses.replace(_GEMV, block_k=block_k, split_k=split_k_for(n_tiles, triton.cdiv(K, block_k)))
     cfg = next(c for max_m, c in _MM_TABLE if max_m is None or M <= max_m)
+    if M > 256 and dequantize_first(N, K) and (
+            M > 512 or triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) < _MIN_PROGRAMS):
+        return _DEQUANT
     block_k = min(cfg.block_k, group_size) if group_size else cfg.block_k
     block_n = cfg.block_n
     num_stages = cfg.num_stages
@@ -368,6 +404,8 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
         raise ValueError(f"{name}: the gemv path needs M == 1, got M={M}")
     if quantize_x and cfg.path != "gemv":
         raise ValueError(f"{name}: in-kernel quantization of x is a gemv path, got {cfg.path!r}")
+    if cfg.path == "dequant":
+        return _dequantize_linear(x, qdata, scale, bias, cfg, group_size)
     if group_size and (cfg.block_k % group_size if cfg.path == "gemv" else group_size % cfg.block_k):
         raise ValueError(f"{name}: block_k={cfg.block_k} does not fit group_size={group_size} "
                          "(gemv: a multiple of it; mm: a divisor of it)")
@@ -401,8 +439,22 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
-        raise ValueError(f"{name}: unknown path {cfg.path!r} (expected 'gemv' or 'mm')")
+        raise ValueError(f"{name}: unknown path {cfg.path!r} (expected 'gemv', 'mm' or 'dequant')")
     return split_k_result(out, x.dtype)
+
+
+def _dequantize_linear(x, qdata, scale, bias, cfg: KernelConfig, group_size: int) -> torch.Tensor:
+    """The ``dequant`` path: ``F.linear(x, q * s, bias)`` with q * s written by one Triton kernel."""
+    N, K = qdata.shape
+    w = torch.empty((N, K), dtype=x.dtype, device=x.device)  # (N, K) in x.dtype
+    torch.library.wrap_triton(_dequantize_kernel)[(triton.cdiv(N, cfg.block_n), triton.cdiv(K, cfg.block_k))](
+        qdata, scale, w,
+        N, K,
+        qdata.stride(0), scale.stride(0), scale.stride(1) if group_size else 0, w.stride(0),
+        GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+    )
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def split_k_output(x, M: int, N: int, split: int) -> torch.Tensor:

@@ -57,6 +57,7 @@ def forced(cfg, **changes):
 TABLE = [pytest.param(cfg, id=f"bucket-M<={bound}") for bound, cfg in int4.CONFIGS]
 GEMV = int4.CONFIGS[0][1]
 MM16 = int4.CONFIGS[1][1]
+DEQUANT = int4.CONFIGS[-1][1]
 
 
 # ---------------------------------------------------------------- interpreter (CPU tensors)
@@ -67,7 +68,7 @@ MM16 = int4.CONFIGS[1][1]
 def test_every_bucket_config(cfg, split_k):
     # N=40 and M=5 are not multiples of any block; K=256 with group 64 gives 4 groups.
     case = make_case(5, 40, 256, 64, torch.float16)
-    if cfg.kernel == "gemv" and split_k > 1:  # the gemv shares K among its programs itself
+    if cfg.kernel != "mm" and split_k > 1:  # the gemv shares K among its programs itself
         with pytest.raises(ValueError, match="split_k is for 'mm'"):
             forced(cfg, split_k=split_k)
         return
@@ -84,9 +85,9 @@ def test_default_selection(M):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
-@pytest.mark.parametrize("kernel", ["gemv", "mm"])
+@pytest.mark.parametrize("kernel", ["gemv", "mm", "dequant"])
 def test_group_sizes(group_size, kernel):
-    cfg = GEMV if kernel == "gemv" else MM16
+    cfg = {"gemv": GEMV, "mm": MM16, "dequant": DEQUANT}[kernel]
     case = make_case(3, 33, 256, group_size, torch.float16, bias=False)
     out = int4.linear(*case[:4], group_size, None, config=forced(cfg, block_n=16))
     check(out, *case[:4], group_size, None)
@@ -159,14 +160,21 @@ def test_rejects_bad_inputs():
         int4.Int4Config("mm", block_n=96, block_k=64)
 
 
-def test_select_config_buckets():
+def test_select_config_buckets(monkeypatch):
     N, K = 14336, 4096
     assert int4.select_config(1, N, K, 128).kernel == "gemv"
     small = int4.select_config(16, N, K, 128)
     assert (small.kernel, small.block_m) == ("mm", 16)
     assert int4.select_config(17, N, K, 128).block_m == 64
-    large = int4.select_config(1024, N, K, 128)
-    assert large.kernel == "mm" and large.split_k == 1 and large.block_m == 256
+    assert int4.select_config(256, N, K, 128).kernel == "mm"
+    assert int4.select_config(257, N, K, 128).kernel == "dequant"
+    # the dequant tile never crosses the end of K (a multiple of the group size only)
+    assert int4.select_config(1024, 1000, 768, 128).block_k == 256
+    assert int4.select_config(1024, 1000, 32 * 7, 32).block_k == 32
+    # no bf16 copy over the byte cap (a 128256 x 4096 vocabulary head), nor in an exported graph
+    assert int4.select_config(1024, 128256, 4096, 128) == int4.MM_LARGE
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert int4.select_config(1024, N, K, 128) == int4.MM_LARGE
     # a narrow layer is split along K to fill the GPU; the K tile never exceeds a group
     narrow = int4.select_config(16, 1024, 14336, 32)
     assert narrow.split_k > 1 and narrow.block_k == 32

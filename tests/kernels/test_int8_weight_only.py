@@ -26,6 +26,7 @@ GEMV = KernelConfig("gemv", block_m=1, block_n=16, block_k=64)
 GEMV_SPLIT = dataclasses.replace(GEMV, split_k=2)
 MM = KernelConfig("mm", block_m=16, block_n=32, block_k=32)
 MM_SPLIT = dataclasses.replace(MM, split_k=3)
+DEQUANT = KernelConfig("dequant", block_m=1, block_n=16, block_k=64)
 
 
 def _inputs(M, N, K, dtype, device, group_size=None, bias=True, seed=0):
@@ -66,6 +67,9 @@ INTERP_CASES = [
     pytest.param(17, 256, 128, dataclasses.replace(MM, block_m=32, block_k=64, group_m=1), id="mm-g128-gm1"),
     pytest.param(5, 200, None, dataclasses.replace(MM, swap_ab=True), id="mm-swap-row-oddK"),
     pytest.param(17, 256, 64, dataclasses.replace(MM_SPLIT, swap_ab=True), id="mm-swap-g64-splitk"),
+    pytest.param(5, 200, None, DEQUANT, id="dequant-row-oddK"),
+    pytest.param(3, 256, 32, DEQUANT, id="dequant-g32"),
+    pytest.param(17, 256, 128, DEQUANT, id="dequant-g128"),
 ]
 
 
@@ -118,9 +122,9 @@ def test_m0_returns_empty():
     assert y.shape == (0, 40) and y.dtype == torch.float16
 
 
-def test_select_config_buckets():
+def test_select_config_buckets(monkeypatch):
     for gs in (0, 32, 64, 128, 256):
-        for M in (1, 2, 16, 17, 128, 129, 256, 257, 4096):
+        for M in (1, 2, 16, 17, 128, 129, 256):
             for N, K in ((14336, 4096), (4096, 14336), (1000, 768)):
                 if gs and K % gs:
                     continue
@@ -130,6 +134,14 @@ def test_select_config_buckets():
                     assert (cfg.block_k % gs == 0) if M == 1 else (gs % cfg.block_k == 0)
                 if M > 1:
                     assert cfg.block_m >= min(M, 64)
+        # above M = 256: dequantize then cuBLAS, unless the 256 x 128 tiles fill the GPU up to M = 512
+        assert kernels.select_config(513, 14336, 4096, gs).path == "dequant"
+        assert kernels.select_config(512, 14336, 4096, gs).path == "mm"  # 224 tiles
+        assert kernels.select_config(257, 4096, 14336, gs).path == "dequant"  # 64 tiles
+    # no bf16 copy over the byte cap (a 128256 x 4096 vocabulary head), nor in an exported graph
+    assert kernels.select_config(4096, 128256, 4096).path == "mm"
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert kernels.select_config(4096, 4096, 4096).path == "mm"
     # Large N needs no K split at M=1; a narrow layer gets one.
     assert kernels.select_config(1, 14336, 4096).split_k == 1
     assert kernels.select_config(1, 256, 4096).split_k > 1
@@ -178,7 +190,8 @@ def test_cuda(M, N, K, group_size, dtype):
     (1, KernelConfig("gemv", 1, 16, 1024, split_k=4, num_warps=8, num_stages=1)),
     (7, KernelConfig("mm", 16, 32, 32, split_k=4, num_stages=4)),
     (300, KernelConfig("mm", 128, 256, 32, num_warps=8, num_stages=3)),
-], ids=["gemv-splitk", "mm16-splitk", "mm128x256"])
+    (300, KernelConfig("dequant", 1, 16, 256, num_warps=2)),
+], ids=["gemv-splitk", "mm16-splitk", "mm128x256", "dequant"])
 def test_cuda_forced_configs(M, config, group_size):
     """Split-K, the smallest group size and the largest tile, which the default tables reach rarely."""
     x, qdata, scale, b = _inputs(M, 1000, 2048, torch.bfloat16, "cuda", group_size)
