@@ -283,23 +283,28 @@ def _int4_dequantize_kernel(
     # meta-parameters
     GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # one (BLOCK_N, BLOCK_K) tile of w = (q - 8) * s + z in w's dtype; BLOCK_K divides K (K is a multiple
-    # of the group size, BLOCK_K of 2 * 16), and a tile may span several groups
+    # one (BLOCK_N, BLOCK_K) tile of w = (q - 8) * s + z in w's dtype: G whole groups of a row (BLOCK_K is
+    # a multiple of GROUP_SIZE that divides K), each group's scale and zero loaded once
+    G: tl.constexpr = BLOCK_K // GROUP_SIZE
+    HALF: tl.constexpr = GROUP_SIZE // 2  # bytes per group row
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # byte b holds k = 2b, 2b + 1
-    mask_n = offs_n[:, None] < N
-    b = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_b[None, :], mask=mask_n, other=0,
-                eviction_policy="evict_first").to(tl.int32)  # (BN, BK//2)
-    g = (2 * offs_b // GROUP_SIZE)[None, :]  # both nibbles of a byte lie in one group
-    s = tl.load(scale_ptr + offs_n[:, None] * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
-    z = tl.load(zero_ptr + offs_n[:, None] * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+    offs_g = pid_k * G + tl.arange(0, G)
+    offs_b = tl.arange(0, HALF)
+    rows = offs_n[:, None, None]  # (BN, 1, 1)
+    mask_n = rows < N
+    b = tl.load(q_ptr + rows * stride_qn + (offs_g[None, :, None] * HALF + offs_b[None, None, :]), mask=mask_n,
+                other=0, eviction_policy="evict_first").to(tl.int32)  # (BN, G, HALF), byte b: k = 2b, 2b + 1
+    sz = rows * stride_sn + offs_g[None, :, None] * stride_sg  # (BN, G, 1)
+    s = tl.load(scale_ptr + sz, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + sz, mask=mask_n, other=0.0).to(tl.float32)
     lo = ((b & 15) - 8).to(tl.float32) * s + z
     hi = ((b >> 4) - 8).to(tl.float32) * s + z
-    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # (BN, BK), k = 2b + {0, 1}
+    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # (BN, BK)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask_n)
+    tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=offs_n[:, None] < N)
 
 
 # ---------------------------------------------------------------- configs
@@ -310,7 +315,7 @@ class Int4Config:
 
     kernel: "gemv", "mm" or "dequant". block_k: the K step of ``mm`` (clamped to group_size); for
     ``gemv`` the step is max(1, block_k // group_size) whole groups; for ``dequant`` (block_n, block_k)
-    is its tile, block_k clamped to the largest power of two that divides K. programs_per_sm: the ``gemv`` grid is
+    is its tile, block_k clamped to [group_size, the largest power of two that divides K]. programs_per_sm: the ``gemv`` grid is
     this many programs per SM (fewer when there are fewer work units), each an equal share of the
     (row tile, K step) units. split_k (``mm`` only): None picks it from the problem size
     (``_auto_split_k``), an int forces it. block_m, group_m, swap_ab: ``mm`` only.
@@ -417,7 +422,7 @@ def _resolve(cfg: Int4Config, M: int, N: int, K: int, group_size: int, device) -
     if cfg.kernel == "gemv":  # its grid is sized at launch (_launch_gemv); nothing to resolve
         return cfg
     if cfg.kernel == "dequant":
-        return dataclasses.replace(cfg, block_k=min(cfg.block_k, K & -K))
+        return dataclasses.replace(cfg, block_k=max(min(cfg.block_k, K & -K), group_size))
     cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, group_size))
     if cfg.split_k is None:
         tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
