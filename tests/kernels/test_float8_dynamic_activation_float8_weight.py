@@ -235,13 +235,14 @@ def test_select_config_buckets():
 
 # ---------------------------------------------------------------- GPU
 
-CUDA_MS = [0, 1, 3, 16, 17, 64, 129, 1024]
+CUDA_MS = [0, 1, 3, 16, 17, 64, 128, 129, 1024]
 CUDA_SHAPES = [pytest.param(4096, 4096, id="4096x4096"), pytest.param(1000, 768, id="1000x768"),
                pytest.param(4096, 14336, id="4096x14336")]
 CUDA_FORCED = [pytest.param(cfg, id=f"table-{max_m}") for max_m, cfg in int8dq._TABLE] + [
     pytest.param(Cfg("quantized", 16, 64, 256, split_k=4, swap_ab=True), id="small-swap-split"),
     pytest.param(Cfg("fused", 64, 128, 128), id="m64-fused"),
     pytest.param(Cfg("fused", 16, 64, 256, swap_ab=True), id="small-fused-swap"),
+    pytest.param(int8dq._NARROW, id="narrow"),
 ]
 
 

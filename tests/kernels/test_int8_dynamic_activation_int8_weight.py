@@ -156,7 +156,10 @@ def test_select_config_buckets():
     assert kernels.select_config(4096, 4096, 14336).split_k == 1
     assert kernels.select_config(1, 14336, 4096).split_k == 1
     assert kernels.select_config(1, 256, 4096).split_k > 1
-    assert kernels.select_config(128, 4096, 14336).split_k > 1  # 64 tiles: split K to fill the GPU
+    # 64 tiles of 64 x 128 at M = 128: 128 narrower tiles fill the GPU; at M = 64, still too few: split K
+    narrow = kernels.select_config(128, 4096, 14336)
+    assert (narrow.block_n, narrow.block_k, narrow.split_k) == (64, 256, 1)
+    assert kernels.select_config(64, 4096, 14336).split_k > 1
 
 
 @pytest.mark.parametrize("bad, err", [
@@ -202,7 +205,9 @@ def test_cuda(M, N, K, dtype):
     (300, KernelConfig("quantized", 128, 256, 128, num_warps=8, num_stages=3)),
     (300, KernelConfig("fused", 64, 128, 128, num_warps=4, num_stages=3)),
     (33, KernelConfig("quantized", 64, 128, 128, split_k=2, num_stages=4)),
-], ids=["fused-splitk", "fused", "quantized-smallM", "quantized-128x256", "fused-largeM", "quantized-splitk"])
+    (100, kernels._NARROW),
+], ids=["fused-splitk", "fused", "quantized-smallM", "quantized-128x256", "fused-largeM", "quantized-splitk",
+        "quantized-narrow"])
 def test_cuda_forced_configs(M, config):
     x, qdata, scale, b = _inputs(M, 1000, 2048, torch.bfloat16, "cuda", x_scale=3.0)
     _assert_matches(kernels.linear(x, qdata, scale, b, config=config), x, qdata, scale, b)
