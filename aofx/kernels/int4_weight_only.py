@@ -315,9 +315,9 @@ class Int4Config:
 
     kernel: "gemv", "mm" or "dequant". block_k: the K step of ``mm`` (clamped to group_size); for
     ``gemv`` the step is max(1, block_k // group_size) whole groups; for ``dequant`` (block_n, block_k)
-    is its tile, block_k clamped to [group_size, the largest power of two that divides K]. programs_per_sm: the ``gemv`` grid is
-    this many programs per SM (fewer when there are fewer work units), each an equal share of the
-    (row tile, K step) units. split_k (``mm`` only): None picks it from the problem size
+    is its tile, block_k clamped to [group_size, the largest power of two that divides K].
+    programs_per_sm: the ``gemv`` grid is this many programs per SM (fewer when there are fewer work
+    units), each an equal share of the (row tile, K step) units. split_k (``mm`` only): None picks it from the problem size
     (``_auto_split_k``), an int forces it. block_m, group_m, swap_ab: ``mm`` only.
     """
 
@@ -364,10 +364,12 @@ class Int4Config:
 #       26.6-51 us. ncu on this kernel: 51% of issue slots busy, 45% of DRAM bandwidth.
 #   M=16 16x128x128 swap_ab, 8 warps: 35 / 33 us (4 warps, 4 stages: 41 / 38).
 #   M=128 128x128x64 without swap, 8 warps, 4 stages: 62 / 61 us (128x256x64 swap: 97 / 95).
-#   M>256 dequant (benchmarks/sweep.py, one run, 14336x4096 / 4096x14336): M=1024 214 / 215 us against
-#       350 / 386 us for mm 256x128x64 8 warps (128x256x64: 518 / 591 in an earlier run); M=512 149 / 140
-#       against 166 / 378; M=256 113 / 124 against 90 / 104 for the M<=256 bucket's mm. Tiles of 8-64 rows
-#       x 128 codes, 2-8 warps, were within 4% of each other (the copy alone: ~60 us, 2.4 TB/s).
+#   M>256 dequant (benchmarks/sweep.py, 14336x4096 / 4096x14336): M=1024 213 / 208 us, M=512 147 / 137 us.
+#       In another run, with an earlier dequant kernel of the same speed: mm 256x128x64 8 warps took 350 / 386
+#       us at M=1024 (128x256x64: 518 / 591 in an earlier run) and 166 / 378 at M=512; at M=256 the M<=256
+#       bucket's mm stays ahead, 90 / 104 against 113 / 124. Dequant tiles of 8-64 rows x 128-512 codes, 2-8
+#       warps: within 2% of each other (the copy alone: ~60 us, 2.4 TB/s). A first version that loaded the
+#       scale and zero per byte rather than per group took 247 / 227 us at M=1024 (bench_layers.py).
 CONFIGS = (
     (2, Int4Config("gemv", block_n=32, block_k=128, num_warps=2, num_stages=1, programs_per_sm=8)),
     (16, Int4Config("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_warps=8, num_stages=3)),
