@@ -257,6 +257,8 @@ def _dequantize_kernel(
 # (max M, config) per bucket, first match wins. block_n / block_k / split_k are refined per shape in
 # select_config. Measured on H100 (4-layer CUDA-graph stacks, 14336x4096 and 4096x14336): from M = 128 on,
 # swap_ab (the converted weight tile as wgmma's register A operand) beats the x @ W.T orientation by 1.2-1.6x.
+# M = 16 (benchmarks/sweep.py, one run, int8 / e4m3 weight-only and dynamic): 14 tiles of 16 x 32-128 x
+# 128-1024, 2-8 warps, 3-8 stages, swap_ab or not, were at best 0-3% faster than the selected configs.
 _MM_TABLE = (
     (16, KernelConfig("mm", block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)),
     (128, KernelConfig("mm", block_m=128, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
