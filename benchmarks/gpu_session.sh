@@ -9,5 +9,5 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m cuda -n "${TEST_WORKERS:-8}" -p no:cacheprovider \
     2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
-timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_layers.py --out "$OUT/h100.json" "$@" \
+timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_layers.py --out "$OUT/h100.json" "$@" \
     2>&1 | tee "$OUT/bench.log" | tail -70
