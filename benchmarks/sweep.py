@@ -36,13 +36,9 @@ def _int4(M, N, K):
     c = int4.Int4Config
     cands = {"default": int4.select_config(M, N, K, 128)}
     if M == 1:
-        for bn, bk, w, st, pps in ((128, 128, 8, 1, 2), (32, 128, 2, 1, 8), (16, 1024, 8, 1, 2),
-                                   (16, 1024, 8, 1, 3), (16, 1024, 8, 3, 2), (16, 512, 4, 1, 4),
-                                   (16, 512, 4, 1, 6), (32, 512, 8, 1, 2), (32, 512, 8, 1, 3),
-                                   (8, 1024, 4, 1, 4), (8, 512, 2, 1, 8), (16, 1024, 4, 1, 4),
-                                   (32, 1024, 8, 1, 2)):
-            cands[f"gemv bn{bn} bk{bk} w{w} s{st} p{pps}"] = c("gemv", block_n=bn, block_k=bk, num_warps=w,
-                                                              num_stages=st, programs_per_sm=pps)
+        for bn, bk, w, st in ((4, 512, 2, 4), (4, 512, 2, 3), (4, 1024, 4, 3), (4, 1024, 2, 4), (8, 512, 2, 4),
+                              (2, 512, 1, 4), (2, 1024, 2, 4), (8, 1024, 4, 3), (16, 256, 4, 4)):
+            cands[f"gemv bn{bn} bk{bk} w{w} s{st}"] = c("gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=st)
     else:
         for bm, bn, bk, w, st, swap in ((16, 128, 128, 8, 4, True), (16, 64, 128, 4, 4, True),
                                         (16, 128, 128, 4, 3, True), (16, 256, 64, 8, 4, True)) if M <= 16 else (

@@ -12,15 +12,11 @@ Math (``numerics.float8_dynamic_activation_float8_weight_linear``): the activati
 
 This is the int8 dynamic scheme with e4m3 codes and 448 for 127, so it runs those kernels (both
 files' kernels take either code type; e4m3 products accumulate in fp32 on the fp8 tensor cores):
-
-    M = 1      ``int8_weight_only``'s CUDA-core GEMV with ``quantize_x``: every program computes the
-               row's amax (x is one row, read from L2) and quantizes x on the fly, multiplying by
-               1 / s_x. That can move a code by one e4m3 step where x / s_x lies within an fp32 ulp
-               of a rounding midpoint. At M = 1 a per-tensor amax is the row's amax.
-    M > 1      per row: ``int8_dynamic_activation_int8_weight``'s per-token kernel writes xq (an
-               exact IEEE ``x / s_x``) and s_x, then its tensor-core GEMM with that file's M buckets,
-               ``swap_ab`` and K splits. Per tensor: max |x| over all of x (one torch reduction,
-               exact), then the same kernels with every row quantized by that amax.
+``int8_dynamic_activation_int8_weight``'s per-token kernel writes xq (an exact IEEE ``x / s_x``)
+and s_x, then at M = 1 ``int8_weight_only``'s CUDA-core GEMV reads the codes, and at M > 1 the
+tensor-core GEMM runs with that file's M buckets, ``swap_ab`` and K splits. Per tensor (M > 1):
+max |x| over all of x (one torch reduction, exact), then the same kernels with every row quantized
+by that amax; at M = 1 the tensor's amax is the row's.
 
 Hopper fp8 wgmma accumulates in reduced precision over all of K (Triton's default on sm_90, like
 torch._scaled_mm's use_fast_accum); ``test_cuda_fast_accum_sqnr`` holds it above 40 dB against the
@@ -42,8 +38,8 @@ __all__ = ["select_config", "linear"]
 
 
 def select_config(M: int, N: int, K: int) -> int8wo.KernelConfig:
-    """The GEMV at M = 1, else the int8 dynamic table's config for (M, N, K)."""
-    return int8wo.select_config(M, N, K) if M == 1 else int8dq.select_config(M, N, K)
+    """The int8 dynamic scheme's config for (M, N, K): the GEMV at M = 1, else its tensor-core table."""
+    return int8dq.select_config(M, N, K)
 
 
 def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, activation_per_row: bool,
@@ -58,8 +54,8 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, activation
     if done is not None:
         return done
     cfg = config if config is not None else select_config(bucket_m(x.shape[0]), qdata.shape[0], x.shape[1])
-    if cfg.path == "gemv":
-        return int8wo.launch(name, x, qdata, scale, bias, cfg, quantize_x=True)
-    # per tensor: max |x| (exact in x.dtype) in one reduction, then every row is quantized with it
-    x_amax = None if activation_per_row else torch.linalg.vector_norm(x, float("inf"))
+    # per tensor: max |x| (exact in x.dtype) in one reduction, then every row is quantized with it (the
+    # gemv path has one row, whose own amax that is)
+    per_row = activation_per_row or cfg.path == "gemv"
+    x_amax = None if per_row else torch.linalg.vector_norm(x, float("inf"))
     return int8dq.launch(name, x, qdata, scale, bias, cfg, x_amax=x_amax)

@@ -18,18 +18,15 @@ is the fp32 number ``f = 1 + q/16`` exactly, so
 Kernel paths, chosen per M bucket by ``select_config`` (plain Python ``if``: Inductor ignores
 ``triton.autotune`` keys for user kernels):
 
-    M <= 2     ``gemv``: CUDA-core GEMV, stream-K: the (row tile, K step) units of one x row are
-               shared out equally among a fixed grid of programs (programs_per_sm per SM), so no
-               SM idles through a tail wave whatever N and K are. A program adds each row tile's
-               fp32 partial atomically into a zeroed workspace, then its step count into the tile's
-               counter; the program that completes the count adds bias and stores the tile in x's
-               dtype (no cast kernel). qdata is read as int32 words (8 nibbles, k = 8 * word + i):
-               a step is a (BLOCK_N rows, G groups, GROUP_SIZE/8 words) tile, 16-byte loads of 4
-               words per thread, issued one step ahead; nibble i of every word is unpacked in
-               registers (one shift, one LOP3: the fp32 ``1 + q/16`` below) and multiplied by
-               x[8 * word + i], read by the same thread, so no layout conversion or cross-thread
-               reduction runs inside the K loop. Each word's partial is scaled in the loop,
-               ``acc += 16 s * sum_i(f x) + (z - 24 s) * sum_i(x)``.
+    M <= 2     ``gemv``: CUDA-core GEMV, one program per (4 weight rows, x row) over all of K, no
+               split, atomics or workspace. qdata is read as int32 words (8 nibbles, k = 8 * word
+               + i): a step is a (4 rows, G groups, GROUP_SIZE/8 words) tile of 512 codes a row
+               (1024 with 4 warps where there are fewer than 2048 row tiles), software-pipelined
+               with its scales, zeros and x (``tl.range`` stages, cp.async); nibble i of every word
+               is unpacked in registers (one shift, one LOP3: the fp32 ``1 + q/16`` below) and
+               multiplied by x[8 * word + i], read by the same thread, so no layout conversion or
+               cross-thread reduction runs inside the K loop. Each word's partial is scaled in the
+               loop, ``acc += 16 s * sum_i(f x) + (z - 24 s) * sum_i(x)``.
     M <= 16    ``mm`` with BLOCK_M=16, SWAP_AB (the dequantized weight tile is the MMA's A
                operand, x.T the B operand), split-K to fill the GPU. Memory-bound.
     M <= 64    ``mm`` with BLOCK_M=64, SWAP_AB, BLOCK_N=256 (the x tile re-read from L2 costs
@@ -72,20 +69,9 @@ _ONE_BITS = 0x3F800000  # fp32 1.0
 # ---------------------------------------------------------------- kernels
 
 @triton.jit
-def _gemv_step_loads(q_ptrs, s_ptrs, z_ptrs, g0, num_groups, offs_g, stride_sg, GW: tl.constexpr):
-    # the weight words and fp32 scale / zero of the step starting at group g0; groups >= num_groups
-    # are masked off
-    gmask = ((g0 + offs_g) < num_groups)[None, :, None]
-    q = tl.load(q_ptrs + g0 * GW, mask=gmask, other=0, eviction_policy="evict_first")
-    s = tl.load(s_ptrs + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)  # (BN, G, 1)
-    z = tl.load(z_ptrs + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)
-    return q, s, z
-
-
-@triton.jit
 def _int4_gemv_kernel(
-    # pointers (work_ptr: int32 zeros, the fp32 (M, N) sums then the int32 (M, tiles) step counts)
-    x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, work_ptr,
+    # pointers
+    x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
     # dimensions
     N, K,
     # strides (stride_qw: qdata row stride in int32 words)
@@ -95,98 +81,68 @@ def _int4_gemv_kernel(
     one_bits,
     # meta-parameters
     GROUP_SIZE: tl.constexpr, GROUPS_PER_ITER: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr,
+    EVEN_G: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    # Stream-K: the work is (row tile, K step) units, row tile by row tile, and program p of P takes
-    # units [p U / P, (p + 1) U / P): every program gets the same work (within one unit) whatever
-    # the shape, so no SM idles through a tail wave. A program's span covers the end of one row tile,
-    # maybe whole tiles, and the start of another; for each tile it adds its fp32 partial to acc
-    # (atomics) and then the number of units it did to the tile's counter. The program whose count
-    # completes the tile reads the sums back, adds bias and stores the tile in out's dtype.
-    #
-    # A step is a (BLOCK_N rows, G groups, GW int32 words) tile of the weight: each thread loads
-    # 16 bytes (4 words) of a row, and nibble i of every word (k = 8 * word + i) is unpacked in
-    # registers and multiplied by x[k]. No cross-thread reduction happens in the K loop.
+    # One program per (BLOCK_N weight rows, x row m) walks all of K, G whole groups a step. A step is
+    # a (BLOCK_N rows, G groups, GW int32 words) tile of the weight: 16-byte loads of 4 words per
+    # thread, software-pipelined NUM_STAGES deep (tl.range: cp.async) with the step's scales, zeros
+    # and x. Nibble i of every word (k = 8 * word + i) is unpacked in registers and multiplied by
+    # x[k], read by the same thread, so the only cross-thread reduction is the final one.
     G: tl.constexpr = GROUPS_PER_ITER
     GW: tl.constexpr = GROUP_SIZE // 8  # int32 words per group row
-    pid = tl.program_id(0)
+    pid_n = tl.program_id(0)
     m = tl.program_id(1)
-    steps = tl.cdiv(K // GROUP_SIZE, G)  # K steps per row tile
-    tiles = tl.cdiv(N, BLOCK_N)
-    units = tiles * steps
-    # one buffer, so the launcher passes no dtype view of it (Inductor cannot reindex those)
-    acc_ptr = work_ptr.to(tl.pointer_type(tl.float32), bitcast=True)
-    count_ptr = work_ptr + tl.num_programs(1) * N
-    u = (pid.to(tl.int64) * units // tl.num_programs(0)).to(tl.int32)
-    u_end = ((pid + 1).to(tl.int64) * units // tl.num_programs(0)).to(tl.int32)
-
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.where(mask_n, offs_n, 0)  # out-of-range rows read row 0 (never stored)
     offs_g = tl.arange(0, G)
-    offs_w = tl.arange(0, GW)
     offs_v = tl.arange(0, GW * 8)
-    words = offs_g[:, None] * GW + offs_w[None, :]  # (G, GW) word index in the step
+    words = offs_g[:, None] * GW + tl.arange(0, GW)[None, :]  # (G, GW) word index in the step
+    q_ptrs = q_ptr + rows[:, None, None] * stride_qw + words[None, :, :]  # (BN, G, GW)
+    sz = rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg  # (BN, G, 1)
     xv_ptrs = x_ptr + m * stride_xm + (offs_g[None, :, None] * GROUP_SIZE + offs_v[None, None, :]) * stride_xk
     num_groups = K // GROUP_SIZE
 
-    while u < u_end:
-        tile = u // steps
-        first = u - tile * steps
-        last = tl.minimum(u_end - tile * steps, steps)  # this program's steps of the tile: [first, last)
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        rows = tl.where(mask_n, offs_n, 0)  # out-of-range rows read row 0 (never stored)
-        q_ptrs = q_ptr + rows[:, None, None] * stride_qw + words[None, :, :]  # (BN, G, GW)
-        s_ptrs = scale_ptr + rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg  # (BN, G, 1)
-        z_ptrs = zero_ptr + rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg
-
-        acc = tl.zeros((BLOCK_N, G, GW), dtype=tl.float32)
-        # the weight, scale and zero of a step are loaded one step ahead (in registers), so a
-        # step's DRAM reads are in flight while the previous step computes
-        q_next, s_next, z_next = _gemv_step_loads(q_ptrs, s_ptrs, z_ptrs, first * G, num_groups, offs_g,
-                                                  stride_sg, GW)
-        for step in tl.range(first, last, num_stages=NUM_STAGES):
-            g0 = step * G
-            gmask = ((g0 + offs_g) < num_groups)[None, :, None]  # the last step may hang over K
-            q, s, z = q_next, s_next, z_next
-            # past the last step this reads whole groups masked off: no memory traffic
-            q_next, s_next, z_next = _gemv_step_loads(q_ptrs, s_ptrs, z_ptrs, g0 + G,
-                                                      tl.where(step + 1 < last, num_groups, 0), offs_g,
-                                                      stride_sg, GW)
-            # x of the step, split into x_i[word] = x[8 * word + i] by the thread that uses it
+    acc = tl.zeros((BLOCK_N, G, GW), dtype=tl.float32)
+    for g0 in tl.range(0, num_groups, G, num_stages=NUM_STAGES):
+        if EVEN_G:
+            q = tl.load(q_ptrs + g0 * GW, eviction_policy="evict_first")
+            s = tl.load(scale_ptr + sz + g0 * stride_sg).to(tl.float32)  # (BN, G, 1)
+            z = tl.load(zero_ptr + sz + g0 * stride_sg).to(tl.float32)
+            xv = tl.load(xv_ptrs + g0 * GROUP_SIZE * stride_xk, eviction_policy="evict_last").to(tl.float32)
+        else:  # the last step hangs over K: its groups past the end are masked off
+            gmask = ((g0 + offs_g) < num_groups)[None, :, None]
+            q = tl.load(q_ptrs + g0 * GW, mask=gmask, other=0, eviction_policy="evict_first")
+            s = tl.load(scale_ptr + sz + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)
+            z = tl.load(zero_ptr + sz + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)
             xv = tl.load(xv_ptrs + g0 * GROUP_SIZE * stride_xk, mask=gmask, other=0.0,
                          eviction_policy="evict_last").to(tl.float32)  # (1, G, GW * 8)
-            xv = tl.reshape(xv, (1, G, GW, 2, 2, 2))  # k = 8 * word + 4 * a + 2 * b + c
-            xa, xb = tl.split(xv)
-            xa0, xa1 = tl.split(xa)
-            xb0, xb1 = tl.split(xb)
-            x0, x4 = tl.split(xa0)
-            x2, x6 = tl.split(xa1)
-            x1, x5 = tl.split(xb0)
-            x3, x7 = tl.split(xb1)
-            fx = tl.zeros((BLOCK_N, G, GW), dtype=tl.float32)
-            xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-            for i in tl.static_range(8):
-                xi = [x0, x1, x2, x3, x4, x5, x6, x7][i]
-                # bits of 1 + q_i/16: nibble i moved to bits 19..22, one shift and one LOP3
-                if 4 * i <= 19:
-                    fi = ((q << (19 - 4 * i)) & 0x780000) | one_bits
-                else:
-                    fi = ((q >> (4 * i - 19)) & 0x780000) | one_bits
-                fx += fi.to(tl.float32, bitcast=True) * xi
-            # per (row, word): 16 s * sum(f x) + (z - 24 s) * sum(x), s and z of the word's group
-            acc += fx * (16.0 * s) + xs * (z - 24.0 * s)
+        # x of the step, split into x_i[word] = x[8 * word + i] by the thread that uses it
+        xv = tl.reshape(xv, (1, G, GW, 2, 2, 2))  # k = 8 * word + 4 * a + 2 * b + c
+        xa, xb = tl.split(xv)
+        xa0, xa1 = tl.split(xa)
+        xb0, xb1 = tl.split(xb)
+        x0, x4 = tl.split(xa0)
+        x2, x6 = tl.split(xa1)
+        x1, x5 = tl.split(xb0)
+        x3, x7 = tl.split(xb1)
+        fx = tl.zeros((BLOCK_N, G, GW), dtype=tl.float32)
+        xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+        for i in tl.static_range(8):
+            xi = [x0, x1, x2, x3, x4, x5, x6, x7][i]
+            # bits of 1 + q_i/16: nibble i moved to bits 19..22, one shift and one LOP3
+            if 4 * i <= 19:
+                fi = ((q << (19 - 4 * i)) & 0x780000) | one_bits
+            else:
+                fi = ((q >> (4 * i - 19)) & 0x780000) | one_bits
+            fx += fi.to(tl.float32, bitcast=True) * xi
+        # per (row, word): 16 s * sum(f x) + (z - 24 s) * sum(x), s and z of the word's group
+        acc += fx * (16.0 * s) + xs * (z - 24.0 * s)
 
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
-        sums = acc_ptr + m * N + offs_n
-        tl.atomic_add(sums, y, mask=mask_n, sem="relaxed")
-        # every thread's partial is in before one thread's release of the count
-        tl.debug_barrier()
-        done = tl.atomic_add(count_ptr + m * tiles + tile, last - first, sem="acq_rel") + (last - first)
-        if done == steps:  # this program completed the tile: bias, cast, store
-            total = tl.load(sums, mask=mask_n, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + rows).to(tl.float32)
-            tl.store(out_ptr + m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
-        u = tile * steps + last
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -316,8 +272,7 @@ class Int4Config:
     kernel: "gemv", "mm" or "dequant". block_k: the K step of ``mm`` (clamped to group_size); for
     ``gemv`` the step is max(1, block_k // group_size) whole groups; for ``dequant`` (block_n, block_k)
     is its tile, block_k clamped to [group_size, the largest power of two that divides K].
-    programs_per_sm: the ``gemv`` grid is this many programs per SM (fewer when there are fewer work
-    units), each an equal share of the (row tile, K step) units. split_k (``mm`` only): None picks it from the problem size
+    split_k (``mm`` only): None picks it from the problem size
     (``_auto_split_k``), an int forces it. block_m, group_m, swap_ab: ``mm`` only.
     """
 
@@ -330,7 +285,6 @@ class Int4Config:
     swap_ab: bool = False
     num_warps: int = 4
     num_stages: int = 3
-    programs_per_sm: int = 2
 
     def __post_init__(self):
         if self.kernel not in ("gemv", "mm", "dequant"):
@@ -345,23 +299,19 @@ class Int4Config:
             raise ValueError(f"Int4Config.split_k must be >= 1 or None, got {self.split_k}")
         if self.kernel != "mm" and self.split_k not in (None, 1):
             raise ValueError(f"Int4Config: split_k is for 'mm', got {self.split_k} for {self.kernel!r}")
-        if self.programs_per_sm < 1:
-            raise ValueError(f"Int4Config.programs_per_sm must be >= 1, got {self.programs_per_sm}")
 
 
 # (largest M of the bucket, config); the first bucket with M <= bound wins, the last covers the rest.
 # Measured on H100 (benchmarks/bench_layers.py stacks, 14336x4096 and 4096x14336, group 128):
-#   M=1 stream-K gemv, 32 rows x 1 group, 2 warps, 8 programs per SM: 22.8 / 23.6 us; 128 rows,
-#       8 warps, 2 per SM: 23.0 / 23.6 (benchmarks/sweep.py, one run). Same run, the split-K gemv
-#       it replaced (128 rows, 8 warps, split 4 / 16, zero-fill + cast kernels): 27.8 / 27.5 us.
-#       Steps of 4-8 groups (8-32 rows) ran 25-52 us; more programs per SM than fit in one wave
-#       (8 warps x 3, 2 warps x 12) add a tail: 27-29 us. Without its weight loads the kernel
-#       still takes 15 us (ALU, x and scale loads); with 1/8 of its ALU work, 21.6 us.
-#       Variants tried later (one run, 14336x4096 / 4096x14336), all slower: weights and x through cp.async
-#       (one flat unit loop, tl.range stages 2-6; per-row counters, as a CTA barrier in the loop stops the
-#       pipeliner) 24.6-29.5 / 24.8-30.0 us; per-thread sums of 16-byte chunks (fewer accumulators)
-#       23.2-37.7 / 24.9-36.8; x gathered per nibble in the weight's layout (no shared-memory shuffle)
-#       26.6-51 us. ncu on this kernel: 51% of issue slots busy, 45% of DRAM bandwidth.
+#   M=1 gemv (benchmarks/sweep.py driver, two runs; 14336x4096 / 4096x14336 / 4096x4096 / 1024x4096):
+#       4 rows x 512 codes, 2 warps, 4 stages: 22.9 / 23.0-23.2 / 8.8 / 5.2-5.3 us; 4 rows x 1024 codes,
+#       4 warps, 3 stages: 24.8 / 22.9 / 8.8 / 4.7, so it takes the layers with fewer than 2048 row tiles.
+#       The stream-K gemv these replaced (32-row tiles shared out over 8 programs per SM, fp32 atomics
+#       into a zero-filled workspace, per-tile counters): 22.7-22.8 / 23.5-23.7 / 10.1-10.2 / 6.5 us.
+#       Same runs: 2-32 rows x 128-1024 codes, 1-4 warps, 3-6 stages: 22.0-29.5 / 22.9-84 us (2 or 16+
+#       rows and 1-group steps are the slow ones); split K 2-4 (fp32 partials + a sum): 26.9-30.2 us.
+#       Earlier stream-K variants (cp.async, per-thread chunk sums, x gathered per nibble): 23.2-51 us.
+#       ncu on the stream-K kernel: 51% of issue slots busy, 45% of DRAM bandwidth.
 #   M=16 16x128x128 swap_ab, 8 warps: 35 / 33 us (4 warps, 4 stages: 41 / 38).
 #   M=128 128x128x64 without swap, 8 warps, 4 stages: 62 / 61 us (128x256x64 swap: 97 / 95).
 #   M>256 dequant (benchmarks/sweep.py, 14336x4096 / 4096x14336): M=1024 213 / 208 us, M=512 147 / 137 us.
@@ -371,12 +321,15 @@ class Int4Config:
 #       warps: within 2% of each other (the copy alone: ~60 us, 2.4 TB/s). A first version that loaded the
 #       scale and zero per byte rather than per group took 247 / 227 us at M=1024 (bench_layers.py).
 CONFIGS = (
-    (2, Int4Config("gemv", block_n=32, block_k=128, num_warps=2, num_stages=1, programs_per_sm=8)),
+    (2, Int4Config("gemv", block_n=4, block_k=512, num_warps=2, num_stages=4)),
     (16, Int4Config("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_warps=8, num_stages=3)),
     (64, Int4Config("mm", block_m=64, block_n=256, block_k=64, swap_ab=True, num_warps=8, num_stages=4)),
     (256, Int4Config("mm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)),
     (None, Int4Config("dequant", block_n=16, block_k=256, num_warps=4)),
 )
+# the gemv for layers with fewer than _GEMV_WIDE_BELOW row tiles of 4 (N < 8192): longer steps, more warps
+GEMV_WIDE = Int4Config("gemv", block_n=4, block_k=1024, num_warps=4, num_stages=3)
+_GEMV_WIDE_BELOW = 2048
 # the largest bucket where ``dequant`` is not used (kernels.dequantize_first)
 MM_LARGE = Int4Config("mm", block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3)
 
@@ -410,6 +363,8 @@ def select_config(M: int, N: int, K: int, group_size: int, device: torch.device 
             break
     if cfg.kernel == "dequant" and not dequantize_first(N, K):
         cfg = MM_LARGE
+    if cfg.kernel == "gemv" and triton.cdiv(N, cfg.block_n) < _GEMV_WIDE_BELOW:
+        cfg = GEMV_WIDE
     return _resolve(cfg, M, N, K, group_size, device)
 
 
@@ -421,7 +376,7 @@ def _device_sms(device) -> int:
 
 
 def _resolve(cfg: Int4Config, M: int, N: int, K: int, group_size: int, device) -> Int4Config:
-    if cfg.kernel == "gemv":  # its grid is sized at launch (_launch_gemv); nothing to resolve
+    if cfg.kernel == "gemv":  # one program per row tile; nothing to resolve
         return cfg
     if cfg.kernel == "dequant":
         return dataclasses.replace(cfg, block_k=max(min(cfg.block_k, K & -K), group_size))
@@ -521,19 +476,13 @@ def _launch_gemv(x, qdata, scale, zero, group_size: int, bias, cfg: Int4Config) 
         qdata = qdata.contiguous()
     qwords = qdata.view(torch.int32)  # (N, K//8)
     group_step = max(1, cfg.block_k // group_size)
-    tiles = triton.cdiv(N, cfg.block_n)
-    units = tiles * triton.cdiv(K // group_size, group_step)
-    programs = min(units, cfg.programs_per_sm * _device_sms(x.device))
-    # one zero-filled buffer: the fp32 (M, N) sums (zero bits are 0.0), then the int32 (M, tiles)
-    # step counts
-    work = torch.zeros(M * (N + tiles), dtype=torch.int32, device=x.device)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    torch.library.wrap_triton(_int4_gemv_kernel)[(programs, M)](
-        x, qwords, scale, zero, bias if bias is not None else out, out, work,
+    torch.library.wrap_triton(_int4_gemv_kernel)[(triton.cdiv(N, cfg.block_n), M)](
+        x, qwords, scale, zero, bias if bias is not None else out, out,
         N, K,
         x.stride(0), x.stride(1), qwords.stride(0), scale.stride(0), scale.stride(1), out.stride(0), _ONE_BITS,
         GROUP_SIZE=group_size, GROUPS_PER_ITER=group_step, BLOCK_N=cfg.block_n,
-        HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages,
+        EVEN_G=(K // group_size) % group_step == 0, HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -14,8 +14,12 @@ divided by s_x with an IEEE division (``tl.div_rn``), so the codes are bit-ident
 bf16/fp16 inputs, and the reciprocal then flips codes by 1 in a few percent of rows.) s_x = amax / 127 is an
 IEEE division too, as in ``numerics.safe_scale``.
 
-Kernel paths (``KernelConfig.path``), both one ``_int8dq_mm_kernel`` (``QUANTIZE_X`` picks the prologue):
-  ``quantized`` (every default bucket): a per-token kernel writes xq int8 (M, K) and s_x (M,), then an int8 x int8
+Kernel paths (``KernelConfig.path``):
+  ``gemv`` (M = 1): the per-token kernel below writes xq and s_x, then ``int8_weight_only``'s CUDA-core GEMV
+           reads the codes (``x_codes``): exact int8 x int8 products, summed exactly, scaled in the epilogue.
+  ``quantized`` (every other default bucket) and ``fused`` (forced configs only), both one
+  ``_int8dq_mm_kernel`` (``QUANTIZE_X`` picks the prologue):
+  ``quantized``: a per-token kernel writes xq int8 (M, K) and s_x (M,), then an int8 x int8
            GEMM with tensor-core tiles. With few rows (M <= 16) each row is quantized by K / 2048 programs
            (each recomputes the row's amax from L2), else one program per row keeps the row in registers.
            M <= 16: 16-row tiles, BLOCK_N narrowed until there are >= 128 programs, 512-wide K tiles for long K,
@@ -23,7 +27,7 @@ Kernel paths (``KernelConfig.path``), both one ``_int8dq_mm_kernel`` (``QUANTIZE
            M <= 128: 64 x 128, or 64 x 64 x 256 with 5 stages where 64 x 128 gives fewer than 128 tiles;
            M <= 256: 128 x 128; larger: 256 x 128 x 128, swap_ab, 3 stages. Up to M = 256, a shape that still
            has fewer than 128 tiles splits K (up to ~256 programs).
-  ``fused`` (forced configs only): the activation quantization is fused into the GEMM prologue. Each
+  ``fused``: the activation quantization is fused into the GEMM prologue. Each
            program loops over K for the amax of its BLOCK_M rows, then quantizes x tiles on the fly. Measured
            slower at every M (M=1, 14336x4096: 107 us against 29 us): every program redoes an IEEE division
            for all BLOCK_M (>= 16) rows of every x tile, masked rows included, while the separate kernel
@@ -46,6 +50,7 @@ import triton
 import triton.language as tl
 
 from aofx.kernels import bucket_m, grid_order
+from aofx.kernels import int8_weight_only as int8wo
 from aofx.kernels.int8_weight_only import (_MIN_PROGRAMS, KernelConfig, _store_tile, check_linear_args,
                                            split_k_for, split_k_output, split_k_result)
 
@@ -223,6 +228,8 @@ _QUANT_STAGES = 4  # software pipeline of the amax pass (when the row does not f
 
 def select_config(M: int, N: int, K: int) -> KernelConfig:
     """The config for one call. M selects the bucket; N, K (static under compile) refine it."""
+    if M == 1:
+        return int8wo.select_config(M, N, K)
     cfg = next(c for max_m, c in _TABLE if max_m is None or M <= max_m)
     block_n, block_k, split_k, swap_ab = cfg.block_n, cfg.block_k, 1, cfg.swap_ab
     if M <= 16:
@@ -298,14 +305,17 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> 
     fp8 = qdata.dtype == torch.float8_e4m3fn
     if x.stride(1) != 1:
         x = x.contiguous()
-    if x_amax is not None and cfg.path != "quantized":
-        raise ValueError(f"{name}: a per-tensor activation scale needs the 'quantized' path, got {cfg.path!r}")
+    if x_amax is not None and cfg.path not in ("quantized", "gemv"):
+        raise ValueError(f"{name}: a per-tensor activation scale needs the 'quantized' or 'gemv' path, "
+                         f"got {cfg.path!r}")
+    if cfg.path == "gemv":
+        return int8wo.launch(name, x, qdata, scale, bias, cfg, x_codes=quantize_per_token(x, fp8, x_amax))
     if cfg.path == "fused":
         x_arg, sx_arg = x, scale  # sx_arg is never read when QUANTIZE_X
     elif cfg.path == "quantized":
         x_arg, sx_arg = quantize_per_token(x, fp8, x_amax)
     else:
-        raise ValueError(f"{name}: unknown path {cfg.path!r} (expected 'fused' or 'quantized')")
+        raise ValueError(f"{name}: unknown path {cfg.path!r} (expected 'gemv', 'quantized' or 'fused')")
     scale = scale.contiguous()
     has_bias = bias is not None
     b_arg = bias.contiguous() if has_bias else scale  # any tensor: never read without HAS_BIAS

@@ -8,12 +8,14 @@ Layout read (the one ``aofx.numerics.quantize_int8`` writes):
   x      (M, K) bf16 / fp16 with arbitrary row stride; y is (M, N) in x.dtype.
 
 Kernel paths and M buckets (``select_config``):
-  M == 1       ``gemv``: one program per BLOCK_N (8) weight rows, a software-pipelined K loop (``tl.range``
-               stages, cp.async); each weight tile is converted to fp32 (bit trick for int8, no I2F) and
-               multiplied by the x row on the CUDA cores. Per-group scales are applied per (row, group)
-               partial sum every step; with per-row scales the products accumulate in a (BLOCK_N, BLOCK_K)
-               tile reduced once after the loop, and the scale is applied in the epilogue. With
-               ``quantize_x`` (fp8 dynamic) the program first reads the row for its amax.
+  M == 1       ``gemv``: one program per BLOCK_N (8; 4 when N < 2048) weight rows, a software-pipelined K
+               loop (``tl.range`` stages, cp.async); each weight tile is converted to fp32 (bit trick for
+               int8, no I2F) and multiplied by the x row on the CUDA cores. Per-group scales are applied
+               per (row, group) partial sum every step; with per-row scales the products accumulate in a
+               (BLOCK_N, BLOCK_K) tile reduced once after the loop, and the scale is applied in the
+               epilogue. The dynamic
+               schemes pass ``x_codes``: x quantized per row by their per-token kernel, int8 or e4m3
+               codes and s_x; int8 x int8 products are then summed exactly (int32 after the loop).
   2 <= M <= 16 ``mm`` with BLOCK_M = 16 and a narrow BLOCK_N so that there are >= ~128 programs (512-wide
                K tiles for long K); memory bound, tensor cores via mma.sync.
   M <= 128     ``mm`` 128 x 64 tiles (BLOCK_M x BLOCK_N), ``swap_ab``; M <= 256: 128 x 128, ``swap_ab``; up to
@@ -101,7 +103,7 @@ def _store_tile(y, y_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, N, stride_ym, pid_k
 @triton.jit
 def _int8wo_gemv_kernel(
     # pointers
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+    x_ptr, sx_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     # dimensions
     N, K,
     # strides (x and qdata are contiguous along K; y is a contiguous (1, N) row)
@@ -109,7 +111,7 @@ def _int8wo_gemv_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    QUANTIZE_X: tl.constexpr,  # quantize the x row to e4m3 in the kernel (fp8 dynamic, M = 1)
+    X_CODES: tl.constexpr,  # x is int8 / e4m3 codes with the fp32 row scale at sx_ptr (dynamic schemes, M = 1)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -117,15 +119,6 @@ def _int8wo_gemv_kernel(
     rn_safe = rn % N  # out-of-range rows re-read valid rows; their results are masked at the store
     rk = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rn_safe[:, None] * stride_wn  # (BLOCK_N, 1)
-
-    if QUANTIZE_X:
-        # Prologue: the row's amax over all of K (from L2 after the first program), s_x as in numerics.
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-            xv = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0, eviction_policy="evict_last")
-            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-        s_x = tl.maximum(tl.div_rn(tl.max(amax, axis=0), 448.0), 1.1754943508222875e-38)
-        inv_s_x = tl.div_rn(1.0, s_x)
 
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)  # per-group scales: reduced every step
     acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # per-row scale: one reduction after the loop
@@ -138,12 +131,8 @@ def _int8wo_gemv_kernel(
         else:
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_first")
             xv = tl.load(x_ptr + k, mask=k < K, other=0.0, eviction_policy="evict_last")
-        xf = xv.to(tl.float32)
-        if QUANTIZE_X:
-            # times 1 / s_x: one multiply per element instead of an IEEE division (which every program
-            # would redo); it can move a code by one e4m3 step when x / s_x is within an ulp of a midpoint
-            xf = tl.minimum(tl.maximum(xf * inv_s_x, -448.0), 448.0).to(tl.float8e4nv).to(tl.float32)
-        prod = _code_to_f32(w) * xf[None, :]  # (BLOCK_N, BLOCK_K)
+        # with int8 x codes the products are exact integers, and so is each lane's sum (< 2**24 for K < 500k)
+        prod = _code_to_f32(w) * _code_to_f32(xv)[None, :]  # (BLOCK_N, BLOCK_K)
         if GROUP_SIZE > 0:
             # BLOCK_K is a multiple of GROUP_SIZE: reduce each group, then weight it by its scale.
             g = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
@@ -155,9 +144,12 @@ def _int8wo_gemv_kernel(
             acc_k += prod
 
     if GROUP_SIZE == 0:
-        acc = tl.sum(acc_k, axis=1)
-    if QUANTIZE_X:
-        acc = acc * s_x  # the reference's association: (acc * s_x) * s_w
+        if X_CODES and x_ptr.dtype.element_ty == tl.int8:
+            acc = tl.sum(acc_k.to(tl.int32), axis=1).to(tl.float32)  # the exact int32 sum of the reference
+        else:
+            acc = tl.sum(acc_k, axis=1)
+    if X_CODES:
+        acc = acc * tl.load(sx_ptr)  # the reference's association: (acc * s_x) * s_w
     if GROUP_SIZE == 0:
         acc = acc * tl.load(s_ptr + rn_safe * stride_sn).to(tl.float32)
     if HAS_BIAS:
@@ -270,9 +262,17 @@ _MM_TABLE = (
 # Measured against it (int8wo M=1, 14336x4096 / 4096x14336, two runs; this config took 25.9-26.0 / 25.4-25.6 us in
 # both): 8-64 rows x 256-1024 codes, 2-8 warps: 25.8-39.1 us; a persistent variant (whole row tiles per program,
 # one flat cp.async loop over (tile, K step), 4-16 programs per SM): 26.5-37.5 us. ncu: 74% of DRAM bandwidth,
-# over half of the warp stall samples waiting on cp.async. fp8 dynamic (``quantize_x``) with 16-64 rows:
-# 28.4-38.1 us against 28.6 / 29.3.
+# over half of the warp stall samples waiting on cp.async. The dynamic schemes at M = 1 (per-token kernel,
+# then this gemv on the codes; sweep driver, two runs, 14336x4096 / 4096x14336 / 4096x4096 / 1024x4096):
+# int8 29.0 / 29.3-29.4 / 11.9 / 7.6 us against 28.7 / 29.9 / 12.8 / 10.6 for the 16-row tensor-core kernel;
+# e4m3 27.7-27.8 / 28.8 / 11.4 / 7.2 against 28.5-28.6 / 29.3 / 10.5-10.6 / 6.0 for a gemv that computed the
+# amax in every program and multiplied by 1 / s_x (faster on the small layers, but not exact). With one-pass
+# quantization (each row in one program's registers) the int8 / e4m3 times were the same or up to 1.6 us slower.
 _GEMV = KernelConfig("gemv", block_m=1, block_n=8, block_k=512, num_warps=2, num_stages=4)
+# gemv where 8-row tiles are fewer than 2 * _MIN_PROGRAMS (N < 2048): 4 rows x 1024 codes (1024x4096, sweep
+# driver, two runs: int8wo 4.5 / 4.5 us against 5.0 / 5.0, int8 dynamic 6.9 / 6.9 against 7.6 / 7.6, fp8
+# dynamic 6.7 / 6.6 against 7.2 / 7.2; on 4096x4096 it lost, 9.7 against 9.3 us)
+_GEMV_NARROW = KernelConfig("gemv", block_m=1, block_n=4, block_k=1024, num_warps=2, num_stages=4)
 # dequant (benchmarks/sweep.py, one run, int8 / e4m3, 14336x4096 and 4096x14336): M=1024 230 / 224 us and
 # 224 / 220 us against 269 / 227 and 280 / 223 for the mm 256 x 128 bucket; M=512 158 / 152 and 155 / 148
 # against 124 / 216 and 123 / 213 (only 64 tiles of 256 x 128 at N = 4096); M=256 mm stays ahead (86-93 us
@@ -296,9 +296,10 @@ def split_k_for(programs: int, k_tiles: int, min_programs: int = _MIN_PROGRAMS) 
 def select_config(M: int, N: int, K: int, group_size: int = 0) -> KernelConfig:
     """The config for one call. M selects the bucket; N, K, group_size (static under compile) refine it."""
     if M == 1:
-        block_k = max(min(_GEMV.block_k, triton.next_power_of_2(K)), group_size)
-        n_tiles = triton.cdiv(N, _GEMV.block_n)
-        return dataclasses.replace(_GEMV, block_k=block_k, split_k=split_k_for(n_tiles, triton.cdiv(K, block_k)))
+        gemv = _GEMV if triton.cdiv(N, _GEMV.block_n) >= 2 * _MIN_PROGRAMS else _GEMV_NARROW
+        block_k = max(min(gemv.block_k, triton.next_power_of_2(K)), group_size)
+        n_tiles = triton.cdiv(N, gemv.block_n)
+        return dataclasses.replace(gemv, block_k=block_k, split_k=split_k_for(n_tiles, triton.cdiv(K, block_k)))
     cfg = next(c for max_m, c in _MM_TABLE if max_m is None or M <= max_m)
     if M > 256 and dequantize_first(N, K) and (
             M > 512 or triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) < _MIN_PROGRAMS):
@@ -392,11 +393,12 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
 
 
 def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int = 0,
-           quantize_x: bool = False) -> torch.Tensor:
+           x_codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Launch ``cfg``'s kernel on checked arguments: x (M >= 1, K) bf16/fp16, qdata int8 or e4m3 (N, K)
     contiguous along K, scale (N,) (or (N, G) with ``group_size``; a 0-d per-tensor scale only with
-    ``quantize_x``), bias (N,) or None. ``quantize_x`` (gemv only): quantize x to e4m3 per row in the
-    kernel, the fp8 dynamic scheme at M = 1. Shared with the fp8 launchers.
+    ``x_codes``), bias (N,) or None. ``x_codes`` (gemv only): x already quantized per row, (codes (1, K)
+    int8 / e4m3, s_x fp32 (1,)), which the kernel reads instead of x; y is ``(acc * s_x) * s_w`` in
+    x.dtype. The dynamic schemes at M = 1 use it. Shared with the fp8 launchers.
     """
     M, K = x.shape
     N = qdata.shape[0]
@@ -404,8 +406,8 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
         x = x.contiguous()
     if cfg.path == "gemv" and M != 1:
         raise ValueError(f"{name}: the gemv path needs M == 1, got M={M}")
-    if quantize_x and cfg.path != "gemv":
-        raise ValueError(f"{name}: in-kernel quantization of x is a gemv path, got {cfg.path!r}")
+    if x_codes is not None and cfg.path != "gemv":
+        raise ValueError(f"{name}: a pre-quantized x is read by the gemv path only, got {cfg.path!r}")
     if cfg.path == "dequant":
         return _dequantize_linear(x, qdata, scale, bias, cfg, group_size)
     if group_size and (cfg.block_k % group_size if cfg.path == "gemv" else group_size % cfg.block_k):
@@ -420,13 +422,14 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
     even_k = K % cfg.block_k == 0
 
     if cfg.path == "gemv":
+        x_arg, sx_arg = x_codes if x_codes is not None else (x, scale)  # sx_arg is read only with codes
         grid = (triton.cdiv(N, cfg.block_n), split)
         torch.library.wrap_triton(_int8wo_gemv_kernel)[grid](
-            x, qdata, scale, b_arg, out,
+            x_arg, sx_arg, qdata, scale, b_arg, out,
             N, K,
             qdata.stride(0), stride_sn, stride_sg,
             HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, QUANTIZE_X=quantize_x,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, X_CODES=x_codes is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.path == "mm":

@@ -94,14 +94,12 @@ def test_group_sizes(group_size, kernel):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("programs", [1, 2, 4, 7, 9])
-def test_gemv_stream_k_spans(programs, monkeypatch):
-    # 3 row tiles x 3 K steps (5 groups of 32 stepped 2 at a time: the last step hangs over K) = 9
-    # units shared by 1 to 9 programs: spans that start or end inside a tile, cover whole tiles and
-    # cross tile boundaries; each tile is finished (bias, cast) by exactly one program.
-    monkeypatch.setattr(int4, "_num_sms", lambda index: 1)  # the grid is programs_per_sm programs
-    case = make_case(2, 40, 160, 32, torch.float16)
-    cfg = int4.Int4Config("gemv", block_n=16, block_k=64, programs_per_sm=programs)
+@pytest.mark.parametrize("block_k", [32, 64, 128, 256])
+def test_gemv_steps(block_k):
+    # 5 groups of 32 in steps of 1, 2, 4 or 8 groups: the last step ends on K or hangs over it (masked);
+    # 42 rows: the last row tile of 4 is partial; two x rows
+    case = make_case(2, 42, 160, 32, torch.float16)
+    cfg = int4.Int4Config("gemv", block_n=4, block_k=block_k, num_warps=2, num_stages=2)
     check(int4.linear(*case[:4], 32, case[4], config=cfg), *case[:4], 32, case[4])
 
 
@@ -162,7 +160,8 @@ def test_rejects_bad_inputs():
 
 def test_select_config_buckets(monkeypatch):
     N, K = 14336, 4096
-    assert int4.select_config(1, N, K, 128).kernel == "gemv"
+    assert int4.select_config(1, N, K, 128) == GEMV
+    assert int4.select_config(2, 4096, K, 128) == int4.GEMV_WIDE  # 1024 row tiles
     small = int4.select_config(16, N, K, 128)
     assert (small.kernel, small.block_m) == ("mm", 16)
     assert int4.select_config(17, N, K, 128).block_m == 64

@@ -22,6 +22,7 @@ RTOL = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 # Small tiles that force every path under the interpreter (N=40, K=200 are not multiples of them).
 FUSED = KernelConfig("fused", block_m=16, block_n=32, block_k=64)
 QUANTIZED = KernelConfig("quantized", block_m=16, block_n=32, block_k=64)
+GEMV = KernelConfig("gemv", block_m=1, block_n=16, block_k=64)
 
 
 def _inputs(M, N, K, dtype, device, bias=True, seed=0, x_scale=1.0):
@@ -65,6 +66,8 @@ INTERP_CASES = [
     pytest.param(3, 200, dataclasses.replace(QUANTIZED, swap_ab=True), id="quantized-swap-oddK"),
     pytest.param(17, 256, dataclasses.replace(QUANTIZED, split_k=2, swap_ab=True), id="quantized-swap-splitk"),
     pytest.param(5, 200, dataclasses.replace(FUSED, swap_ab=True), id="fused-swap"),
+    pytest.param(1, 200, GEMV, id="gemv-oddK"),
+    pytest.param(1, 256, dataclasses.replace(GEMV, split_k=2), id="gemv-splitk"),
 ]
 
 
@@ -149,7 +152,7 @@ def test_select_config_buckets():
     for M in (1, 2, 16):
         for N, K in ((14336, 4096), (4096, 14336), (1000, 768)):
             cfg = kernels.select_config(M, N, K)
-            assert cfg.path == "quantized" and cfg.block_m == 16
+            assert (cfg.path, cfg.block_m) == (("gemv", 1) if M == 1 else ("quantized", 16))
     for M in (17, 128, 129, 256, 257, 4096):
         cfg = kernels.select_config(M, 4096, 4096)
         assert cfg.path == "quantized" and cfg.block_m >= 64

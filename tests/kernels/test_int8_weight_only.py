@@ -144,6 +144,7 @@ def test_select_config_buckets(monkeypatch):
     assert kernels.select_config(4096, 4096, 4096).path == "mm"
     # Large N needs no K split at M=1; a narrow layer gets one.
     assert kernels.select_config(1, 14336, 4096).split_k == 1
+    assert kernels.select_config(1, 4096, 4096).block_n == 8 and kernels.select_config(1, 1024, 4096).block_n == 4
     assert kernels.select_config(1, 256, 4096).split_k > 1
 
 
