@@ -308,7 +308,7 @@ def test_cuda_quantize_kernel_bit_exact():
     """The per-token kernel's fp8 xq and s_x bit for bit against ``numerics.quantize_float8``'s
     formula evaluated with IEEE division (s = amax / 448, xq = e4m3(clamp(x / s))); the hardware cvt
     is RTNE like torch's cast. ``numerics`` itself on CUDA may divide through a reciprocal (see
-    ``assert_fp8dq_close``): its scale may be one ulp off and flip a few midpoint codes."""
+    ``reference``): its scale may be one ulp off and flip a few midpoint codes."""
     for m, k in ((300, 4096), (3, 14336)):  # one program per row; several programs per row
         x = make_x(m, k, torch.bfloat16, device="cuda") * 7
         x[1] = 0.0
