@@ -33,7 +33,8 @@ Kernel paths (``KernelConfig.path``):
            for all BLOCK_M (>= 16) rows of every x tile, masked rows included, while the separate kernel
            costs one short launch (~4 us at M <= 16, in a CUDA graph).
            At M = 1, a CUDA-core GEMV that quantizes x itself (an IEEE division per element in every
-           program) measured 41-61 us against 28.6 / 29.9 us for the default (14336x4096 / 4096x14336).
+           program) measured 41-61 us against 28.6 / 29.9 us for the 16-row ``quantized`` kernel, the
+           M = 1 default then (14336x4096 / 4096x14336).
 Split K stores fp32 partials into a (split_k, M, N) workspace that the launcher sums and casts.
 
 The fp8 dynamic scheme (``float8_dynamic_activation_float8_weight.py``) runs these kernels with e4m3 weights:
