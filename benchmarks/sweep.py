@@ -101,11 +101,8 @@ def _dynamic(fp8):
     def family(M, N, K):
         cands = {"default": (lambda x, q, s: fp8dq.linear(x, q, s, True)) if fp8
                  else (lambda x, q, s: int8dq.linear(x, q, s))}
-        if M == 1 and fp8:
-            for label, cfg in _gemv_grid():
-                cfg = _split_auto(cfg, N, K, M)
-                cands[label] = lambda x, q, s, cfg=cfg: int8wo.launch("sweep", x, q, s, None, cfg, quantize_x=True)
-        for label, cfg in _mm_grid(M, "quantized"):
+        # M = 1: the per-token kernel, then the weight-only gemv on the codes (int8dq.launch's gemv path)
+        for label, cfg in (_gemv_grid() if M == 1 else _mm_grid(M, "quantized")):
             cfg = _split_auto(cfg, N, K, M)
             cands[label] = lambda x, q, s, cfg=cfg: int8dq.launch("sweep", x, q, s, None, cfg)
         if fp8 and M >= 128:
