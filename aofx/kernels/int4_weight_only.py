@@ -69,6 +69,36 @@ _ONE_BITS = 0x3F800000  # fp32 1.0
 # ---------------------------------------------------------------- kernels
 
 @triton.jit
+def _nibble_f32(q, i: tl.constexpr, one_bits):
+    """fp32 ``1 + n/16`` for nibble ``i`` (bits 4i..4i+3) of each int32 word: one shift, one LOP3."""
+    if 4 * i <= 19:  # move the nibble to bits 19..22, the top of the fp32 mantissa of 1.0
+        bits = ((q << (19 - 4 * i)) & 0x780000) | one_bits
+    else:
+        bits = ((q >> (4 * i - 19)) & 0x780000) | one_bits
+    return bits.to(tl.float32, bitcast=True)
+
+
+def _dequant_bf16_asm() -> str:
+    """PTX for one int32 word (8 nibbles), its bf16 scale and zero -> the 8 bf16 weights.
+
+    Per pair of nibbles (i, i + 4): one LOP3 puts both into bf16 mantissas of 128 (0x4300 | n is
+    128 + n), ``sub.bf16x2`` of 136 leaves q - 8 exactly, and ``fma.rn.bf16x2`` gives
+    (q - 8) * s + z rounded once to bf16."""
+    lines = ["{", ".reg .b32 t, s2, z2, o2;", "mov.b32 o2, 0x43084308;", "mov.b32 s2, {$9, $9};",
+             "mov.b32 z2, {$10, $10};"]
+    for i in range(4):
+        if i:
+            lines.append(f"shr.b32 t, $8, {4 * i};")
+        lines += [f"lop3.b32 t, {'t' if i else '$8'}, 0x000F000F, 0x43004300, 0xea;",  # (a & b) | c
+                  "sub.bf16x2 t, t, o2;", "fma.rn.bf16x2 t, t, s2, z2;", f"mov.b32 {{${i}, ${i + 4}}}, t;"]
+    # one line: Inductor's copy of the kernel source (torch 2.11) cannot hold a newline in a global string
+    return " ".join(lines + ["}"])
+
+
+_DEQUANT_BF16_ASM = tl.constexpr(_dequant_bf16_asm())
+
+
+@triton.jit
 def _int4_gemv_kernel(
     # pointers
     x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
@@ -130,12 +160,7 @@ def _int4_gemv_kernel(
         xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
         for i in tl.static_range(8):
             xi = [x0, x1, x2, x3, x4, x5, x6, x7][i]
-            # bits of 1 + q_i/16: nibble i moved to bits 19..22, one shift and one LOP3
-            if 4 * i <= 19:
-                fi = ((q << (19 - 4 * i)) & 0x780000) | one_bits
-            else:
-                fi = ((q >> (4 * i - 19)) & 0x780000) | one_bits
-            fx += fi.to(tl.float32, bitcast=True) * xi
+            fx += _nibble_f32(q, i, one_bits) * xi
         # per (row, word): 16 s * sum(f x) + (z - 24 s) * sum(x), s and z of the word's group
         acc += fx * (16.0 * s) + xs * (z - 24.0 * s)
 
@@ -151,11 +176,12 @@ def _int4_mm_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
     # dimensions
     M, N, K,
-    # strides
-    stride_xm, stride_xk, stride_qn, stride_sn, stride_sg, stride_om, one_bits,
+    # strides (stride_qw: qdata row stride in int32 words)
+    stride_xm, stride_xk, stride_qw, stride_sn, stride_sg, stride_om, one_bits,
     # meta-parameters
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DEQUANT_PTX: tl.constexpr,  # the packed bf16 dequantization (inline PTX; bf16 x, scale and zero)
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -177,7 +203,7 @@ def _int4_mm_kernel(
     xrows = tl.where(mask_m, offs_m, 0)
     wrows = tl.where(mask_n, offs_n, 0)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_b = tl.arange(0, BLOCK_K // 2)
+    offs_w = tl.arange(0, BLOCK_K // 8)
 
     # split-K in whole BLOCK_K steps; BLOCK_K divides GROUP_SIZE divides K: no K mask
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
@@ -185,7 +211,7 @@ def _int4_mm_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
 
     x_ptrs = x_ptr + xrows[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk  # (BM, BK)
-    q_ptrs = q_ptr + wrows[:, None] * stride_qn + (k_start // 2 + offs_b)[None, :]  # (BN, BK//2)
+    q_ptrs = q_ptr + wrows[:, None] * stride_qw + (k_start // 8 + offs_w)[None, :]  # (BN, BK//8) words
     s_rows = scale_ptr + wrows * stride_sn  # (BN,)
     z_rows = zero_ptr + wrows * stride_sn
 
@@ -195,22 +221,35 @@ def _int4_mm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         xt = tl.load(x_ptrs, eviction_policy="evict_last")  # (BM, BK)
-        b = tl.load(q_ptrs, eviction_policy="evict_first")  # (BN, BK//2) uint8
+        q = tl.load(q_ptrs, eviction_policy="evict_first")  # (BN, BK//8) int32 words
         g = k // GROUP_SIZE
-        s = tl.load(s_rows + g * stride_sg).to(tl.float32)  # (BN,)
-        z = tl.load(z_rows + g * stride_sg).to(tl.float32)
-
-        bi = b.to(tl.int32)
-        lo = ((bi << 19) & 0x780000) | one_bits  # bits of 1 + q_even/16
-        hi = ((bi << 15) & 0x780000) | one_bits  # bits of 1 + q_odd/16
-        f = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)  # (BN, BK)
-        w = (f * (16.0 * s)[:, None] + (z - 24.0 * s)[:, None]).to(xt.dtype)  # (BN, BK)
+        s = tl.load(s_rows + g * stride_sg)[:, None]  # (BN, 1)
+        z = tl.load(z_rows + g * stride_sg)[:, None]
+        if DEQUANT_PTX:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _DEQUANT_BF16_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+                [q, tl.broadcast_to(s, q.shape), tl.broadcast_to(z, q.shape)],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            a = 16.0 * s.to(tl.float32)
+            c = z.to(tl.float32) - 24.0 * s.to(tl.float32)
+            w0 = (_nibble_f32(q, 0, one_bits) * a + c).to(xt.dtype)
+            w1 = (_nibble_f32(q, 1, one_bits) * a + c).to(xt.dtype)
+            w2 = (_nibble_f32(q, 2, one_bits) * a + c).to(xt.dtype)
+            w3 = (_nibble_f32(q, 3, one_bits) * a + c).to(xt.dtype)
+            w4 = (_nibble_f32(q, 4, one_bits) * a + c).to(xt.dtype)
+            w5 = (_nibble_f32(q, 5, one_bits) * a + c).to(xt.dtype)
+            w6 = (_nibble_f32(q, 6, one_bits) * a + c).to(xt.dtype)
+            w7 = (_nibble_f32(q, 7, one_bits) * a + c).to(xt.dtype)
+        # nested joins put nibble i of word j at k = 8 j + i: (BN, BK//8, 2, 2, 2) -> (BN, BK)
+        w = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
         if SWAP_AB:
             acc = tl.dot(w, tl.trans(xt), acc)  # (BN, BM)
         else:
             acc = tl.dot(xt, tl.trans(w), acc)  # (BM, BN)
         x_ptrs += BLOCK_K * stride_xk
-        q_ptrs += BLOCK_K // 2
+        q_ptrs += BLOCK_K // 8
 
     # epilogue: bias in fp32, cast (or fp32 atomic partials for split-K)
     if SWAP_AB:
@@ -323,7 +362,7 @@ class Int4Config:
 CONFIGS = (
     (2, Int4Config("gemv", block_n=4, block_k=512, num_warps=2, num_stages=4)),
     (16, Int4Config("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_warps=8, num_stages=3)),
-    (64, Int4Config("mm", block_m=64, block_n=256, block_k=64, swap_ab=True, num_warps=8, num_stages=4)),
+    (64, Int4Config("mm", block_m=64, block_n=128, block_k=64, swap_ab=True, num_warps=4, num_stages=4)),
     (256, Int4Config("mm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)),
     (None, Int4Config("dequant", block_n=16, block_k=256, num_warps=4)),
 )
@@ -456,25 +495,33 @@ def linear(x, qdata, scale, zero, group_size: int, bias=None, *, config=None) ->
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
 
     # 3. launch
+    qwords = _words(qdata)
+    # the PTX dequantization is exact for bf16 scale and zero into bf16 weights; the interpreter
+    # (CPU tensors) cannot run inline PTX and takes the fp32 path
+    ptx = x.is_cuda and x.dtype == scale.dtype == zero.dtype == torch.bfloat16
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
     torch.library.wrap_triton(_int4_mm_kernel)[grid](
-        x, qdata, scale, zero, bias_arg, out,
+        x, qwords, scale, zero, bias_arg, out,
         M, N, K,
-        x.stride(0), x.stride(1), qdata.stride(0), scale.stride(0), scale.stride(1), out.stride(0), _ONE_BITS,
+        x.stride(0), x.stride(1), qwords.stride(0), scale.stride(0), scale.stride(1), out.stride(0), _ONE_BITS,
         GROUP_SIZE=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, HAS_BIAS=bias is not None,
+        GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, HAS_BIAS=bias is not None, DEQUANT_PTX=ptx,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.to(x.dtype) if split > 1 else out
 
 
+def _words(qdata: torch.Tensor) -> torch.Tensor:
+    """qdata (N, K//2) uint8 as int32 words of 8 nibbles, (N, K//8): rows must start on 4-byte bounds."""
+    if qdata.stride(0) % 4 or qdata.storage_offset() % 4:
+        qdata = qdata.contiguous()
+    return qdata.view(torch.int32)
+
+
 def _launch_gemv(x, qdata, scale, zero, group_size: int, bias, cfg: Int4Config) -> torch.Tensor:
     M, K = x.shape
     N = qdata.shape[0]
-    # the kernel reads qdata as int32 words (8 nibbles each): rows must start on 4-byte bounds
-    if qdata.stride(0) % 4 or qdata.storage_offset() % 4:
-        qdata = qdata.contiguous()
-    qwords = qdata.view(torch.int32)  # (N, K//8)
+    qwords = _words(qdata)
     group_step = max(1, cfg.block_k // group_size)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     torch.library.wrap_triton(_int4_gemv_kernel)[(triton.cdiv(N, cfg.block_n), M)](
