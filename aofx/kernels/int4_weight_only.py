@@ -29,8 +29,7 @@ Kernel paths, chosen per M bucket by ``select_config`` (plain Python ``if``: Ind
                loop, ``acc += 16 s * sum_i(f x) + (z - 24 s) * sum_i(x)``.
     M <= 16    ``mm`` with BLOCK_M=16, SWAP_AB (the dequantized weight tile is the MMA's A
                operand, x.T the B operand), split-K to fill the GPU. Memory-bound.
-    M <= 64    ``mm`` with BLOCK_M=64, SWAP_AB, BLOCK_N=256 (the x tile re-read from L2 costs
-               4*M/BLOCK_N of the weight bytes), split-K.
+    M <= 64    ``mm`` with BLOCK_M=64, SWAP_AB, BLOCK_N=128, 4 warps, split-K.
     M <= 256   ``mm`` 128x128 tiles, split-K to fill the GPU.
     larger     ``dequant``: ``_int4_dequantize_kernel`` writes the whole weight in x.dtype, computed
                as the reference computes it (``(q - 8) * s + z`` in fp32, then cast), and one cuBLAS
@@ -38,9 +37,15 @@ Kernel paths, chosen per M bucket by ``select_config`` (plain Python ``if``: Ind
                (exporting, or a copy over DEQUANTIZE_MAX_BYTES): ``mm`` 256x128 tiles, grouped
                program order for L2 reuse, no split.
 
-The ``mm`` main loop loads a [BLOCK_N, BLOCK_K//2] byte tile, unpacks it with tl.join(low, high)
-+ reshape to [BLOCK_N, BLOCK_K], applies the group's scale/zero in fp32 (BLOCK_K divides
-group_size, so one scale column per step), casts to x.dtype and feeds tl.dot (fp32 accumulate).
+The ``mm`` main loop loads a [BLOCK_N, BLOCK_K//8] tile of int32 words and the group's scale and
+zero (BLOCK_K divides group_size, so one scale column per step), dequantizes the 8 nibbles of each
+word into 8 tensors, puts them in K order with nested tl.join + reshape to [BLOCK_N, BLOCK_K], and
+feeds tl.dot (fp32 accumulate). With bf16 x, scale and zero (``DEQUANT_PTX``) the dequantization is
+inline PTX on packed bf16 pairs: per two nibbles (i, i + 4) of a word one LOP3 makes ``128 + q``
+(0x4300 | q), ``sub.bf16x2`` of 136 leaves ``q - 8`` exactly and ``fma.rn.bf16x2`` gives
+``(q - 8) * s + z`` rounded once to bf16 (the reference rounds to fp32, then to bf16: equal but for
+a double-rounding tie). Otherwise (fp16 x, and under the interpreter, which cannot run PTX) it is
+the fp32 ``f * 16 s + (z - 24 s)`` above, cast to x.dtype.
 Bias and the output cast are in the epilogue. Split-K programs add fp32 partials atomically into
 a zeroed fp32 output that the launcher casts afterwards; bias is added by the pid_k == 0 program.
 
@@ -351,8 +356,19 @@ class Int4Config:
 #       rows and 1-group steps are the slow ones); split K 2-4 (fp32 partials + a sum): 26.9-30.2 us.
 #       Earlier stream-K variants (cp.async, per-thread chunk sums, x gathered per nibble): 23.2-51 us.
 #       ncu on the stream-K kernel: 51% of issue slots busy, 45% of DRAM bandwidth.
-#   M=16 16x128x128 swap_ab, 8 warps: 35 / 33 us (4 warps, 4 stages: 41 / 38).
-#   M=128 128x128x64 without swap, 8 warps, 4 stages: 62 / 61 us (128x256x64 swap: 97 / 95).
+#   mm, with the PTX dequantization (a scratch driver on benchmarks/sweep.py's harness, one run; the
+#   byte-tile fp32 kernel it replaced in brackets, same run): M=16 16x128x128 swap_ab, 8 warps, 3 stages:
+#       30.0 / 27.9 us (32.7 / 30.1); 16x64x128 4 warps: 28.8 / 44.9 (its split K 4 on 4096x14336);
+#       16x256x128: 38.2 / 39.0. Permuting K so that a packed pair needs no repacking (fewer instructions,
+#       x permuted in registers) was slower: 37.1 / 39.2 us.
+#   M=64 64x128x64 swap_ab, 4 warps, 4 stages: 45.7 / 42.1 us against 74.1 / 76.5 for 64x256x64 8 warps
+#       (the bucket's config before); 64x128x128 4 warps 3 stages: 45.8 / 45.8.
+#   M=128 128x128x64 without swap, 8 warps, 4 stages: 59.0 / 59.8 us (60.6 / 60.2); 128x128x128: 67.5 / 66.6;
+#       128x256x64: 80.3 / 83.7; 64x128x128 swap_ab 4 warps: 71.0 / 74.2. 128x128x64 swap_ab with 8 warps
+#       took 53.4 / 52.1 us but returned wrong results (SQNR -43 to -26 dB, varying from call to call) on
+#       14336x4096 with split K 2 in every call, on 4096x14336 with split 8 in some, and also with a
+#       split-K workspace in place of the atomics; with 4 warps and on smaller shapes it was right. No
+#       table uses it.
 #   M>256 dequant (benchmarks/sweep.py, 14336x4096 / 4096x14336): M=1024 213 / 208 us, M=512 147 / 137 us.
 #       In another run, with an earlier dequant kernel of the same speed: mm 256x128x64 8 warps took 350 / 386
 #       us at M=1024 (128x256x64: 518 / 591 in an earlier run) and 166 / 378 at M=512; at M=256 the M<=256
