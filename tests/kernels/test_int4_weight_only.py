@@ -121,6 +121,18 @@ def test_gemv_bfloat16():
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("kernel", ["gemv", "mm"])
+def test_qdata_off_word_bounds(kernel):
+    # both kernels read qdata as int32 words: a view whose rows start off 4-byte bounds is copied first
+    x, qdata, scale, zero, bias = make_case(3, 40, 128, 64, torch.float16)
+    wide = torch.zeros(40, 64 + 3, dtype=torch.uint8)
+    wide[:, 1:65] = qdata
+    view = wide[:, 1:65]  # row stride 67 bytes, offset 1
+    cfg = GEMV if kernel == "gemv" else MM16
+    check(int4.linear(x, view, scale, zero, 64, bias, config=cfg), x, qdata, scale, zero, 64, bias)
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 @pytest.mark.parametrize("kernel", ["gemv", "mm"])
 def test_non_contiguous_x(layout, kernel):
