@@ -350,12 +350,9 @@ class Int4Config:
 #   M=1 gemv (benchmarks/sweep.py driver, two runs; 14336x4096 / 4096x14336 / 4096x4096 / 1024x4096):
 #       4 rows x 512 codes, 2 warps, 4 stages: 22.9 / 23.0-23.2 / 8.8 / 5.2-5.3 us; 4 rows x 1024 codes,
 #       4 warps, 3 stages: 24.8 / 22.9 / 8.8 / 4.7, so it takes the layers with fewer than 2048 row tiles.
-#       The stream-K gemv these replaced (32-row tiles shared out over 8 programs per SM, fp32 atomics
-#       into a zero-filled workspace, per-tile counters): 22.7-22.8 / 23.5-23.7 / 10.1-10.2 / 6.5 us.
-#       Same runs: 2-32 rows x 128-1024 codes, 1-4 warps, 3-6 stages: 22.0-29.5 / 22.9-84 us (2 or 16+
-#       rows and 1-group steps are the slow ones); split K 2-4 (fp32 partials + a sum): 26.9-30.2 us.
-#       Earlier stream-K variants (cp.async, per-thread chunk sums, x gathered per nibble): 23.2-51 us.
-#       ncu on the stream-K kernel: 51% of issue slots busy, 45% of DRAM bandwidth.
+#       A stream-K gemv (fp32 atomics into a zero-filled workspace): 22.7-22.8 / 23.5-23.7 / 10.1-10.2 /
+#       6.5 us. 2-32 rows x 128-1024 codes, 1-4 warps, 3-6 stages: 22.0-29.5 / 22.9-84 us; split K 2-4:
+#       26.9-30.2 us. ncu (stream-K kernel): 51% of issue slots busy, 45% of DRAM bandwidth.
 #   mm, with the PTX dequantization (a scratch driver on benchmarks/sweep.py's harness, one run; the
 #   byte-tile fp32 kernel it replaced in brackets, same run): M=16 16x128x128 swap_ab, 8 warps, 3 stages:
 #       30.0 / 27.9 us (32.7 / 30.1); 16x64x128 4 warps: 28.8 / 44.9 (its split K 4 on 4096x14336);
@@ -369,12 +366,10 @@ class Int4Config:
 #       14336x4096 with split K 2 in every call, on 4096x14336 with split 8 in some, and also with a
 #       split-K workspace in place of the atomics; with 4 warps and on smaller shapes it was right. No
 #       table uses it.
-#   M>256 dequant (benchmarks/sweep.py, 14336x4096 / 4096x14336): M=1024 213 / 208 us, M=512 147 / 137 us.
-#       In another run, with an earlier dequant kernel of the same speed: mm 256x128x64 8 warps took 350 / 386
-#       us at M=1024 (128x256x64: 518 / 591 in an earlier run) and 166 / 378 at M=512; at M=256 the M<=256
-#       bucket's mm stays ahead, 90 / 104 against 113 / 124. Dequant tiles of 8-64 rows x 128-512 codes, 2-8
-#       warps: within 2% of each other (the copy alone: ~60 us, 2.4 TB/s). A first version that loaded the
-#       scale and zero per byte rather than per group took 247 / 227 us at M=1024 (bench_layers.py).
+#   M>256 dequant (benchmarks/sweep.py, 14336x4096 / 4096x14336): M=1024 213 / 208 us, M=512 147 / 137 us,
+#       against 350 / 386 and 166 / 378 for mm 256x128x64 (an earlier run); at M=256 the M<=256 bucket's mm
+#       stays ahead, 90 / 104 against 113 / 124. Dequant tiles of 8-64 rows x 128-512 codes, 2-8 warps:
+#       within 2% of each other (the copy alone: ~60 us, 2.4 TB/s).
 CONFIGS = (
     (2, Int4Config("gemv", block_n=4, block_k=512, num_warps=2, num_stages=4)),
     (16, Int4Config("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_warps=8, num_stages=3)),
