@@ -68,7 +68,7 @@ DEQUANT = int4.CONFIGS[-1][1]
 def test_every_bucket_config(cfg, split_k):
     # N=40 and M=5 are not multiples of any block; K=256 with group 64 gives 4 groups.
     case = make_case(5, 40, 256, 64, torch.float16)
-    if cfg.kernel != "mm" and split_k > 1:  # the gemv shares K among its programs itself
+    if cfg.kernel != "mm" and split_k > 1:  # only mm splits K; gemv and dequant reject it
         with pytest.raises(ValueError, match="split_k is for 'mm'"):
             forced(cfg, split_k=split_k)
         return
