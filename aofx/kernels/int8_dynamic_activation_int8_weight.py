@@ -81,6 +81,33 @@ def _quantize(v, FP8: tl.constexpr):
 # ---------------------------------------------------------------- kernels
 
 @triton.jit
+def _amax_partials_kernel(
+    x_ptr, out_ptr,
+    # dimensions: TILES = M * CHUNKS (row, K tile) pairs of BLOCK_K columns
+    K, TILES, CHUNKS,
+    stride_xm,
+    BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):
+    # Program p writes max |x| over the tiles p, p + P, ... (P programs): P partial maxima, whose max is
+    # max |x| over all of x (a per-tensor activation scale) without a memset or atomics.
+    p = tl.program_id(0)
+    rk = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for t in tl.range(p, TILES, tl.num_programs(0), num_stages=STAGES):
+        k = (t % CHUNKS) * BLOCK_K + rk
+        xv = tl.load(x_ptr + (t // CHUNKS) * stride_xm + k, mask=k < K, other=0.0)
+        amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+    tl.store(out_ptr + p, tl.max(amax, axis=0))
+
+
+@triton.jit
+def _given_amax(amax_ptr, n_amax, AMAX_P: tl.constexpr):
+    """The max of the n_amax partial maxima at amax_ptr (AMAX_P: a power of two >= n_amax)."""
+    r = tl.arange(0, AMAX_P)
+    return tl.max(tl.load(amax_ptr + r, mask=r < n_amax, other=0.0).to(tl.float32), axis=0)
+
+
+@triton.jit
 def _quantize_per_token_kernel(
     # pointers
     x_ptr, xq_ptr, sx_ptr, amax_ptr,
@@ -90,9 +117,11 @@ def _quantize_per_token_kernel(
     stride_xm, stride_qm,
     # columns quantized per program (a multiple of BLOCK_K; K when one program does the whole row)
     CHUNK_K,
+    n_amax,  # GIVEN_AMAX: the number of partial maxima at amax_ptr
     # meta-parameters
     BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr,
-    GIVEN_AMAX: tl.constexpr,  # every row uses the amax at amax_ptr (a per-tensor scale), not its own
+    GIVEN_AMAX: tl.constexpr,  # every row uses the max of the partial maxima at amax_ptr (a per-tensor scale)
+    AMAX_P: tl.constexpr,
 ):
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
@@ -102,7 +131,7 @@ def _quantize_per_token_kernel(
         # The whole row (BLOCK_K >= K) stays in registers: x is read from memory once.
         xv = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
         if GIVEN_AMAX:
-            s = _row_scale(tl.load(amax_ptr).to(tl.float32), FP8)
+            s = _row_scale(_given_amax(amax_ptr, n_amax, AMAX_P), FP8)
         else:
             s = _row_scale(tl.max(tl.abs(xv), axis=0), FP8)
         tl.store(q_row + rk, _quantize(tl.div_rn(xv, s), FP8), mask=rk < K)
@@ -111,7 +140,7 @@ def _quantize_per_token_kernel(
         # quantizes its own CHUNK_K columns: with few rows, several programs share the divisions.
         chunk = tl.program_id(1)
         if GIVEN_AMAX:
-            s = _row_scale(tl.load(amax_ptr).to(tl.float32), FP8)
+            s = _row_scale(_given_amax(amax_ptr, n_amax, AMAX_P), FP8)
         else:
             amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
@@ -225,6 +254,8 @@ _QUANT_ONE_PASS_MAX_K = 16384  # up to this K a row stays in registers (<= 64 fp
 _QUANT_NUM_WARPS = 8  # doubled for one-pass rows longer than 4096 (measured: 28 us against 32 us, M=1024 K=14336)
 _QUANT_FEW_ROWS = 16  # up to this M, each row is quantized by K / _QUANT_BLOCK_K programs (one tile each)
 _QUANT_STAGES = 4  # software pipeline of the amax pass (when the row does not fit one tile)
+# per-tensor amax: this many programs each reduce a share of x's (row, K tile) pairs to one partial max
+_AMAX_PARTIALS = 256
 
 
 def select_config(M: int, N: int, K: int) -> KernelConfig:
@@ -256,11 +287,28 @@ def select_config(M: int, N: int, K: int) -> KernelConfig:
 
 # ---------------------------------------------------------------- launchers
 
+def amax_partials(x: torch.Tensor) -> torch.Tensor:
+    """(_AMAX_PARTIALS,) fp32 partial maxima of |x| over x (M, K) bf16/fp16, M >= 1: their max is max |x|,
+    the per-tensor activation amax, which ``quantize_per_token`` reduces in each of its programs."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    M, K = x.shape
+    out = torch.empty((_AMAX_PARTIALS,), device=x.device, dtype=torch.float32)
+    block_k = min(_QUANT_BLOCK_K, triton.next_power_of_2(K))
+    chunks = triton.cdiv(K, block_k)
+    torch.library.wrap_triton(_amax_partials_kernel)[(_AMAX_PARTIALS,)](
+        x, out, K, M * chunks, chunks, x.stride(0),
+        BLOCK_K=block_k, STAGES=_QUANT_STAGES, num_warps=_QUANT_NUM_WARPS,
+    )
+    return out
+
+
 def quantize_per_token(x: torch.Tensor, fp8: bool = False, amax: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) bf16/fp16 -> (xq int8 (M, K), s_x fp32 (M,)), as numerics.quantize_int8_per_token;
     with ``fp8``, xq is e4m3 and s_x = amax / 448, as the fp8 dynamic reference quantizes x per row.
-    ``amax`` (a 0-d tensor): every row's amax, i.e. a per-tensor scale, repeated in s_x."""
+    ``amax`` (1-D, e.g. ``amax_partials(x)``): partial maxima whose max every row uses as its amax, i.e.
+    a per-tensor scale, repeated in s_x."""
     if x.stride(1) != 1:
         x = x.contiguous()
     M, K = x.shape
@@ -271,12 +319,15 @@ def quantize_per_token(x: torch.Tensor, fp8: bool = False, amax: torch.Tensor | 
         one_pass = K <= _QUANT_ONE_PASS_MAX_K and not few_rows
         block_k = triton.next_power_of_2(K) if one_pass else min(_QUANT_BLOCK_K, triton.next_power_of_2(K))
         chunks = triton.cdiv(K, block_k) if few_rows else 1
+        n_amax = amax.numel() if amax is not None else 1
         torch.library.wrap_triton(_quantize_per_token_kernel)[(M, chunks)](
             x, xq, sx, amax if amax is not None else sx,
             K,
             x.stride(0), xq.stride(0),
             block_k if few_rows else K,
+            n_amax,
             BLOCK_K=block_k, ONE_PASS=one_pass, STAGES=_QUANT_STAGES, FP8=fp8, GIVEN_AMAX=amax is not None,
+            AMAX_P=triton.next_power_of_2(n_amax),
             num_warps=_QUANT_NUM_WARPS if block_k <= 4096 else 2 * _QUANT_NUM_WARPS,
         )
     return xq, sx
@@ -299,8 +350,9 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
 def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> torch.Tensor:
     """Launch ``cfg``'s kernels on checked arguments: x (M >= 1, K) bf16/fp16, qdata int8 or e4m3 (N, K)
     contiguous along K, scale fp32 (N,) (or () with e4m3), bias (N,) or None. With e4m3 codes x is
-    quantized per row to e4m3: the fp8 dynamic scheme shares these kernels. ``x_amax`` (0-d): quantize
-    every row with this amax instead of its own (fp8 per tensor); it needs the "quantized" path."""
+    quantized per row to e4m3: the fp8 dynamic scheme shares these kernels. ``x_amax`` (1-D partial
+    maxima, ``amax_partials``): quantize every row with their max instead of its own amax (fp8 per tensor);
+    it needs the "quantized" path."""
     M, K = x.shape
     N = qdata.shape[0]
     fp8 = qdata.dtype == torch.float8_e4m3fn

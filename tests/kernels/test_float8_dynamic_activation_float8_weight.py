@@ -168,6 +168,21 @@ def test_interp_quantize_per_token_matches_numerics(exact_fp8_cast, m):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("m,k,hot", [(300, 200, (290, 7)), (3, 4500, (2, 4499)), (1, 64, (0, 0))])
+def test_interp_amax_partials(m, k, hot):
+    """The per-tensor amax kernel: the max of its partials is max |x| exactly, where programs take
+    several (row, K tile) pairs (300 rows > 256 programs), where a row spans several K tiles with a
+    ragged last one, and where most programs have no tile."""
+    x = make_x(m, k, torch.bfloat16)
+    x[hot] = -3 * x.abs().max()
+    partials = int8dq.amax_partials(x)
+    assert partials.shape == (int8dq._AMAX_PARTIALS,) and partials.dtype == torch.float32
+    assert partials.max() == x.abs().max().float()
+    xq, sx = int8dq.quantize_per_token(x, fp8=True, amax=partials)
+    assert torch.equal(sx, torch.full((m,), (x.abs().max().float() / numerics.FP8_MAX).item()))
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("m", [1, 2, 16, 17])
 @pytest.mark.parametrize("x_per_row", [True, False], ids=["x-row", "x-tensor"])
 def test_interp_default_buckets(m, x_per_row):
