@@ -224,12 +224,20 @@ def _int4_mm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The group's scale and zero (2-byte loads, too narrow for cp.async, so not in Triton's pipeline) are
+    # loaded one step ahead into registers: loaded and used in the same step, their latency was exposed
+    # in every step. (Clamped into K: the last step re-reads, and an empty split reads, a valid group.)
+    g_next = tl.minimum(k_start, K - BLOCK_K) // GROUP_SIZE
+    s_next = tl.load(s_rows + g_next * stride_sg)  # (BN,)
+    z_next = tl.load(z_rows + g_next * stride_sg)
     for k in range(k_start, k_end, BLOCK_K):
         xt = tl.load(x_ptrs, eviction_policy="evict_last")  # (BM, BK)
         q = tl.load(q_ptrs, eviction_policy="evict_first")  # (BN, BK//8) int32 words
-        g = k // GROUP_SIZE
-        s = tl.load(s_rows + g * stride_sg)[:, None]  # (BN, 1)
-        z = tl.load(z_rows + g * stride_sg)[:, None]
+        s = s_next[:, None]  # (BN, 1): this step's group
+        z = z_next[:, None]
+        g_next = tl.minimum(k + BLOCK_K, K - BLOCK_K) // GROUP_SIZE
+        s_next = tl.load(s_rows + g_next * stride_sg)
+        z_next = tl.load(z_rows + g_next * stride_sg)
         if DEQUANT_PTX:
             w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
                 _DEQUANT_BF16_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
