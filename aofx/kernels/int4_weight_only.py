@@ -38,7 +38,8 @@ Kernel paths, chosen per M bucket by ``select_config`` (plain Python ``if``: Ind
                program order for L2 reuse, no split.
 
 The ``mm`` main loop loads a [BLOCK_N, BLOCK_K//8] tile of int32 words and the group's scale and
-zero (BLOCK_K divides group_size, so one scale column per step), dequantizes the 8 nibbles of each
+zero (BLOCK_K divides group_size, so one scale column per step; loaded a step ahead, since Triton's
+cp.async pipeline does not take these 2-byte loads), dequantizes the 8 nibbles of each
 word into 8 tensors, puts them in K order with nested tl.join + reshape to [BLOCK_N, BLOCK_K], and
 feeds tl.dot (fp32 accumulate). With bf16 x, scale and zero (``DEQUANT_PTX``) the dequantization is
 inline PTX on packed bf16 pairs: per two nibbles (i, i + 4) of a word one LOP3 makes ``128 + q``
@@ -366,6 +367,9 @@ class Int4Config:
 #       30.0 / 27.9 us (32.7 / 30.1); 16x64x128 4 warps: 28.8 / 44.9 (its split K 4 on 4096x14336);
 #       16x256x128: 38.2 / 39.0. Permuting K so that a packed pair needs no repacking (fewer instructions,
 #       x permuted in registers) was slower: 37.1 / 39.2 us.
+#   mm, scale and zero loaded one step ahead (scratch driver, one run; the same config loading them in
+#       their own step in brackets): M=64 43.7 / 38.3 us (45.7 / 42.3), M=128 54.4 / 53.0 (58.6 / 60.1),
+#       M=16 30.3 / 27.9 (29.8 / 28.0). The numbers below are from before this change.
 #   M=64 64x128x64 swap_ab, 4 warps, 4 stages: 45.7 / 42.1 us against 74.1 / 76.5 for 64x256x64 8 warps
 #       (the bucket's config before); 64x128x128 4 warps 3 stages: 45.8 / 45.8.
 #   M=128 128x128x64 without swap, 8 warps, 4 stages: 59.0 / 59.8 us (60.6 / 60.2); 128x128x128: 67.5 / 66.6;

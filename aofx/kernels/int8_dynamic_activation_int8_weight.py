@@ -39,7 +39,8 @@ Split K stores fp32 partials into a (split_k, M, N) workspace that the launcher 
 
 The fp8 dynamic scheme (``float8_dynamic_activation_float8_weight.py``) runs these kernels with e4m3 weights:
 ``FP8`` selects e4m3 codes (x / s_x clamped to +-448 and rounded by the RTNE convert, s_x = amax / 448) and
-fp32 accumulation; ``GIVEN_AMAX`` quantizes every row with one amax (a per-tensor activation scale).
+fp32 accumulation; ``GIVEN_AMAX`` quantizes every row with one amax, the max of ``amax_partials``'s partial
+maxima (a per-tensor activation scale).
 """
 
 from __future__ import annotations
