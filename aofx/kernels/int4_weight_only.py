@@ -226,8 +226,9 @@ def _int4_mm_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # The group's scale and zero (2-byte loads, too narrow for cp.async, so not in Triton's pipeline) are
-    # loaded one step ahead into registers: loaded and used in the same step, their latency was exposed
-    # in every step. (Clamped into K: the last step re-reads, and an empty split reads, a valid group.)
+    # loaded one step ahead into registers, not in the step that uses them (measured 7-12% faster at
+    # M = 64-128; see the config notes). Clamped into K: the last step re-reads, and an empty split
+    # reads, a valid group.
     g_next = tl.minimum(k_start, K - BLOCK_K) // GROUP_SIZE
     s_next = tl.load(s_rows + g_next * stride_sg)  # (BN,)
     z_next = tl.load(z_rows + g_next * stride_sg)

@@ -178,7 +178,7 @@ def test_interp_amax_partials(m, k, hot):
     partials = int8dq.amax_partials(x)
     assert partials.shape == (int8dq._AMAX_PARTIALS,) and partials.dtype == torch.float32
     assert partials.max() == x.abs().max().float()
-    xq, sx = int8dq.quantize_per_token(x, fp8=True, amax=partials)
+    _, sx = int8dq.quantize_per_token(x, fp8=True, amax=partials)
     assert torch.equal(sx, torch.full((m,), (x.abs().max().float() / numerics.FP8_MAX).item()))
 
 
