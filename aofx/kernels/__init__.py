@@ -1,6 +1,6 @@
 """Triton kernels, one family per file (``<scheme>.py``), each with its layout doc, config table,
 selector and launcher. Shared here: the M that the selectors branch on, the large-M rule of the
-weight-only schemes, and the grouped tile order."""
+weight-only schemes, the grouped tile order, and 1-byte codes viewed as int32 words."""
 
 import sympy
 import torch
@@ -39,6 +39,14 @@ def dequantize_first(N: int, K: int) -> bool:
     small M the copy costs more than the GEMM it saves. Not when the copy would exceed DEQUANTIZE_MAX_BYTES.
     """
     return N * K * 2 <= DEQUANTIZE_MAX_BYTES and not torch.compiler.is_exporting()
+
+
+def int32_words(codes: torch.Tensor) -> torch.Tensor:
+    """A (R, C) 1-byte tensor contiguous along C (C % 4 == 0) as int32 words, (R, C // 4): byte i of a word
+    is column 4 j + i. Rows must start on 4-byte bounds; a tensor whose rows do not is copied first."""
+    if codes.stride(0) % 4 or codes.storage_offset() % 4:
+        codes = codes.contiguous()
+    return codes.view(torch.int32)
 
 
 @triton.jit

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from aofx.kernels import bucket_m, dequantize_first
+from aofx.kernels import bucket_m, dequantize_first, int32_words
 
 __all__ = ["Int4Config", "select_config", "linear"]
 
@@ -519,7 +519,7 @@ def linear(x, qdata, scale, zero, group_size: int, bias=None, *, config=None) ->
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
 
     # 3. launch
-    qwords = _words(qdata)
+    qwords = int32_words(qdata)  # (N, K//8): 8 nibbles per word
     # the PTX dequantization is exact for bf16 scale and zero into bf16 weights; the interpreter
     # (CPU tensors) cannot run inline PTX and takes the fp32 path
     ptx = x.is_cuda and x.dtype == scale.dtype == zero.dtype == torch.bfloat16
@@ -535,17 +535,10 @@ def linear(x, qdata, scale, zero, group_size: int, bias=None, *, config=None) ->
     return out.to(x.dtype) if split > 1 else out
 
 
-def _words(qdata: torch.Tensor) -> torch.Tensor:
-    """qdata (N, K//2) uint8 as int32 words of 8 nibbles, (N, K//8): rows must start on 4-byte bounds."""
-    if qdata.stride(0) % 4 or qdata.storage_offset() % 4:
-        qdata = qdata.contiguous()
-    return qdata.view(torch.int32)
-
-
 def _launch_gemv(x, qdata, scale, zero, group_size: int, bias, cfg: Int4Config) -> torch.Tensor:
     M, K = x.shape
     N = qdata.shape[0]
-    qwords = _words(qdata)
+    qwords = int32_words(qdata)  # (N, K//8): 8 nibbles per word
     group_step = max(1, cfg.block_k // group_size)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     torch.library.wrap_triton(_int4_gemv_kernel)[(triton.cdiv(N, cfg.block_n), M)](

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from aofx.kernels import bucket_m, dequantize_first, grid_order
+from aofx.kernels import bucket_m, dequantize_first, grid_order, int32_words
 
 _X_DTYPES = (torch.bfloat16, torch.float16)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -82,6 +82,20 @@ def _code_to_f32(q):
 
 
 @triton.jit
+def _dot4(w, x, acc, ASM: tl.constexpr):
+    """``acc`` plus the dot products of the 4 int8 codes packed in each int32 word of w and x (byte i is
+    code i): one ``dp4a`` per word on the GPU (inline PTX), shifts and multiplies elsewhere (interpreter)."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [w, x, acc],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for i in tl.static_range(4):
+            # shift byte i to the top, then arithmetic-shift it back down: the sign-extended code
+            acc += ((w << (24 - 8 * i)) >> 24) * ((x << (24 - 8 * i)) >> 24)
+        return acc
+
+
+@triton.jit
 def _store_tile(y, y_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, N, stride_ym, pid_k,
                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Epilogue of the tensor-core kernels: ``y`` (BLOCK_M, BLOCK_N) fp32 with scales applied; bias is
@@ -112,6 +126,9 @@ def _int8wo_gemv_kernel(
     HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     X_CODES: tl.constexpr,  # x is int8 / e4m3 codes with the fp32 row scale at sx_ptr (dynamic schemes, M = 1)
+    # int8 codes on both sides, read as int32 words of 4 codes (x_ptr and w_ptr point to words; K, BLOCK_K
+    # and stride_wn count words); DOT4_ASM: dp4a in inline PTX (not under the interpreter)
+    DOT4: tl.constexpr = False, DOT4_ASM: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -122,6 +139,7 @@ def _int8wo_gemv_kernel(
 
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)  # per-group scales: reduced every step
     acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # per-row scale: one reduction after the loop
+    acc_w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)  # DOT4: exact int32 sums, one per word lane
     # A loop without tl.dot is only software-pipelined when asked to (tl.range stages).
     for k0 in tl.range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + rk
@@ -131,19 +149,24 @@ def _int8wo_gemv_kernel(
         else:
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_first")
             xv = tl.load(x_ptr + k, mask=k < K, other=0.0, eviction_policy="evict_last")
-        # with int8 x codes the products are exact integers, and so is each lane's sum (< 2**24 for K < 500k)
-        prod = _code_to_f32(w) * _code_to_f32(xv)[None, :]  # (BLOCK_N, BLOCK_K)
-        if GROUP_SIZE > 0:
-            # BLOCK_K is a multiple of GROUP_SIZE: reduce each group, then weight it by its scale.
-            g = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
-            s = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :] * stride_sg,
-                        mask=g[None, :] < K // GROUP_SIZE, other=0.0)
-            part = tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE)), axis=2)  # (BLOCK_N, groups)
-            acc += tl.sum(part * s.to(tl.float32), axis=1)
+        if DOT4:
+            acc_w = _dot4(w, tl.broadcast_to(xv[None, :], (BLOCK_N, BLOCK_K)), acc_w, DOT4_ASM)
         else:
-            acc_k += prod
+            # with int8 x codes the products are exact integers, and so is each lane's sum (< 2**24 for K < 500k)
+            prod = _code_to_f32(w) * _code_to_f32(xv)[None, :]  # (BLOCK_N, BLOCK_K)
+            if GROUP_SIZE > 0:
+                # BLOCK_K is a multiple of GROUP_SIZE: reduce each group, then weight it by its scale.
+                g = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+                s = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :] * stride_sg,
+                            mask=g[None, :] < K // GROUP_SIZE, other=0.0)
+                part = tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE)), axis=2)
+                acc += tl.sum(part * s.to(tl.float32), axis=1)
+            else:
+                acc_k += prod
 
-    if GROUP_SIZE == 0:
+    if DOT4:
+        acc = tl.sum(acc_w, axis=1).to(tl.float32)
+    elif GROUP_SIZE == 0:
         if X_CODES and x_ptr.dtype.element_ty == tl.int8:
             acc = tl.sum(acc_k.to(tl.int32), axis=1).to(tl.float32)  # the exact int32 sum of the reference
         else:
@@ -423,13 +446,19 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
 
     if cfg.path == "gemv":
         x_arg, sx_arg = x_codes if x_codes is not None else (x, scale)  # sx_arg is read only with codes
+        w_arg, k_arg, block_k = qdata, K, cfg.block_k
+        # int8 x int8 codes: both sides as int32 words of 4 codes, one dp4a per word (K counted in words)
+        dot4 = x_arg.dtype == qdata.dtype == torch.int8 and K % 4 == 0 and cfg.block_k % 4 == 0 and not group_size
+        if dot4:
+            w_arg, x_arg, k_arg, block_k = int32_words(qdata), x_arg.view(torch.int32), K // 4, cfg.block_k // 4
         grid = (triton.cdiv(N, cfg.block_n), split)
         torch.library.wrap_triton(_int8wo_gemv_kernel)[grid](
-            x_arg, sx_arg, qdata, scale, b_arg, out,
-            N, K,
-            qdata.stride(0), stride_sn, stride_sg,
+            x_arg, sx_arg, w_arg, scale, b_arg, out,
+            N, k_arg,
+            w_arg.stride(0), stride_sn, stride_sg,
             HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, X_CODES=x_codes is not None,
+            BLOCK_N=cfg.block_n, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages, X_CODES=x_codes is not None,
+            DOT4=dot4, DOT4_ASM=dot4 and x.is_cuda,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.path == "mm":

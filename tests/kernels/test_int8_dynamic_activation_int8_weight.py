@@ -68,6 +68,7 @@ INTERP_CASES = [
     pytest.param(5, 200, dataclasses.replace(FUSED, swap_ab=True), id="fused-swap"),
     pytest.param(1, 200, GEMV, id="gemv-oddK"),
     pytest.param(1, 256, dataclasses.replace(GEMV, split_k=2), id="gemv-splitk"),
+    pytest.param(1, 202, GEMV, id="gemv-K-not-words"),  # K % 4 != 0: codes, not int32 words of 4 codes
 ]
 
 
@@ -142,6 +143,17 @@ def test_non_contiguous_x_interpret(config):
 
 
 @pytest.mark.interpret
+def test_gemv_words_of_unaligned_rows_interpret():
+    """The M = 1 gemv reads int8 codes as int32 words; weight rows that do not start on 4-byte bounds
+    (a slice at an odd column) are copied first, and the sums stay exact."""
+    x, qdata, scale, b = _inputs(1, 40, 201, torch.float16, "cpu")
+    sliced = qdata[:, 1:]  # K = 200, row stride 201, offset 1
+    assert sliced.stride(0) % 4 and sliced.storage_offset() % 4
+    y = kernels.linear(x[:, 1:], sliced, scale, b, config=GEMV)
+    _assert_matches(y, x[:, 1:], sliced, scale, b)
+
+
+@pytest.mark.interpret
 def test_m0_returns_empty():
     x, qdata, scale, b = _inputs(0, 40, 64, torch.float16, "cpu")
     y = kernels.linear(x, qdata, scale, b)
@@ -201,28 +213,10 @@ def test_cuda(M, N, K, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("M, config", [
-    (1, KernelConfig("fused", 16, 32, 256, split_k=4, num_stages=4)),
-    (16, KernelConfig("fused", 16, 64, 128, num_stages=4)),
-    (16, KernelConfig("quantized", 64, 128, 128, num_stages=4)),
-    (300, KernelConfig("quantized", 128, 256, 128, num_warps=8, num_stages=3)),
-    (300, KernelConfig("fused", 64, 128, 128, num_warps=4, num_stages=3)),
-    (33, KernelConfig("quantized", 64, 128, 128, split_k=2, num_stages=4)),
-    (100, kernels._NARROW),
-], ids=["fused-splitk", "fused", "quantized-smallM", "quantized-128x256", "fused-largeM", "quantized-splitk",
-        "quantized-narrow"])
-def test_cuda_forced_configs(M, config):
-    x, qdata, scale, b = _inputs(M, 1000, 2048, torch.bfloat16, "cuda", x_scale=3.0)
-    _assert_matches(kernels.linear(x, qdata, scale, b, config=config), x, qdata, scale, b)
-
-
-@pytest.mark.cuda
-def test_cuda_quantize_per_token_and_strided_x():
-    x = torch.randn(1024, 4096 + 64, device="cuda", dtype=torch.bfloat16)[:, 32:4096 + 32]
-    xq, sx = kernels.quantize_per_token(x)
-    ref_q, ref_s = numerics.quantize_int8_per_token(x)
-    assert torch.equal(xq, ref_q) and torch.equal(sx, ref_s)
-    _, qdata, scale, b = _inputs(1, 256, 4096, torch.bfloat16, "cuda")
-    assert kernels.select_config(1, 256, 4096).split_k > 1
-    for M in (1, 16, 1024):
-        _assert_matches(kernels.linear(x[:M], qdata, scale, b), x[:M], qdata, scale, b)
+@pytest.mark.parametrize("K", [770, 4096])
+def test_cuda_gemv_words(K):
+    """M = 1 on weight rows at an odd offset: with K % 4 == 0 they are copied and read as int32 words of
+    codes (dp4a), otherwise read as codes in place."""
+    x, qdata, scale, b = _inputs(1, 1000, K + 1, torch.bfloat16, "cuda")
+    x, qdata = x[:, 1:], qdata[:, 1:]
+    _assert_matches(kernels.linear(x, qdata, scale, b), x, qdata, scale, b)
