@@ -42,7 +42,7 @@ __all__ = ["select_config", "linear"]
 
 def select_config(M: int, N: int, K: int) -> int8wo.KernelConfig:
     """The int8 dynamic scheme's config for (M, N, K): the GEMV at M = 1, else its tensor-core table."""
-    return int8dq.select_config(M, N, K)
+    return int8dq.select_config(M, N, K, fp8=True)
 
 
 def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, activation_per_row: bool,

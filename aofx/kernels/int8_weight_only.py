@@ -15,7 +15,9 @@ Kernel paths and M buckets (``select_config``):
                (BLOCK_N, BLOCK_K) tile reduced once after the loop, and the scale is applied in the
                epilogue. The dynamic schemes pass ``x_codes``: x quantized per row by their per-token
                kernel, int8 or e4m3 codes and s_x; int8 x int8 products are then summed exactly
-               (int32 after the loop).
+               (int32 after the loop). With int8 codes on both sides and K % 4 == 0 (``DOT4``) both are
+               read as int32 words of 4 codes (``kernels.int32_words``): one ``dp4a`` per word pair,
+               exact int32 sums (inline PTX; shifts and multiplies under the interpreter).
   2 <= M <= 16 ``mm`` with BLOCK_M = 16 and a narrow BLOCK_N so that there are >= ~128 programs (512-wide
                K tiles for long K); memory bound, tensor cores via mma.sync.
   M <= 128     ``mm`` 128 x 64 tiles (BLOCK_M x BLOCK_N), ``swap_ab``; M <= 256: 128 x 128, ``swap_ab``; up to
