@@ -26,7 +26,8 @@ Kernel paths and M buckets (``select_config``):
                the whole weight ``q * s`` in x.dtype (as the reference rounds it), then one cuBLAS GEMM
                (``F.linear``; ``kernels.dequantize_first``). Otherwise (also when exporting, or for a copy
                over DEQUANTIZE_MAX_BYTES): ``mm`` 256 x 128 x 64, 8 warps, ``swap_ab`` (compute bound).
-  ``mm`` converts int8 -> x.dtype inside the K loop and uses ``tl.dot`` (fp32 accumulate). With ``swap_ab``
+  ``mm`` converts int8 -> x.dtype inside the K loop (e4m3 -> bf16 without swap_ab: ``_E4M3_TO_BF16_ASM``)
+  and uses ``tl.dot`` (fp32 accumulate). With ``swap_ab``
   it computes y.T = W @ x.T, so the converted weight tile is wgmma's A operand, read from registers; as the B
   operand it would make a round trip through shared memory (measured 1.2-1.6x slower from M = 128 on).
   Per-row scales go in the epilogue; per-group scales are applied to the weight tile inside the K loop
@@ -81,6 +82,31 @@ def _code_to_f32(q):
         return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
     else:
         return q.to(tl.float32)
+
+
+# e4m3 -> bf16 for 4 codes packed in one register ($2), as two bf16x2 words ($0: codes 0, 1; $1: codes 2, 3).
+# Each code's bits s eeee mmm become the bf16 bits s 0000eeee mmm0000 (PRMT puts the code in a half-word's
+# high byte, then mask, shift, sign), i.e. the value times 2**-120; one mul.bf16x2 by 2**120 (0x7b80) rescales
+# it exactly (e4m3 subnormals are bf16 subnormals, which bf16 arithmetic keeps). Ten integer/FMA-pipe
+# instructions per 4 codes, in place of the hardware e4m3 -> f16 -> bf16 conversions (conversion pipe).
+# The NaN codes 0x7f / 0xff become +-480 (quantized weights never hold NaN). Used by ``mm`` without swap_ab
+# (the M <= 16 tiles): fp8 weight-only M = 16, 14336x4096 / 4096x14336, 28.9 / 28.7 us against 30.3 / 31.6
+# with the hardware conversions; with swap_ab (M = 128 tiles) it measured 47.5 / 53.2 against 46.9 / 51.1
+# (scratch driver on benchmarks/sweep.py, one run).
+_E4M3_TO_BF16_ASM = tl.constexpr("""{
+.reg .b32 p<2>, m<2>, k;
+prmt.b32 p0, $2, 0, 0x1404;
+prmt.b32 p1, $2, 0, 0x3424;
+and.b32 m0, p0, 0x7f007f00;
+and.b32 m1, p1, 0x7f007f00;
+shr.b32 m0, m0, 4;
+shr.b32 m1, m1, 4;
+lop3.b32 p0, m0, 0x80008000, p0, 0xf8;
+lop3.b32 p1, m1, 0x80008000, p1, 0xf8;
+mov.b32 k, 0x7b807b80;
+mul.rn.bf16x2 $0, p0, k;
+mul.rn.bf16x2 $1, p1, k;
+}""")
 
 
 @triton.jit
@@ -199,6 +225,7 @@ def _int8wo_mm_kernel(
     HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr,
+    E4M3_PTX: tl.constexpr = False,  # e4m3 weights to bf16 with _E4M3_TO_BF16_ASM (per-row scales, bf16 x)
 ):
     pid_m, pid_n = grid_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
@@ -229,6 +256,8 @@ def _int8wo_mm_kernel(
             # BLOCK_K divides GROUP_SIZE: the whole tile lies in group k0 // GROUP_SIZE.
             s = tl.load(s_ptr + rn_safe * stride_sn + (k0 // GROUP_SIZE) * stride_sg).to(tl.float32)
             wt = (_code_to_f32(w) * s[:, None]).to(x_dtype)  # (BLOCK_N, BLOCK_K)
+        elif E4M3_PTX:
+            wt = tl.inline_asm_elementwise(_E4M3_TO_BF16_ASM, "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
         else:
             wt = w.to(x_dtype)
         if SWAP_AB:
@@ -471,7 +500,8 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
             x.stride(0), qdata.stride(0), stride_sn, stride_sg, out.stride(-2),
             HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            SWAP_AB=cfg.swap_ab,
+            SWAP_AB=cfg.swap_ab, E4M3_PTX=(x.is_cuda and x.dtype == torch.bfloat16 and not group_size
+                                            and qdata.dtype == torch.float8_e4m3fn and not cfg.swap_ab),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:

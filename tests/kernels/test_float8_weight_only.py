@@ -200,3 +200,18 @@ def test_cuda_noncontiguous_and_odd_k(m):
     xt = make_x(k, m, torch.bfloat16, device="cuda").t()
     ref = reference(xt, qdata, scale, None)
     torch.testing.assert_close(kernels.linear(xt, qdata, scale), ref, **gpu_tol(ref))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [16, 128, 256])
+def test_cuda_every_e4m3_code(m):
+    """Every finite e4m3 code (subnormals, +-0, +-448) reaches the bf16 tensor-core kernels exactly: row n of
+    the weight is all 256 codes rotated by n (NaN codes zeroed), scales are 1 and x is the identity's first
+    m rows, so y holds the weight codes themselves."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0
+    qdata = torch.stack([codes.roll(n) for n in range(256)]).view(torch.float8_e4m3fn).cuda()  # (256, 256)
+    x = torch.eye(256, device="cuda", dtype=torch.bfloat16)[:m]
+    out = kernels.linear(x, qdata, torch.ones(256, device="cuda"))
+    assert torch.equal(out, qdata.float().t()[:m].to(torch.bfloat16))
+
