@@ -60,3 +60,20 @@ def test_backward_through_dequantized_weight():
     torch.ops.aofx.int4_weight_only_linear(x, qdata, scale, zero, 32, None).sum().backward()
     expected = numerics.dequantize_int4(qdata, scale, zero, 32).sum(0).expand(3, -1)
     torch.testing.assert_close(x.grad, expected)
+
+
+def test_kernel_string_constants_fit_one_line():
+    """Inductor copies a user kernel's global constexprs into its generated source as repr()s inside a
+    string literal; on torch 2.11 a newline in one (an inline-PTX string) breaks that source's syntax."""
+    import triton.language as tl
+
+    from aofx.kernels import (float8_dynamic_activation_float8_weight, float8_weight_only, int4_weight_only,
+                              int8_dynamic_activation_int8_weight, int8_weight_only)
+    found = {}
+    for module in (int4_weight_only, int8_weight_only, int8_dynamic_activation_int8_weight,
+                   float8_weight_only, float8_dynamic_activation_float8_weight):
+        for name, value in vars(module).items():
+            if isinstance(value, tl.constexpr) and isinstance(value.value, str):
+                found[f"{module.__name__}.{name}"] = value.value
+    assert len(found) >= 2  # the int4 dequantization and the e4m3 conversion
+    assert not [name for name, text in found.items() if "\n" in text]

@@ -87,26 +87,20 @@ def _code_to_f32(q):
 # e4m3 -> bf16 for 4 codes packed in one register ($2), as two bf16x2 words ($0: codes 0, 1; $1: codes 2, 3).
 # Each code's bits s eeee mmm become the bf16 bits s 0000eeee mmm0000 (PRMT puts the code in a half-word's
 # high byte, then mask, shift, sign), i.e. the value times 2**-120; one mul.bf16x2 by 2**120 (0x7b80) rescales
-# it exactly (e4m3 subnormals are bf16 subnormals, which bf16 arithmetic keeps). Ten integer/FMA-pipe
-# instructions per 4 codes, in place of the hardware e4m3 -> f16 -> bf16 conversions (conversion pipe).
+# it exactly (e4m3 subnormals are bf16 subnormals, which bf16 arithmetic keeps). Ten PTX (eight SASS)
+# integer/FMA-pipe instructions per 4 codes, in place of the hardware e4m3 -> f16 -> bf16 conversions.
 # The NaN codes 0x7f / 0xff become +-480 (quantized weights never hold NaN). Used by ``mm`` without swap_ab
 # (the M <= 16 tiles): fp8 weight-only M = 16, 14336x4096 / 4096x14336, 28.9 / 28.7 us against 30.3 / 31.6
 # with the hardware conversions; with swap_ab (M = 128 tiles) it measured 47.5 / 53.2 against 46.9 / 51.1
 # (scratch driver on benchmarks/sweep.py, one run).
-_E4M3_TO_BF16_ASM = tl.constexpr("""{
-.reg .b32 p<2>, m<2>, k;
-prmt.b32 p0, $2, 0, 0x1404;
-prmt.b32 p1, $2, 0, 0x3424;
-and.b32 m0, p0, 0x7f007f00;
-and.b32 m1, p1, 0x7f007f00;
-shr.b32 m0, m0, 4;
-shr.b32 m1, m1, 4;
-lop3.b32 p0, m0, 0x80008000, p0, 0xf8;
-lop3.b32 p1, m1, 0x80008000, p1, 0xf8;
-mov.b32 k, 0x7b807b80;
-mul.rn.bf16x2 $0, p0, k;
-mul.rn.bf16x2 $1, p1, k;
-}""")
+# One line: Inductor's copy of the kernel source (torch 2.11) cannot hold a newline in a global string.
+_E4M3_TO_BF16_ASM = tl.constexpr(" ".join((
+    "{", ".reg .b32 p<2>, m<2>, k;",
+    "prmt.b32 p0, $2, 0, 0x1404;", "prmt.b32 p1, $2, 0, 0x3424;",  # codes 0, 1 (2, 3) into half-word high bytes
+    "and.b32 m0, p0, 0x7f007f00;", "and.b32 m1, p1, 0x7f007f00;",
+    "shr.b32 m0, m0, 4;", "shr.b32 m1, m1, 4;",
+    "lop3.b32 p0, m0, 0x80008000, p0, 0xf8;", "lop3.b32 p1, m1, 0x80008000, p1, 0xf8;",  # a | (b & c): the sign
+    "mov.b32 k, 0x7b807b80;", "mul.rn.bf16x2 $0, p0, k;", "mul.rn.bf16x2 $1, p1, k;", "}")))
 
 
 @triton.jit
