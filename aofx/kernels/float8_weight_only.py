@@ -12,8 +12,9 @@ weight-only scheme with other codes, so this scheme runs the kernels, M buckets 
 tensor-core tiles with the converted weight as wgmma's register A operand (``swap_ab``) above, K
 splits where the tiles alone cannot fill the GPU, and at large M the weight dequantized to x.dtype
 once, then cuBLAS (the ``dequant`` path). With bf16 x the M <= 16 tiles convert e4m3 -> bf16 with a
-bit trick in inline PTX (``int8_weight_only._E4M3_TO_BF16_ASM``) instead of the hardware conversions. Measured on H100 against this file's own earlier kernels
-(``benchmarks/sweep.py``, 14336x4096 / 4096x14336): M=16 30.3 / 31.6 us (was 35.6 / 51.5), M=128
+bit trick in inline PTX (``int8_weight_only._E4M3_TO_BF16_ASM``) instead of the hardware conversions.
+Measured on H100 against this file's own earlier kernels (``benchmarks/sweep.py``, 14336x4096 /
+4096x14336, before that bit trick): M=16 30.3 / 31.6 us (was 35.6 / 51.5), M=128
 46.7 / 51.6 us (was 58.2 / 72.2), M=1 25.7 / 25.7 us (was 25.2 / 30.4); M=1024 with ``dequant``
 224 / 220 us (the in-loop tiles took 280 / 223 in the same run).
 """

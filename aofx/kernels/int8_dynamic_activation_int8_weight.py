@@ -251,7 +251,7 @@ _LONG_K = 8192  # M <= 16: from this K on, 512-wide K tiles
 # (per-token kernel included): 25.3 / 27.0 / 10.7 / 6.0 us against 27.2 / 28.3 / 11.2 / 6.4 for int8
 # weight-only's gemv config on the same words; of 38 other tiles (1-16 rows x 512-4096 codes, 2-8 warps,
 # 1-4 stages) none was faster by more than 0.1 us on any shape. Before dp4a (fp32 products, that gemv
-# config) the scored shapes took 29.0 / 29.3 us in this session's other run.
+# config) the scored shapes took 29.0 / 29.3 us in another sweep run the same day.
 _GEMV_DOT4 = KernelConfig("gemv", block_m=1, block_n=1, block_k=1024, num_warps=4, num_stages=1)
 _MIN_SPLIT_PROGRAMS = 256
 # fused prologue: x tiles of BLOCK_M x _AMAX_BLOCK_K, _AMAX_STAGES deep (16 x 256 bf16: 8 KB a stage, 7 in
