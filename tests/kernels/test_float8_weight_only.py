@@ -214,4 +214,3 @@ def test_cuda_every_e4m3_code(m):
     x = torch.eye(256, device="cuda", dtype=torch.bfloat16)[:m]
     out = kernels.linear(x, qdata, torch.ones(256, device="cuda"))
     assert torch.equal(out, qdata.float().t()[:m].to(torch.bfloat16))
-

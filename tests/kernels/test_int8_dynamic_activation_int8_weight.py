@@ -213,6 +213,34 @@ def test_cuda(M, N, K, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("M, config", [
+    (1, KernelConfig("fused", 16, 32, 256, split_k=4, num_stages=4)),
+    (16, KernelConfig("fused", 16, 64, 128, num_stages=4)),
+    (16, KernelConfig("quantized", 64, 128, 128, num_stages=4)),
+    (300, KernelConfig("quantized", 128, 256, 128, num_warps=8, num_stages=3)),
+    (300, KernelConfig("fused", 64, 128, 128, num_warps=4, num_stages=3)),
+    (33, KernelConfig("quantized", 64, 128, 128, split_k=2, num_stages=4)),
+    (100, kernels._NARROW),
+], ids=["fused-splitk", "fused", "quantized-smallM", "quantized-128x256", "fused-largeM", "quantized-splitk",
+        "quantized-narrow"])
+def test_cuda_forced_configs(M, config):
+    x, qdata, scale, b = _inputs(M, 1000, 2048, torch.bfloat16, "cuda", x_scale=3.0)
+    _assert_matches(kernels.linear(x, qdata, scale, b, config=config), x, qdata, scale, b)
+
+
+@pytest.mark.cuda
+def test_cuda_quantize_per_token_and_strided_x():
+    x = torch.randn(1024, 4096 + 64, device="cuda", dtype=torch.bfloat16)[:, 32:4096 + 32]
+    xq, sx = kernels.quantize_per_token(x)
+    ref_q, ref_s = numerics.quantize_int8_per_token(x)
+    assert torch.equal(xq, ref_q) and torch.equal(sx, ref_s)
+    _, qdata, scale, b = _inputs(1, 64, 4096, torch.bfloat16, "cuda")
+    assert kernels.select_config(1, 64, 4096).split_k > 1  # the M = 1 gemv splits K over 64 weight rows
+    for M in (1, 16, 1024):
+        _assert_matches(kernels.linear(x[:M], qdata, scale, b), x[:M], qdata, scale, b)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("K", [770, 4096])
 def test_cuda_gemv_words(K):
     """M = 1 on weight rows at an odd offset: with K % 4 == 0 they are copied and read as int32 words of
