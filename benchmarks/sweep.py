@@ -36,8 +36,9 @@ def _int4(M, N, K):
     c = int4.Int4Config
     cands = {"default": int4.select_config(M, N, K, 128)}
     if M == 1:
-        for bn, bk, w, st in ((4, 512, 2, 4), (4, 512, 2, 3), (4, 1024, 4, 3), (4, 1024, 2, 4), (8, 512, 2, 4),
-                              (2, 512, 1, 4), (2, 1024, 2, 4), (8, 1024, 4, 3), (16, 256, 4, 4)):
+        for bn, bk, w, st in ((4, 512, 2, 4), (4, 1024, 4, 3), (4, 1024, 2, 4), (4, 512, 1, 4), (8, 512, 2, 3),
+                              (8, 512, 2, 4), (8, 1024, 2, 3), (8, 1024, 4, 3), (16, 512, 2, 3), (16, 512, 4, 3),
+                              (16, 1024, 4, 3)):
             cands[f"gemv bn{bn} bk{bk} w{w} s{st}"] = c("gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=st)
     else:
         for bm, bn, bk, w, st, swap in ((16, 128, 128, 8, 4, True), (16, 64, 128, 4, 4, True),

@@ -15,18 +15,22 @@ is the fp32 number ``f = 1 + q/16`` exactly, so
 
     (q - 8) * s + z  =  f * (16 s) + (z - 24 s)          one FMA per weight
 
+(the ``mm`` kernel's fp32 path; the gemv masks nibbles at two mantissa positions to save shifts).
+
 Kernel paths, chosen per M bucket by ``select_config`` (plain Python ``if``: Inductor ignores
 ``triton.autotune`` keys for user kernels):
 
-    M <= 2     ``gemv``: CUDA-core GEMV, one program per (4 weight rows, x row) over all of K, no
+    M <= 2     ``gemv``: CUDA-core GEMV, one program per (8 weight rows, x row) over all of K, no
                split, atomics or workspace. qdata is read as int32 words (8 nibbles, k = 8 * word
-               + i): a step is a (4 rows, G groups, GROUP_SIZE/8 words) tile of 512 codes a row
-               (1024 with 4 warps where there are fewer than 2048 row tiles), software-pipelined
-               with its scales, zeros and x (``tl.range`` stages, cp.async); nibble i of every word
-               is unpacked in registers (one shift, one LOP3: the fp32 ``1 + q/16`` below) and
-               multiplied by x[8 * word + i], read by the same thread, so no layout conversion or
-               cross-thread reduction runs inside the K loop. Each word's partial is scaled in the
-               loop, ``acc += 16 s * sum_i(f x) + (z - 24 s) * sum_i(x)``.
+               + i): a step is a (8 rows, G groups, GROUP_SIZE/8 words) tile of 512 codes a row
+               (4 rows x 1024 codes where there are fewer than 1024 row tiles), software-pipelined
+               (``tl.range`` stages, cp.async) with its x and, for bf16 scales and zeros, those
+               too, read as int32 words of two groups (2-byte loads would stay in the loop and
+               wait on memory every step). Nibble i of every word is masked in place after a byte
+               shift (4 shifts a word: the fp32 ``1 + q/128`` or ``1 + q/2048`` in ``_int4_gemv_kernel``)
+               and multiplied by x[8 * word + i], read by the same thread, so no layout conversion
+               or cross-thread reduction runs inside the K loop; each word's partial is scaled in the
+               loop.
     M <= 16    ``mm`` with BLOCK_M=16, SWAP_AB (the dequantized weight tile is the MMA's A
                operand, x.T the B operand), split-K to fill the GPU. Memory-bound.
     M <= 64    ``mm`` with BLOCK_M=64, SWAP_AB, BLOCK_N=128, 4 warps, split-K.
@@ -105,25 +109,59 @@ _DEQUANT_BF16_ASM = tl.constexpr(_dequant_bf16_asm())
 
 
 @triton.jit
+def _group_params(ptr, rows, g0, num_groups, stride_sn, stride_sg, G: tl.constexpr, BLOCK_N: tl.constexpr,
+                  EVEN_G: tl.constexpr, SZ_WORDS: tl.constexpr):
+    """The (BLOCK_N, G, 1) fp32 scales (or zeros) of groups g0 .. g0 + G - 1 of ``rows``.
+
+    SZ_WORDS: ``ptr`` is the bf16 tensor viewed as int32 (stride_sn in words), a word holding groups
+    2j (low half) and 2j + 1: 4-byte loads, which Triton's pipeline issues as cp.async a few steps
+    ahead like the weights (2-byte loads it leaves in the loop, waiting on memory every step). A bf16
+    is the top half of its fp32, so the unpacking is a shift and a mask."""
+    if SZ_WORDS:
+        offs = g0 // 2 + tl.arange(0, G // 2)
+        ptrs = ptr + rows[:, None] * stride_sn + offs[None, :]
+        if EVEN_G:
+            w = tl.load(ptrs)
+        else:
+            w = tl.load(ptrs, mask=(offs < num_groups // 2)[None, :], other=0)
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & -65536).to(tl.float32, bitcast=True)
+        v = tl.reshape(tl.join(lo, hi), (BLOCK_N, G))
+    else:
+        offs = g0 + tl.arange(0, G)
+        ptrs = ptr + rows[:, None] * stride_sn + offs[None, :] * stride_sg
+        if EVEN_G:
+            v = tl.load(ptrs).to(tl.float32)
+        else:
+            v = tl.load(ptrs, mask=(offs < num_groups)[None, :], other=0.0).to(tl.float32)
+    return tl.expand_dims(v, 2)
+
+
+@triton.jit
+def _mantissa(v, mask: tl.constexpr, one_bits):
+    return ((v & mask) | one_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _int4_gemv_kernel(
-    # pointers
+    # pointers (scale_ptr, zero_ptr: int32 words when SZ_WORDS)
     x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
     # dimensions
     N, K,
-    # strides (stride_qw: qdata row stride in int32 words)
+    # strides (stride_qw: qdata row stride in int32 words; stride_sn in words when SZ_WORDS)
     stride_xm, stride_xk, stride_qw, stride_sn, stride_sg, stride_om,
     # the bits of 1.0f as a run-time value: a LOP3 encodes one immediate, so with the nibble mask
     # also an immediate the mask-and-or would take two LOP3s
     one_bits,
     # meta-parameters
     GROUP_SIZE: tl.constexpr, GROUPS_PER_ITER: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_G: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr,
+    EVEN_G: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr, SZ_WORDS: tl.constexpr,
 ):
     # One program per (BLOCK_N weight rows, x row m) walks all of K, G whole groups a step. A step is
-    # a (BLOCK_N rows, G groups, GW int32 words) tile of the weight: 16-byte loads of 4 words per
-    # thread, software-pipelined NUM_STAGES deep (tl.range: cp.async) with the step's scales, zeros
-    # and x. Nibble i of every word (k = 8 * word + i) is unpacked in registers and multiplied by
-    # x[k], read by the same thread, so the only cross-thread reduction is the final one.
+    # a (BLOCK_N rows, G groups, GW int32 words) tile of the weight, software-pipelined NUM_STAGES
+    # deep (tl.range: cp.async) with the step's x and (SZ_WORDS) scales and zeros. Nibble i of every
+    # word (k = 8 * word + i) is unpacked in registers and multiplied by x[k], read by the same
+    # thread, so the only cross-thread reduction is the final one.
     G: tl.constexpr = GROUPS_PER_ITER
     GW: tl.constexpr = GROUP_SIZE // 8  # int32 words per group row
     pid_n = tl.program_id(0)
@@ -135,7 +173,6 @@ def _int4_gemv_kernel(
     offs_v = tl.arange(0, GW * 8)
     words = offs_g[:, None] * GW + tl.arange(0, GW)[None, :]  # (G, GW) word index in the step
     q_ptrs = q_ptr + rows[:, None, None] * stride_qw + words[None, :, :]  # (BN, G, GW)
-    sz = rows[:, None, None] * stride_sn + offs_g[None, :, None] * stride_sg  # (BN, G, 1)
     xv_ptrs = x_ptr + m * stride_xm + (offs_g[None, :, None] * GROUP_SIZE + offs_v[None, None, :]) * stride_xk
     num_groups = K // GROUP_SIZE
 
@@ -143,16 +180,14 @@ def _int4_gemv_kernel(
     for g0 in tl.range(0, num_groups, G, num_stages=NUM_STAGES):
         if EVEN_G:
             q = tl.load(q_ptrs + g0 * GW, eviction_policy="evict_first")
-            s = tl.load(scale_ptr + sz + g0 * stride_sg).to(tl.float32)  # (BN, G, 1)
-            z = tl.load(zero_ptr + sz + g0 * stride_sg).to(tl.float32)
             xv = tl.load(xv_ptrs + g0 * GROUP_SIZE * stride_xk, eviction_policy="evict_last").to(tl.float32)
         else:  # the last step hangs over K: its groups past the end are masked off
             gmask = ((g0 + offs_g) < num_groups)[None, :, None]
             q = tl.load(q_ptrs + g0 * GW, mask=gmask, other=0, eviction_policy="evict_first")
-            s = tl.load(scale_ptr + sz + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)
-            z = tl.load(zero_ptr + sz + g0 * stride_sg, mask=gmask, other=0.0).to(tl.float32)
             xv = tl.load(xv_ptrs + g0 * GROUP_SIZE * stride_xk, mask=gmask, other=0.0,
                          eviction_policy="evict_last").to(tl.float32)  # (1, G, GW * 8)
+        s = _group_params(scale_ptr, rows, g0, num_groups, stride_sn, stride_sg, G, BLOCK_N, EVEN_G, SZ_WORDS)
+        z = _group_params(zero_ptr, rows, g0, num_groups, stride_sn, stride_sg, G, BLOCK_N, EVEN_G, SZ_WORDS)
         # x of the step, split into x_i[word] = x[8 * word + i] by the thread that uses it
         xv = tl.reshape(xv, (1, G, GW, 2, 2, 2))  # k = 8 * word + 4 * a + 2 * b + c
         xa, xb = tl.split(xv)
@@ -162,13 +197,27 @@ def _int4_gemv_kernel(
         x2, x6 = tl.split(xa1)
         x1, x5 = tl.split(xb0)
         x3, x7 = tl.split(xb1)
-        fx = tl.zeros((BLOCK_N, G, GW), dtype=tl.float32)
-        xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-        for i in tl.static_range(8):
-            xi = [x0, x1, x2, x3, x4, x5, x6, x7][i]
-            fx += _nibble_f32(q, i, one_bits) * xi
-        # per (row, word): 16 s * sum(f x) + (z - 24 s) * sum(x), s and z of the word's group
-        acc += fx * (16.0 * s) + xs * (z - 24.0 * s)
+        # Even nibbles are masked in place at mantissa bits 16..19 (f = 1 + q/128), odd ones at bits
+        # 12..15 (f = 1 + q/2048, against 16 x): byte shifts of the word reach all eight, 4 per word.
+        # Then sum_i f_i x'_i = xs2 + sum_i(q_i x_i)/128 with xs2 = sum(x even) + 16 sum(x odd), and
+        #     sum_i ((q_i - 8) s + z) x_i = 128 s (sum_i f_i x'_i - xs2) + (z - 8 s) sum_i x_i.
+        xe = x0 + x2 + x4 + x6
+        xo = x1 + x3 + x5 + x7
+        x1 *= 16.0
+        x3 *= 16.0
+        x5 *= 16.0
+        x7 *= 16.0
+        left = q << 8
+        right = q >> 8
+        fx = _mantissa(q << 16, 0xF0000, one_bits) * x0
+        fx += _mantissa(left, 0xF000, one_bits) * x1
+        fx += _mantissa(left, 0xF0000, one_bits) * x2
+        fx += _mantissa(q, 0xF000, one_bits) * x3
+        fx += _mantissa(q, 0xF0000, one_bits) * x4
+        fx += _mantissa(right, 0xF000, one_bits) * x5
+        fx += _mantissa(right, 0xF0000, one_bits) * x6
+        fx += _mantissa(q >> 16, 0xF000, one_bits) * x7
+        acc += (128.0 * s) * (fx - (xe + 16.0 * xo)) + (z - 8.0 * s) * (xe + xo)
 
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
     if HAS_BIAS:
@@ -228,7 +277,9 @@ def _int4_mm_kernel(
     # The group's scale and zero (2-byte loads, too narrow for cp.async, so not in Triton's pipeline) are
     # loaded one step ahead into registers, not in the step that uses them (measured 7-12% faster at
     # M = 64-128; see the config notes). Clamped into K: the last step re-reads, and an empty split
-    # reads, a valid group.
+    # reads, a valid group. Read as int32 words (as the gemv does) and pipelined with the tiles, they
+    # were slower at every M from 16 to 256: 32.4 / 29.3 us at M = 16, 61.6 / 64.3 at M = 128, against
+    # 30.3 / 27.8 and 55.1 / 53.1 this way (14336x4096 / 4096x14336, one run).
     g_next = tl.minimum(k_start, K - BLOCK_K) // GROUP_SIZE
     s_next = tl.load(s_rows + g_next * stride_sg)  # (BN,)
     z_next = tl.load(z_rows + g_next * stride_sg)
@@ -357,12 +408,18 @@ class Int4Config:
 
 # (largest M of the bucket, config); the first bucket with M <= bound wins, the last covers the rest.
 # Measured on H100 (benchmarks/bench_layers.py stacks, 14336x4096 and 4096x14336, group 128):
-#   M=1 gemv (benchmarks/sweep.py driver, two runs; 14336x4096 / 4096x14336 / 4096x4096 / 1024x4096):
-#       4 rows x 512 codes, 2 warps, 4 stages: 22.9 / 23.0-23.2 / 8.8 / 5.2-5.3 us; 4 rows x 1024 codes,
-#       4 warps, 3 stages: 24.8 / 22.9 / 8.8 / 4.7, so it takes the layers with fewer than 2048 row tiles.
-#       A stream-K gemv (fp32 atomics into a zero-filled workspace): 22.7-22.8 / 23.5-23.7 / 10.1-10.2 /
-#       6.5 us. 2-32 rows x 128-1024 codes, 1-4 warps, 3-6 stages: 22.0-29.5 / 22.9-84 us; split K 2-4:
-#       26.9-30.2 us. ncu (stream-K kernel): 51% of issue slots busy, 45% of DRAM bandwidth.
+#   M=1 gemv (benchmarks/sweep.py, two runs, within 0.1 us of each other; 14336x4096 / 4096x14336 /
+#       4096x4096 / 1024x4096), with the scales and zeros pipelined as int32 words and 4 shifts a word:
+#       8 rows x 512 codes, 2 warps, 3 stages: 19.0 / 21.0 / 8.0 / 5.8 us; 4 rows x 1024 codes, 2 warps,
+#       4 stages: 20.5 / 18.2-18.3 / 7.7 / 4.1, so it takes the layers with fewer than 1024 row tiles of 8.
+#       The kernel before (2-byte scale loads waiting in every step, 8 shifts a word) with its configs,
+#       4 rows x 512 codes (2 warps, 4 stages) and 4 x 1024 (4 warps, 3 stages): 21.0 / 21.0 / 8.3 / 4.4.
+#       Also tried: 4 x 512 with 1 warp (19.3 / 18.3 / 7.5 / 4.7), 16 x 512 (19.1 / 21.8), 8-16 x 1024
+#       with 4 warps (19.6-19.7 / 18.7-19.1). A stream-K gemv (an earlier kernel, fp32 atomics into a
+#       zero-filled workspace): 22.7-22.8 / 23.5-23.7 / 10.1-10.2 / 6.5 us; split K 2-4: 26.9-30.2 us.
+#       The floor: a plain streaming read of the same packed weight (a Triton XOR-reduce of int32
+#       words, 512-2048 words x 4-16 steps a program, no x, scales or stores) took 14.9-15.9 us on
+#       both scored shapes (scratch driver, one run; the gemv 19.0 / 18.2 us in that run).
 #   mm, with the PTX dequantization (a scratch driver on benchmarks/sweep.py's harness, one run; the
 #   byte-tile fp32 kernel it replaced in brackets, same run): M=16 16x128x128 swap_ab, 8 warps, 3 stages:
 #       30.0 / 27.9 us (32.7 / 30.1); 16x64x128 4 warps: 28.8 / 44.9 (its split K 4 on 4096x14336);
@@ -384,15 +441,15 @@ class Int4Config:
 #       stays ahead, 90 / 104 against 113 / 124. Dequant tiles of 8-64 rows x 128-512 codes, 2-8 warps:
 #       within 2% of each other (the copy alone: ~60 us, 2.4 TB/s).
 CONFIGS = (
-    (2, Int4Config("gemv", block_n=4, block_k=512, num_warps=2, num_stages=4)),
+    (2, Int4Config("gemv", block_n=8, block_k=512, num_warps=2, num_stages=3)),
     (16, Int4Config("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_warps=8, num_stages=3)),
     (64, Int4Config("mm", block_m=64, block_n=128, block_k=64, swap_ab=True, num_warps=4, num_stages=4)),
     (256, Int4Config("mm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)),
     (None, Int4Config("dequant", block_n=16, block_k=256, num_warps=4)),
 )
-# the gemv for layers with fewer than _GEMV_WIDE_BELOW row tiles of 4 (N < 8192): longer steps, more warps
-GEMV_WIDE = Int4Config("gemv", block_n=4, block_k=1024, num_warps=4, num_stages=3)
-_GEMV_WIDE_BELOW = 2048
+# the gemv for layers with fewer than _GEMV_WIDE_BELOW row tiles of 8 (N < 8192): fewer rows, longer steps
+GEMV_WIDE = Int4Config("gemv", block_n=4, block_k=1024, num_warps=2, num_stages=4)
+_GEMV_WIDE_BELOW = 1024
 # the largest bucket where ``dequant`` is not used (kernels.dequantize_first)
 MM_LARGE = Int4Config("mm", block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3)
 
@@ -540,13 +597,21 @@ def _launch_gemv(x, qdata, scale, zero, group_size: int, bias, cfg: Int4Config) 
     N = qdata.shape[0]
     qwords = int32_words(qdata)  # (N, K//8): 8 nibbles per word
     group_step = max(1, cfg.block_k // group_size)
+    groups = K // group_size
+    # bf16 scale and zero as int32 words of two groups: an even number of groups a row and a step,
+    # rows starting on 4-byte bounds (zero has scale's strides)
+    sz_words = (scale.dtype == zero.dtype == torch.bfloat16 and group_step % 2 == 0 and groups % 2 == 0
+                and scale.stride(1) == 1 and scale.stride(0) % 2 == 0
+                and scale.storage_offset() % 2 == 0 and zero.storage_offset() % 2 == 0)
+    if sz_words:
+        scale, zero = scale.view(torch.int32), zero.view(torch.int32)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     torch.library.wrap_triton(_int4_gemv_kernel)[(triton.cdiv(N, cfg.block_n), M)](
         x, qwords, scale, zero, bias if bias is not None else out, out,
         N, K,
         x.stride(0), x.stride(1), qwords.stride(0), scale.stride(0), scale.stride(1), out.stride(0), _ONE_BITS,
         GROUP_SIZE=group_size, GROUPS_PER_ITER=group_step, BLOCK_N=cfg.block_n,
-        EVEN_G=(K // group_size) % group_step == 0, HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_G=groups % group_step == 0, HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages,
+        SZ_WORDS=sz_words, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -121,6 +121,22 @@ def test_gemv_bfloat16():
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("groups", [5, 6, 8])
+@pytest.mark.parametrize("scale_layout", ["contiguous", "offset"])
+def test_gemv_scale_words(groups, scale_layout):
+    # bf16 scales and zeros are read as int32 words of two groups when a row has an even number of
+    # groups and starts on a word: 6 groups in steps of 4 mask the last step's second word, 8 do not;
+    # 5 groups, or a view starting one bf16 into its storage, take the 2-byte loads
+    x, qdata, scale, zero, bias = make_case(1, 36, 32 * groups, 32, torch.bfloat16)
+    if scale_layout == "offset":
+        wide = torch.zeros(2, 36, groups + 1, dtype=torch.bfloat16)
+        wide[0, :, 1:], wide[1, :, 1:] = scale, zero
+        scale, zero = wide[0, :, 1:], wide[1, :, 1:]  # storage offsets 1 and 36 * (groups + 1) + 1
+    cfg = int4.Int4Config("gemv", block_n=4, block_k=128, num_warps=2, num_stages=2)
+    check(int4.linear(x, qdata, scale, zero, 32, bias, config=cfg), x, qdata, scale, zero, 32, bias)
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("kernel", ["gemv", "mm"])
 def test_qdata_off_word_bounds(kernel):
     # both kernels read qdata as int32 words: a view whose rows start off 4-byte bounds is copied first
@@ -173,7 +189,7 @@ def test_rejects_bad_inputs():
 def test_select_config_buckets(monkeypatch):
     N, K = 14336, 4096
     assert int4.select_config(1, N, K, 128) == GEMV
-    assert int4.select_config(2, 4096, K, 128) == int4.GEMV_WIDE  # 1024 row tiles
+    assert int4.select_config(2, 4096, K, 128) == int4.GEMV_WIDE  # 512 row tiles of 8
     small = int4.select_config(16, N, K, 128)
     assert (small.kernel, small.block_m) == ("mm", 16)
     assert int4.select_config(17, N, K, 128).block_m == 64
