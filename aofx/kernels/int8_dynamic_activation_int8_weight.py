@@ -27,8 +27,9 @@ Kernel paths (``KernelConfig.path``):
            M <= 16: 16-row tiles, BLOCK_N narrowed until there are >= 128 programs, 512-wide K tiles for long K,
            and ``swap_ab`` (y.T = W @ xq.T: the weight rows on wgmma's 64-row side) where BLOCK_N >= 64.
            M <= 128: 64 x 128, or 64 x 64 x 256 with 5 stages where 64 x 128 gives fewer than 128 tiles;
-           M <= 256: 128 x 128; larger: 256 x 128 x 128, swap_ab, 3 stages. Up to M = 256, a shape that still
-           has fewer than 128 tiles splits K (up to ~256 programs).
+           M <= 256: 128 x 128; larger: 256 x 128 x 128, swap_ab, 3 stages with e4m3, 128 x 128 x 128 with 4 warps
+           with int8 (``_INT8_LARGE``). Up to M = 256, a shape that still has fewer than 128 tiles splits K (up to
+           ~256 programs).
   ``fused``: the activation quantization is fused into the GEMM prologue. Each
            program loops over K for the amax of its BLOCK_M rows, then quantizes x tiles on the fly. Measured
            slower at every M (M=1, 14336x4096: 107 us against 29 us): every program redoes an IEEE division
@@ -37,7 +38,7 @@ Kernel paths (``KernelConfig.path``):
            At M = 1, a CUDA-core GEMV that quantizes x itself (an IEEE division per element in every
            program) measured 41-61 us against 28.6 / 29.9 us for the 16-row ``quantized`` kernel, the
            M = 1 default then (14336x4096 / 4096x14336).
-Split K stores fp32 partials into a (split_k, M, N) workspace that the launcher sums and casts.
+Split K stores fp32 partials, and the last split of each tile sums them and casts (``kernels.store_split``).
 
 The fp8 dynamic scheme (``float8_dynamic_activation_float8_weight.py``) runs these kernels with e4m3 weights:
 ``FP8`` selects e4m3 codes (x / s_x clamped to +-448 and rounded by the RTNE convert, s_x = amax / 448) and
@@ -53,10 +54,9 @@ import torch
 import triton
 import triton.language as tl
 
-from aofx.kernels import bucket_m, grid_order
+from aofx.kernels import bucket_m, grid_order, split_k_buffers
 from aofx.kernels import int8_weight_only as int8wo
-from aofx.kernels.int8_weight_only import (_MIN_PROGRAMS, KernelConfig, _store_tile, check_linear_args,
-                                           split_k_for, split_k_output, split_k_result)
+from aofx.kernels.int8_weight_only import _MIN_PROGRAMS, KernelConfig, _store_tile, check_linear_args, split_k_for
 
 __all__ = ["KernelConfig", "linear", "quantize_per_token", "select_config"]
 
@@ -161,10 +161,11 @@ def _quantize_per_token_kernel(
 def _int8dq_mm_kernel(
     # pointers (x is bf16/fp16 when QUANTIZE_X, else int8 codes with scales at sx_ptr)
     x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
+    ws_ptr, count_ptr,  # split K: fp32 partials (SPLIT_K, M, N) and a counter per tile (kernels.store_split)
     # dimensions
     M, N, K,
-    # strides (x and qdata are contiguous along K)
-    stride_xm, stride_wn, stride_ym,
+    # strides (x and qdata are contiguous along K; y is contiguous)
+    stride_xm, stride_wn,
     stride_sw,  # 0 for a per-tensor weight scale (fp8 dynamic)
     # meta-parameters
     HAS_BIAS: tl.constexpr, QUANTIZE_X: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -225,7 +226,8 @@ def _int8dq_mm_kernel(
 
     # Same association as the reference: (acc * s_x) * s_w, then + bias.
     y = acc.to(tl.float32) * s_x[:, None] * tl.load(sw_ptr + rn_safe * stride_sw).to(tl.float32)[None, :]
-    _store_tile(y, y_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
+    _store_tile(y, y_ptr, ws_ptr, count_ptr + tl.program_id(0), b_ptr, rm, rn, rn_safe, m_mask, M, N, pid_k,
+                HAS_BIAS, SPLIT_K)
 
 
 # ---------------------------------------------------------------- config tables
@@ -242,6 +244,15 @@ _TABLE = (
     (256, KernelConfig("quantized", block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4)),
     (None, KernelConfig("quantized", block_m=256, block_n=128, block_k=128, num_warps=8, num_stages=3, swap_ab=True)),
 )
+# M > 256 with int8 codes: Triton's pipeliner keeps only fp32-accumulator wgmma in flight across K steps (an
+# int32 accumulator gets a wait for its wgmma in every step, seen in the TTGIR), so int8 tiles run best two to
+# an SM, one's wgmma overlapping the other's wait: 128 x 128 x 128, 4 warps, 3 stages (96 KB). Sweep driver on
+# benchmarks/sweep.py, one run, 14336x4096 / 4096x14336 / 4096x4096 / 1024x4096: M = 1024 113.5 / 116.7 / 35.0
+# / 26.9 us against 135.9 / 130.0 / 40.6 / 36.7 for the 256 x 128 table entry; M = 512 62.6 / 90.7 / 28.2 / 25.2
+# against 71.9 / 114.4 / 36.5 / 34.8. (ncu, M = 1024, 14336x4096: the 256 x 128 kernel at 48% SM throughput
+# with int8, 66% with e4m3, whose wgmma is asynchronous; e4m3 keeps the table's entry, 107.3 / 107.0 us
+# against 115.8 / 112.2 for 128 x 128 x 128.)
+_INT8_LARGE = KernelConfig("quantized", block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=3)
 # 17 <= M <= 128 when 64 x 128 tiles are too few: 64 x 64 x 256, 5 stages of 32 KB (others measured in the
 # same sweep, 4096x14336 int8: 64 x 64 x 128 6 stages 41.4 us, 64 x 64 x 512 3 stages 39.4, 8 warps 38.3)
 _NARROW = KernelConfig("quantized", block_m=64, block_n=64, block_k=256, num_warps=4, num_stages=5)
@@ -277,9 +288,11 @@ def select_config(M: int, N: int, K: int, fp8: bool = False) -> KernelConfig:
         block_k = min(_GEMV_DOT4.block_k, triton.next_power_of_2(K))
         return dataclasses.replace(_GEMV_DOT4, block_k=block_k, split_k=split_k_for(N, triton.cdiv(K, block_k)))
     cfg = next(c for max_m, c in _TABLE if max_m is None or M <= max_m)
+    if M > 256 and not fp8:
+        return _INT8_LARGE
     block_n, block_k, split_k, swap_ab = cfg.block_n, cfg.block_k, 1, cfg.swap_ab
     if M <= 16:
-        # Memory bound: narrow the weight tile before splitting K (a split costs a reduction kernel).
+        # Memory bound: narrow the weight tile before splitting K (a split costs a counter fill and a workspace round trip).
         while block_n > 32 and triton.cdiv(N, block_n) < 128:
             block_n //= 2
         if K >= _LONG_K:
@@ -387,18 +400,18 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> 
     has_bias = bias is not None
     b_arg = bias.contiguous() if has_bias else scale  # any tensor: never read without HAS_BIAS
     split = cfg.split_k
-    out = split_k_output(x, M, N, split)
     amax_block_k = min(_AMAX_BLOCK_K, triton.next_power_of_2(K))
     amax_stages = max(2, min(_AMAX_STAGES, _AMAX_SMEM_BYTES // (cfg.block_m * amax_block_k * x.element_size())))
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+    out, ws, counts = split_k_buffers(x, M, N, split, grid[0])
     torch.library.wrap_triton(_int8dq_mm_kernel)[grid](
-        x_arg, sx_arg, qdata, scale, b_arg, out,
+        x_arg, sx_arg, qdata, scale, b_arg, out, ws, counts,
         M, N, K,
-        x_arg.stride(0), qdata.stride(0), out.stride(-2),
+        x_arg.stride(0), qdata.stride(0),
         scale.stride(0) if scale.dim() else 0,
         HAS_BIAS=has_bias, QUANTIZE_X=cfg.path == "fused", SPLIT_K=split, EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         AMAX_BLOCK_K=amax_block_k, AMAX_STAGES=amax_stages, SWAP_AB=cfg.swap_ab, FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return split_k_result(out, x.dtype)
+    return out
