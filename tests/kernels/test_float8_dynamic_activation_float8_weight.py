@@ -242,9 +242,12 @@ def test_select_config_buckets():
     for n, k in ((14336, 4096), (4096, 14336)):
         assert kernels.select_config(1, n, k).path == "gemv"
         for m in (2, 16, 17, 128, 1024):
+            assert kernels.select_config(m, n, k) == int8dq.select_config(m, n, k, fp8=True)
+        for m in (2, 16, 17, 128):  # the int8 table, but for int8's own tiles past M = 256
             assert kernels.select_config(m, n, k) == int8dq.select_config(m, n, k)
     assert kernels.select_config(16, 14336, 4096).block_m == 16
     assert kernels.select_config(1024, 14336, 4096).block_m == 256
+    assert int8dq.select_config(1024, 14336, 4096) == int8dq._INT8_LARGE
 
 
 # ---------------------------------------------------------------- GPU
