@@ -1,6 +1,6 @@
 """Triton kernels, one family per file (``<scheme>.py``), each with its layout doc, config table,
 selector and launcher. Shared here: the M that the selectors branch on, the large-M rule of the
-weight-only schemes, the grouped tile order, 1-byte codes viewed as int32 words, and the split-K epilogue."""
+weight-only schemes, the grouped tile order, and 1-byte codes viewed as int32 words."""
 
 import sympy
 import torch
@@ -59,36 +59,3 @@ def grid_order(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
     return pid_m, pid_n
-
-
-def split_k_buffers(x: torch.Tensor, M: int, N: int, split: int, tiles: int):
-    """(out, workspace, arrivals) for a launch of ``tiles`` output tiles split ``split`` ways over K: out is
-    (M, N) in x.dtype; with a split, a (split, M, N) fp32 workspace and one zeroed int32 counter per tile
-    (``store_split``), else ``out`` stands in for both (never read)."""
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if split == 1:
-        return out, out, out
-    return (out, torch.empty((split, M, N), device=x.device, dtype=torch.float32),
-            torch.zeros((tiles,), device=x.device, dtype=torch.int32))
-
-
-@triton.jit
-def store_split(y, out_ptr, ws_ptr, count_ptr, offs, mask, split_stride, pid_k, SPLIT_K: tl.constexpr):
-    """Store fp32 results ``y`` at ``out_ptr + offs`` (out contiguous) in out's dtype.
-
-    Split K: each split stores its partial in slice ``pid_k`` of the (SPLIT_K, M, N) workspace (the same
-    offsets, ``split_stride`` = M * N apart) and counts itself in at ``count_ptr``, its tile's counter; the
-    split that arrives last sums the slices in split order (deterministic, unlike atomic adds) and stores
-    the tile. No zero-fill of the output and no reduction or cast kernel after the launch: measured on H100
-    (ncu, int4 M = 16, 14336x4096) those took 2.5 and 3.1 us next to the GEMM's 27.1."""
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(ws_ptr + pid_k * split_stride + offs, y, mask=mask)
-        # every thread's partial is written before the count releases it (at GPU scope)
-        tl.debug_barrier()
-        if tl.atomic_add(count_ptr, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros_like(y)
-            for s in tl.static_range(SPLIT_K):  # .cg: read in L2, where the other splits' stores are
-                total += tl.load(ws_ptr + s * split_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)

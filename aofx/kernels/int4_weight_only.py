@@ -51,8 +51,8 @@ inline PTX on packed bf16 pairs: per two nibbles (i, i + 4) of a word one LOP3 m
 ``(q - 8) * s + z`` rounded once to bf16 (the reference rounds to fp32, then to bf16: equal but for
 a double-rounding tie). Otherwise (fp16 x, and under the interpreter, which cannot run PTX) it is
 the fp32 ``f * 16 s + (z - 24 s)`` above, cast to x.dtype.
-Bias and the output cast are in the epilogue; bias is added by the pid_k == 0 program. Split-K
-programs store fp32 partials and the last split of each tile sums them and casts (``kernels.store_split``).
+Bias and the output cast are in the epilogue. Split-K programs add fp32 partials atomically into
+a zeroed fp32 output that the launcher casts afterwards; bias is added by the pid_k == 0 program.
 
 Weights are loaded ``evict_first`` (streamed once), activations ``evict_last`` (re-read by every
 column block).
@@ -68,7 +68,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from aofx.kernels import bucket_m, dequantize_first, int32_words, split_k_buffers, store_split
+from aofx.kernels import bucket_m, dequantize_first, int32_words
 
 __all__ = ["Int4Config", "select_config", "linear"]
 
@@ -229,11 +229,10 @@ def _int4_gemv_kernel(
 def _int4_mm_kernel(
     # pointers
     x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
-    ws_ptr, count_ptr,  # split K: fp32 partials (SPLIT_K, M, N) and a counter per tile (kernels.store_split)
     # dimensions
     M, N, K,
-    # strides (stride_qw: qdata row stride in int32 words; out is contiguous)
-    stride_xm, stride_xk, stride_qw, stride_sn, stride_sg, one_bits,
+    # strides (stride_qw: qdata row stride in int32 words)
+    stride_xm, stride_xk, stride_qw, stride_sn, stride_sg, stride_om, one_bits,
     # meta-parameters
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -318,7 +317,7 @@ def _int4_mm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         q_ptrs += BLOCK_K // 8
 
-    # epilogue: bias in fp32 (split 0), then the cast, or the split-K partial
+    # epilogue: bias in fp32, cast (or fp32 atomic partials for split-K)
     if SWAP_AB:
         acc = tl.trans(acc)  # (BM, BN)
     if HAS_BIAS:
@@ -326,8 +325,12 @@ def _int4_mm_kernel(
         if SPLIT_K > 1:
             bias = tl.where(pid_k == 0, bias, 0.0)
         acc += bias[None, :]
-    store_split(acc, out_ptr, ws_ptr, count_ptr + pid, offs_m[:, None] * N + offs_n[None, :],
-                mask_m[:, None] & mask_n[None, :], M * N, pid_k, SPLIT_K)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -450,8 +453,8 @@ _GEMV_WIDE_BELOW = 1024
 # the largest bucket where ``dequant`` is not used (kernels.dequantize_first)
 MM_LARGE = Int4Config("mm", block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3)
 
-# Split-K (``mm``) aims for at least this many programs per SM. Splitting costs a counter fill and a
-# workspace round trip, so it is used only to fill the GPU, never to balance waves.
+# Split-K (``mm``) aims for at least this many programs per SM. Splitting costs a zero-fill and a
+# cast kernel, so it is used only to fill the GPU, never to balance waves.
 _CTAS_PER_SM = 1
 _MIN_STEPS_PER_SPLIT = 4  # K steps each split keeps, so a program amortizes its prologue/epilogue
 _MAX_SPLIT_K = 16
@@ -564,10 +567,12 @@ def linear(x, qdata, scale, zero, group_size: int, bias=None, *, config=None) ->
         )
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
-    # 2. output, and for split K the partials' workspace and the tiles' counters
+    # 2. output: fp32 zeros for split-K atomics (cast after), else x.dtype directly
     split = cfg.split_k
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
-    out, ws, counts = split_k_buffers(x, M, N, split, grid[0])
+    if split > 1:
+        out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
 
     # 3. launch
@@ -575,15 +580,16 @@ def linear(x, qdata, scale, zero, group_size: int, bias=None, *, config=None) ->
     # the PTX dequantization is exact for bf16 scale and zero into bf16 weights; the interpreter
     # (CPU tensors) cannot run inline PTX and takes the fp32 path
     ptx = x.is_cuda and x.dtype == scale.dtype == zero.dtype == torch.bfloat16
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
     torch.library.wrap_triton(_int4_mm_kernel)[grid](
-        x, qwords, scale, zero, bias_arg, out, ws, counts,
+        x, qwords, scale, zero, bias_arg, out,
         M, N, K,
-        x.stride(0), x.stride(1), qwords.stride(0), scale.stride(0), scale.stride(1), _ONE_BITS,
+        x.stride(0), x.stride(1), qwords.stride(0), scale.stride(0), scale.stride(1), out.stride(0), _ONE_BITS,
         GROUP_SIZE=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, HAS_BIAS=bias is not None, DEQUANT_PTX=ptx,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out
+    return out.to(x.dtype) if split > 1 else out
 
 
 def _launch_gemv(x, qdata, scale, zero, group_size: int, bias, cfg: Int4Config) -> torch.Tensor:

@@ -38,7 +38,7 @@ Kernel paths (``KernelConfig.path``):
            At M = 1, a CUDA-core GEMV that quantizes x itself (an IEEE division per element in every
            program) measured 41-61 us against 28.6 / 29.9 us for the 16-row ``quantized`` kernel, the
            M = 1 default then (14336x4096 / 4096x14336).
-Split K stores fp32 partials, and the last split of each tile sums them and casts (``kernels.store_split``).
+Split K stores fp32 partials into a (split_k, M, N) workspace that the launcher sums and casts.
 
 The fp8 dynamic scheme (``float8_dynamic_activation_float8_weight.py``) runs these kernels with e4m3 weights:
 ``FP8`` selects e4m3 codes (x / s_x clamped to +-448 and rounded by the RTNE convert, s_x = amax / 448) and
@@ -54,9 +54,10 @@ import torch
 import triton
 import triton.language as tl
 
-from aofx.kernels import bucket_m, grid_order, split_k_buffers
+from aofx.kernels import bucket_m, grid_order
 from aofx.kernels import int8_weight_only as int8wo
-from aofx.kernels.int8_weight_only import _MIN_PROGRAMS, KernelConfig, _store_tile, check_linear_args, split_k_for
+from aofx.kernels.int8_weight_only import (_MIN_PROGRAMS, KernelConfig, _store_tile, check_linear_args,
+                                           split_k_for, split_k_output, split_k_result)
 
 __all__ = ["KernelConfig", "linear", "quantize_per_token", "select_config"]
 
@@ -161,11 +162,10 @@ def _quantize_per_token_kernel(
 def _int8dq_mm_kernel(
     # pointers (x is bf16/fp16 when QUANTIZE_X, else int8 codes with scales at sx_ptr)
     x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
-    ws_ptr, count_ptr,  # split K: fp32 partials (SPLIT_K, M, N) and a counter per tile (kernels.store_split)
     # dimensions
     M, N, K,
-    # strides (x and qdata are contiguous along K; y is contiguous)
-    stride_xm, stride_wn,
+    # strides (x and qdata are contiguous along K)
+    stride_xm, stride_wn, stride_ym,
     stride_sw,  # 0 for a per-tensor weight scale (fp8 dynamic)
     # meta-parameters
     HAS_BIAS: tl.constexpr, QUANTIZE_X: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -226,8 +226,7 @@ def _int8dq_mm_kernel(
 
     # Same association as the reference: (acc * s_x) * s_w, then + bias.
     y = acc.to(tl.float32) * s_x[:, None] * tl.load(sw_ptr + rn_safe * stride_sw).to(tl.float32)[None, :]
-    _store_tile(y, y_ptr, ws_ptr, count_ptr + tl.program_id(0), b_ptr, rm, rn, rn_safe, m_mask, M, N, pid_k,
-                HAS_BIAS, SPLIT_K)
+    _store_tile(y, y_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
 
 # ---------------------------------------------------------------- config tables
@@ -292,7 +291,7 @@ def select_config(M: int, N: int, K: int, fp8: bool = False) -> KernelConfig:
         return _INT8_LARGE
     block_n, block_k, split_k, swap_ab = cfg.block_n, cfg.block_k, 1, cfg.swap_ab
     if M <= 16:
-        # Memory bound: narrow the weight tile before splitting K (a split costs a counter fill and a workspace round trip).
+        # Memory bound: narrow the weight tile before splitting K (a split costs a reduction kernel).
         while block_n > 32 and triton.cdiv(N, block_n) < 128:
             block_n //= 2
         if K >= _LONG_K:
@@ -400,18 +399,18 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> 
     has_bias = bias is not None
     b_arg = bias.contiguous() if has_bias else scale  # any tensor: never read without HAS_BIAS
     split = cfg.split_k
+    out = split_k_output(x, M, N, split)
     amax_block_k = min(_AMAX_BLOCK_K, triton.next_power_of_2(K))
     amax_stages = max(2, min(_AMAX_STAGES, _AMAX_SMEM_BYTES // (cfg.block_m * amax_block_k * x.element_size())))
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
-    out, ws, counts = split_k_buffers(x, M, N, split, grid[0])
     torch.library.wrap_triton(_int8dq_mm_kernel)[grid](
-        x_arg, sx_arg, qdata, scale, b_arg, out, ws, counts,
+        x_arg, sx_arg, qdata, scale, b_arg, out,
         M, N, K,
-        x_arg.stride(0), qdata.stride(0),
+        x_arg.stride(0), qdata.stride(0), out.stride(-2),
         scale.stride(0) if scale.dim() else 0,
         HAS_BIAS=has_bias, QUANTIZE_X=cfg.path == "fused", SPLIT_K=split, EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         AMAX_BLOCK_K=amax_block_k, AMAX_STAGES=amax_stages, SWAP_AB=cfg.swap_ab, FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out
+    return split_k_result(out, x.dtype)

@@ -34,9 +34,8 @@ Kernel paths and M buckets (``select_config``):
   (BLOCK_K divides group_size, so a tile lies in one group), which rounds ``q * s`` to x.dtype
   exactly as the reference's dequantization does.
   Either path may split K (``split_k > 1``): each split stores its fp32 partial (scales applied, bias
-  in split 0) into a (split_k, M, N) workspace, and the last split of each tile to finish sums them in
-  split order and casts (``kernels.store_split``). The default tables only split when the tiles alone
-  cannot fill the GPU, because a split costs a counter fill and a workspace round trip.
+  in split 0) into a (split_k, M, N) workspace that the launcher sums and casts. The default tables
+  only split when the tiles alone cannot fill the GPU, because the reduction is one more kernel.
 
 The helpers ``KernelConfig`` and ``check_linear_args`` are shared with
 ``int8_dynamic_activation_int8_weight.py``.
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from aofx.kernels import bucket_m, dequantize_first, grid_order, int32_words, split_k_buffers, store_split
+from aofx.kernels import bucket_m, dequantize_first, grid_order, int32_words
 
 _X_DTYPES = (torch.bfloat16, torch.float16)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -119,16 +118,19 @@ def _dot4(w, x, acc, ASM: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(y, y_ptr, ws_ptr, count_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, N, pid_k,
+def _store_tile(y, y_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, N, stride_ym, pid_k,
                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Epilogue of the tensor-core kernels: ``y`` (BLOCK_M, BLOCK_N) fp32 with scales applied; bias is
-    added by split 0; the tile goes to the contiguous (M, N) y, through ``kernels.store_split`` (count_ptr:
-    this tile's counter)."""
+    added by split 0. A split stores its fp32 partial in slice pid_k of the (SPLIT_K, M, N) workspace."""
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn_safe).to(tl.float32)
         y += tl.where(pid_k == 0, bias, 0.0)[None, :]
-    store_split(y, y_ptr, ws_ptr, count_ptr, rm[:, None] * N + rn[None, :], m_mask & (rn[None, :] < N), M * N,
-                pid_k, SPLIT_K)
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    mask = m_mask & (rn[None, :] < N)
+    if SPLIT_K > 1:
+        tl.store(y_ptrs + pid_k * M * stride_ym, y, mask=mask)
+    else:
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- kernels
@@ -138,7 +140,6 @@ def _store_tile(y, y_ptr, ws_ptr, count_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, 
 def _int8wo_gemv_kernel(
     # pointers
     x_ptr, sx_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-    ws_ptr, count_ptr,  # split K: fp32 partials (SPLIT_K, 1, N) and a counter per row tile (kernels.store_split)
     # dimensions
     N, K,
     # strides (x and qdata are contiguous along K; y is a contiguous (1, N) row)
@@ -199,18 +200,21 @@ def _int8wo_gemv_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn_safe).to(tl.float32)
         acc += tl.where(pid_k == 0, bias, 0.0)
-    store_split(acc, y_ptr, ws_ptr, count_ptr + pid_n, rn, rn < N, N, pid_k, SPLIT_K)
+    n_mask = rn < N
+    if SPLIT_K > 1:
+        tl.store(y_ptr + pid_k * N + rn, acc, mask=n_mask)  # fp32 partial, slice pid_k of (SPLIT_K, 1, N)
+    else:
+        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
 def _int8wo_mm_kernel(
     # pointers
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-    ws_ptr, count_ptr,  # split K: fp32 partials (SPLIT_K, M, N) and a counter per tile (kernels.store_split)
     # dimensions
     M, N, K,
-    # strides (x and qdata are contiguous along K; y is contiguous)
-    stride_xm, stride_wn, stride_sn, stride_sg,
+    # strides (x and qdata are contiguous along K)
+    stride_xm, stride_wn, stride_sn, stride_sg, stride_ym,
     # meta-parameters
     HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -261,8 +265,7 @@ def _int8wo_mm_kernel(
 
     if GROUP_SIZE == 0:
         acc = acc * tl.load(s_ptr + rn_safe * stride_sn).to(tl.float32)[None, :]
-    _store_tile(acc, y_ptr, ws_ptr, count_ptr + tl.program_id(0), b_ptr, rm, rn, rn_safe, m_mask, M, N, pid_k,
-                HAS_BIAS, SPLIT_K)
+    _store_tile(acc, y_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -358,7 +361,7 @@ def select_config(M: int, N: int, K: int, group_size: int = 0) -> KernelConfig:
         stage_bytes = cfg.block_m * block_k * 2 + cfg.block_n * block_k
         num_stages = max(cfg.num_stages, min(8, cfg.num_stages * cfg.block_k // block_k, _SMEM_BUDGET // stage_bytes))
     if M <= 16:
-        # Memory bound: narrow the weight tile before splitting K, so that K is not split.
+        # Memory bound: narrow the weight tile before splitting K, so no reduction kernel is needed.
         while block_n > 32 and triton.cdiv(N, block_n) < _MIN_PROGRAMS:
             block_n //= 2
         if block_k < 128:  # small groups force a short K tile: widen N to keep bytes in flight per stage
@@ -464,6 +467,7 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
     stride_sn = scale.stride(0) if scale.dim() else 0  # a per-tensor scale is every row's scale
     stride_sg = scale.stride(1) if group_size else 0
     split = cfg.split_k
+    out = split_k_output(x, M, N, split)
     even_k = K % cfg.block_k == 0
 
     if cfg.path == "gemv":
@@ -474,9 +478,8 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
         if dot4:
             w_arg, x_arg, k_arg, block_k = int32_words(qdata), x_arg.view(torch.int32), K // 4, cfg.block_k // 4
         grid = (triton.cdiv(N, cfg.block_n), split)
-        out, ws, counts = split_k_buffers(x, M, N, split, grid[0])
         torch.library.wrap_triton(_int8wo_gemv_kernel)[grid](
-            x_arg, sx_arg, w_arg, scale, b_arg, out, ws, counts,
+            x_arg, sx_arg, w_arg, scale, b_arg, out,
             N, k_arg,
             w_arg.stride(0), stride_sn, stride_sg,
             HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
@@ -486,11 +489,10 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
         )
     elif cfg.path == "mm":
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
-        out, ws, counts = split_k_buffers(x, M, N, split, grid[0])
         torch.library.wrap_triton(_int8wo_mm_kernel)[grid](
-            x, qdata, scale, b_arg, out, ws, counts,
+            x, qdata, scale, b_arg, out,
             M, N, K,
-            x.stride(0), qdata.stride(0), stride_sn, stride_sg,
+            x.stride(0), qdata.stride(0), stride_sn, stride_sg, out.stride(-2),
             HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             SWAP_AB=cfg.swap_ab, E4M3_PTX=(x.is_cuda and x.dtype == torch.bfloat16 and not group_size
@@ -499,7 +501,7 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
         )
     else:
         raise ValueError(f"{name}: unknown path {cfg.path!r} (expected 'gemv', 'mm' or 'dequant')")
-    return out
+    return split_k_result(out, x.dtype)
 
 
 def _dequantize_linear(x, qdata, scale, bias, cfg: KernelConfig, group_size: int) -> torch.Tensor:
@@ -515,3 +517,15 @@ def _dequantize_linear(x, qdata, scale, bias, cfg: KernelConfig, group_size: int
     )
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
+
+def split_k_output(x, M: int, N: int, split: int) -> torch.Tensor:
+    """The kernels' output: (M, N) in x.dtype, or a (split, M, N) fp32 workspace of per-split partials."""
+    if split > 1:
+        return torch.empty((split, M, N), device=x.device, dtype=torch.float32)
+    return torch.empty((M, N), device=x.device, dtype=x.dtype)
+
+
+def split_k_result(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(M, N) in ``dtype``: a split-K workspace is summed in a fixed order (deterministic, unlike atomics,
+    and cheaper: scattered fp32 atomics cost more than a plain store plus one reduction)."""
+    return out.sum(0).to(dtype) if out.dim() == 3 else out
