@@ -236,7 +236,8 @@ def _int8dq_mm_kernel(
 # fused prologue at every M (M = 1: 29 us against 107 us for 14336x4096), because the fused prologue
 # quantizes BLOCK_M = 16 rows per tile in every program, masked rows included (an IEEE division each).
 # M = 1024 (benchmarks/sweep.py, one run): 256 x 128 x 128 with swap_ab, 3 stages: int8 134 / 130 us, e4m3
-# 109 / 109 us (14336x4096 / 4096x14336), as fast as or faster than 128 x 256 x 128 in every case.
+# 109 / 109 us (14336x4096 / 4096x14336), as fast as or faster than 128 x 256 x 128 in every case (int8 codes
+# now take _INT8_LARGE there, below).
 _TABLE = (
     (16, KernelConfig("quantized", block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)),
     (128, KernelConfig("quantized", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)),
@@ -286,9 +287,9 @@ def select_config(M: int, N: int, K: int, fp8: bool = False) -> KernelConfig:
             return int8wo.select_config(M, N, K)
         block_k = min(_GEMV_DOT4.block_k, triton.next_power_of_2(K))
         return dataclasses.replace(_GEMV_DOT4, block_k=block_k, split_k=split_k_for(N, triton.cdiv(K, block_k)))
-    cfg = next(c for max_m, c in _TABLE if max_m is None or M <= max_m)
     if M > 256 and not fp8:
         return _INT8_LARGE
+    cfg = next(c for max_m, c in _TABLE if max_m is None or M <= max_m)
     block_n, block_k, split_k, swap_ab = cfg.block_n, cfg.block_k, 1, cfg.swap_ab
     if M <= 16:
         # Memory bound: narrow the weight tile before splitting K (a split costs a reduction kernel).
