@@ -8,12 +8,14 @@ Layout read (the one ``aofx.numerics.quantize_int8`` writes):
   x      (M, K) bf16 / fp16 with arbitrary row stride; y is (M, N) in x.dtype.
 
 Kernel paths and M buckets (``select_config``):
-  M == 1       ``gemv``: one program per BLOCK_N (8; 4 when N < 2048) weight rows, a software-pipelined K
-               loop (``tl.range`` stages, cp.async); each weight tile is converted to fp32 (bit trick for
-               int8, no I2F) and multiplied by the x row on the CUDA cores. Per-group scales are applied
-               per (row, group) partial sum every step; with per-row scales the products accumulate in a
-               (BLOCK_N, BLOCK_K) tile reduced once after the loop, and the scale is applied in the
-               epilogue. The dynamic schemes pass ``x_codes``: x quantized per row by their per-token
+  M == 1       ``gemv``, on the CUDA cores. Per-row scales (unsplit): ``_gemv_rows_kernel``, one weight row per
+               program, K a compile-time constant so that the K loop is unrolled and all its loads are
+               issued at once; the products accumulate in a (1, BLOCK_K) fp32 tile reduced after the loop,
+               and the scale is applied in the epilogue. Per-group scales (or a K split): ``_int8wo_gemv_kernel``,
+               BLOCK_N (8; 4 when N < 2048) rows per program, a software-pipelined K loop (``tl.range`` stages,
+               cp.async), each weight tile converted to fp32 (bit trick for int8, no I2F) and each
+               (row, group) partial sum weighted by its scale every step.
+               The dynamic schemes pass ``x_codes``: x quantized per row by their per-token
                kernel, int8 or e4m3 codes and s_x; int8 x int8 products are then summed exactly
                (int32 after the loop). With int8 codes on both sides and K % 4 == 0 (``DOT4``) both are
                read as int32 words of 4 codes (``kernels.int32_words``): one ``dp4a`` per word pair,
@@ -208,6 +210,43 @@ def _int8wo_gemv_kernel(
 
 
 @triton.jit
+def _gemv_rows_kernel(
+    # pointers
+    x_ptr, sx_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+    # dimensions and strides (x and qdata are contiguous along K; y is a contiguous (1, N) row)
+    N, stride_wn, stride_sn,
+    # K is a compile-time constant: the K loop's trip count is known, so it is unrolled and every load is
+    # issued up front (with a run-time K, the same tiles measured 26-30 us against 23.4, 14336x4096)
+    K: tl.constexpr,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, X_CODES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # M = 1 with per-row scales: BLOCK_N rows (x BLOCK_K codes a step) per program, no shared memory.
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, 1)
+    n_mask = rn < N
+    rk = tl.arange(0, BLOCK_K)[None, :]  # (1, BLOCK_K): x is loaded in the weight tile's layout
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
+        k = k0 + rk
+        mask = (k < K) & n_mask
+        xv = tl.load(x_ptr + k, mask=k < K, other=0.0, eviction_policy="evict_last")
+        w = tl.load(w_ptr + rn * stride_wn + k, mask=mask, other=0.0, eviction_policy="evict_first")
+        acc = tl.where(mask, acc + xv.to(tl.float32) * w.to(tl.float32), acc)
+    if X_CODES and x_ptr.dtype.element_ty == tl.int8:
+        y = tl.sum(acc.to(tl.int32), axis=1).to(tl.float32)  # exact: each lane's sum is an integer < 2**24
+        y = y * tl.load(sx_ptr)  # the reference's association: (acc * s_x) * s_w
+    elif X_CODES:
+        y = tl.sum(acc, axis=1) * tl.load(sx_ptr)
+    else:
+        y = tl.sum(acc, axis=1)
+    rows = tl.reshape(rn, (BLOCK_N,))
+    y = y * tl.load(s_ptr + rows * stride_sn, mask=rows < N, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
 def _int8wo_mm_kernel(
     # pointers
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
@@ -318,6 +357,15 @@ _MM_TABLE = (
 # amax in every program and multiplied by 1 / s_x (faster on the small layers, but not exact). With one-pass
 # quantization (each row in one program's registers) the int8 / e4m3 times were the same or up to 1.6 us slower.
 _GEMV = KernelConfig("gemv", block_m=1, block_n=8, block_k=512, num_warps=2, num_stages=4)
+# gemv with per-row scales: one weight row x 2048 codes a step, 4 warps, no software pipeline, run by
+# _gemv_rows_kernel (K a compile-time constant, so the loop is unrolled). 4-layer CUDA-graph stacks, one run,
+# against _GEMV (scratch driver on bench_layers.time_stack, 14336x4096 / 4096x14336 / 4096x4096 / 1024x4096): int8wo
+# 23.4 / 25.5 / 9.9 / 5.4 us against 25.7 / 25.5 / 11.3 / 5.9; e4m3 weight-only 23.9 / 24.9 / 10.0 / 5.1
+# against 25.4 / 25.3 / 11.2 / 5.8; fp8 dynamic (per-token kernel included) 25.7 / 27.7 / 12.1 / 7.3 against
+# 27.9 / 28.6 / 13.5 / 8.1. (Torch-compiled torchao int8wo, whose Inductor reduction kernel has this shape,
+# took 24.3 / 25.2 us in the same harness.) Of 1-4 rows x 1024-4096 codes, 2-8 warps, this was best or
+# within 0.3 us on every shape and scheme.
+_GEMV_ROWS = KernelConfig("gemv", block_m=1, block_n=1, block_k=2048, num_warps=4, num_stages=1)
 # gemv where 8-row tiles are fewer than 2 * _MIN_PROGRAMS (N < 2048): 4 rows x 1024 codes (1024x4096, sweep
 # driver, two runs: int8wo 4.5 / 4.5 us against 5.0 / 5.0, int8 dynamic 6.9 / 6.9 against 7.6 / 7.6, fp8
 # dynamic 6.7 / 6.6 against 7.2 / 7.2; on 4096x4096 it lost, 9.7 against 9.3 us)
@@ -344,6 +392,9 @@ def split_k_for(programs: int, k_tiles: int, min_programs: int = _MIN_PROGRAMS) 
 
 def select_config(M: int, N: int, K: int, group_size: int = 0) -> KernelConfig:
     """The config for one call. M selects the bucket; N, K, group_size (static under compile) refine it."""
+    if M == 1 and not group_size:
+        block_k = min(_GEMV_ROWS.block_k, triton.next_power_of_2(K))
+        return dataclasses.replace(_GEMV_ROWS, block_k=block_k, split_k=split_k_for(N, triton.cdiv(K, block_k)))
     if M == 1:
         gemv = _GEMV if triton.cdiv(N, _GEMV.block_n) >= 2 * _MIN_PROGRAMS else _GEMV_NARROW
         block_k = max(min(gemv.block_k, triton.next_power_of_2(K)), group_size)
@@ -477,6 +528,14 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
         dot4 = x_arg.dtype == qdata.dtype == torch.int8 and K % 4 == 0 and cfg.block_k % 4 == 0 and not group_size
         if dot4:
             w_arg, x_arg, k_arg, block_k = int32_words(qdata), x_arg.view(torch.int32), K // 4, cfg.block_k // 4
+        elif not group_size and split == 1:
+            torch.library.wrap_triton(_gemv_rows_kernel)[(triton.cdiv(N, cfg.block_n),)](
+                x_arg, sx_arg, qdata, scale, b_arg, out,
+                N, qdata.stride(0), stride_sn,
+                K=K, HAS_BIAS=has_bias, X_CODES=x_codes is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                num_warps=cfg.num_warps, num_stages=1,
+            )
+            return out
         grid = (triton.cdiv(N, cfg.block_n), split)
         torch.library.wrap_triton(_int8wo_gemv_kernel)[grid](
             x_arg, sx_arg, w_arg, scale, b_arg, out,

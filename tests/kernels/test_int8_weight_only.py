@@ -142,10 +142,12 @@ def test_select_config_buckets(monkeypatch):
     assert kernels.select_config(4096, 128256, 4096).path == "mm"
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     assert kernels.select_config(4096, 4096, 4096).path == "mm"
-    # Large N needs no K split at M=1; a narrow layer gets one.
-    assert kernels.select_config(1, 14336, 4096).split_k == 1
-    assert kernels.select_config(1, 4096, 4096).block_n == 8 and kernels.select_config(1, 1024, 4096).block_n == 4
-    assert kernels.select_config(1, 256, 4096).split_k > 1
+    # M = 1: per-row scales take one weight row per program, per-group scales 8 (or 4) rows; large N needs no
+    # K split, a narrow layer gets one.
+    assert kernels.select_config(1, 14336, 4096).block_n == 1 and kernels.select_config(1, 14336, 4096).split_k == 1
+    assert kernels.select_config(1, 4096, 4096, 128).block_n == 8
+    assert kernels.select_config(1, 1024, 4096, 128).block_n == 4
+    assert kernels.select_config(1, 256, 4096, 128).split_k > 1 and kernels.select_config(1, 64, 16384).split_k > 1
 
 
 @pytest.mark.parametrize("bad, err", [
@@ -217,8 +219,8 @@ def test_cuda_split_k_is_deterministic(M, config):
 
 @pytest.mark.cuda
 def test_cuda_auto_split_k_and_strided_x():
-    _, qdata, scale, b = _inputs(1, 256, 4096, torch.bfloat16, "cuda")
-    assert kernels.select_config(1, 256, 4096).split_k > 1
+    _, qdata, scale, b = _inputs(1, 64, 16384, torch.bfloat16, "cuda")
+    assert kernels.select_config(1, 64, 16384).split_k > 1
     for M in (1, 16):
-        x = torch.randn(M, 4096 + 64, device="cuda", dtype=torch.bfloat16)[:, 32:4096 + 32]
+        x = torch.randn(M, 16384 + 64, device="cuda", dtype=torch.bfloat16)[:, 32:16384 + 32]
         _assert_matches(kernels.linear(x, qdata, scale, b), x, qdata, scale, b)
