@@ -344,7 +344,8 @@ _MM_TABLE = (
     (256, KernelConfig("mm", block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3, swap_ab=True)),
     (None, KernelConfig("mm", block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3, swap_ab=True)),
 )
-# gemv: 2 warps own 8 rows x 512 codes (16-byte cp.async per thread per row), 4 stages of 4 KB: small
+# gemv with per-group scales (per-row scales until _GEMV_ROWS below; the measurements here are per row):
+# 2 warps own 8 rows x 512 codes (16-byte cp.async per thread per row), 4 stages of 4 KB: small
 # programs, many per SM, so that the weight reads of many rows are in flight at once (best of 10 measured).
 # Measured against it (int8wo M=1, 14336x4096 / 4096x14336, two runs; this config took 25.9-26.0 / 25.4-25.6 us in
 # both): 8-64 rows x 256-1024 codes, 2-8 warps: 25.8-39.1 us; a persistent variant (whole row tiles per program,
