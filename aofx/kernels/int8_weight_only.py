@@ -529,24 +529,23 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
         dot4 = x_arg.dtype == qdata.dtype == torch.int8 and K % 4 == 0 and cfg.block_k % 4 == 0 and not group_size
         if dot4:
             w_arg, x_arg, k_arg, block_k = int32_words(qdata), x_arg.view(torch.int32), K // 4, cfg.block_k // 4
-        elif not group_size and split == 1:
+        if not dot4 and not group_size and split == 1:  # per-row scales, unsplit: the row kernel
             torch.library.wrap_triton(_gemv_rows_kernel)[(triton.cdiv(N, cfg.block_n),)](
                 x_arg, sx_arg, qdata, scale, b_arg, out,
                 N, qdata.stride(0), stride_sn,
                 K=K, HAS_BIAS=has_bias, X_CODES=x_codes is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=1,
             )
-            return out
-        grid = (triton.cdiv(N, cfg.block_n), split)
-        torch.library.wrap_triton(_int8wo_gemv_kernel)[grid](
-            x_arg, sx_arg, w_arg, scale, b_arg, out,
-            N, k_arg,
-            w_arg.stride(0), stride_sn, stride_sg,
-            HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
-            BLOCK_N=cfg.block_n, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages, X_CODES=x_codes is not None,
-            DOT4=dot4, DOT4_ASM=dot4 and x.is_cuda,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        else:
+            torch.library.wrap_triton(_int8wo_gemv_kernel)[(triton.cdiv(N, cfg.block_n), split)](
+                x_arg, sx_arg, w_arg, scale, b_arg, out,
+                N, k_arg,
+                w_arg.stride(0), stride_sn, stride_sg,
+                HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=even_k,
+                BLOCK_N=cfg.block_n, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages, X_CODES=x_codes is not None,
+                DOT4=dot4, DOT4_ASM=dot4 and x.is_cuda,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
     elif cfg.path == "mm":
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
         torch.library.wrap_triton(_int8wo_mm_kernel)[grid](
