@@ -16,9 +16,10 @@ IEEE division too, as in ``numerics.safe_scale``.
 
 Kernel paths (``KernelConfig.path``):
   ``gemv`` (M = 1): the per-token kernel below writes xq and s_x, then ``int8_weight_only``'s CUDA-core GEMV
-           reads the codes (``x_codes``): exact int8 x int8 products, summed exactly, scaled in the epilogue.
-           With K % 4 == 0 it reads x and the weight rows as int32 words of 4 codes and sums each word
-           pair with one ``dp4a`` (one weight row per program, ``_GEMV_DOT4``).
+           (its config and its row kernel) reads the codes (``x_codes``): exact int8 x int8 products, summed
+           exactly, scaled in the epilogue. With K % 4 == 0 it reads x and the weight rows as int32 words of 4
+           codes and sums each word pair with one ``dp4a``. (Before the row kernel, the pipelined gemv on the
+           same words, one row x 1024 codes a program, was the best of 39 tiles of 1-16 rows x 512-4096 codes.)
   ``quantized`` (every other default bucket) and ``fused`` (forced configs only), both one
   ``_int8dq_mm_kernel`` (``QUANTIZE_X`` picks the prologue):
   ``quantized``: a per-token kernel writes xq int8 (M, K) and s_x (M,), then an int8 x int8
@@ -257,13 +258,6 @@ _INT8_LARGE = KernelConfig("quantized", block_m=128, block_n=128, block_k=128, n
 # same sweep, 4096x14336 int8: 64 x 64 x 128 6 stages 41.4 us, 64 x 64 x 512 3 stages 39.4, 8 warps 38.3)
 _NARROW = KernelConfig("quantized", block_m=64, block_n=64, block_k=256, num_warps=4, num_stages=5)
 _LONG_K = 8192  # M <= 16: from this K on, 512-wide K tiles
-# M = 1 with int8 codes (dp4a on int32 words): one weight row per program, 1024 codes a step, no software
-# pipeline. Sweep driver on benchmarks/sweep.py, one run, 14336x4096 / 4096x14336 / 4096x4096 / 1024x4096
-# (per-token kernel included): 25.3 / 27.0 / 10.7 / 6.0 us against 27.2 / 28.3 / 11.2 / 6.4 for int8
-# weight-only's gemv config on the same words; of 38 other tiles (1-16 rows x 512-4096 codes, 2-8 warps,
-# 1-4 stages) none was faster by more than 0.1 us on any shape. Before dp4a (fp32 products, that gemv
-# config) the scored shapes took 29.0 / 29.3 us in another sweep run the same day.
-_GEMV_DOT4 = KernelConfig("gemv", block_m=1, block_n=1, block_k=1024, num_warps=4, num_stages=1)
 _MIN_SPLIT_PROGRAMS = 256
 # fused prologue: x tiles of BLOCK_M x _AMAX_BLOCK_K, _AMAX_STAGES deep (16 x 256 bf16: 8 KB a stage, 7 in
 # flight; wider tiles pushed the kernel to 240+ registers on sm_90)
@@ -281,12 +275,9 @@ _AMAX_PARTIALS = 256
 
 def select_config(M: int, N: int, K: int, fp8: bool = False) -> KernelConfig:
     """The config for one call. M selects the bucket; N, K (static under compile) refine it. ``fp8``: e4m3
-    codes (the fp8 dynamic scheme), whose M = 1 gemv is int8 weight-only's."""
+    codes (the fp8 dynamic scheme). M = 1 takes int8 weight-only's gemv config."""
     if M == 1:
-        if fp8 or K % 4:
-            return int8wo.select_config(M, N, K)
-        block_k = min(_GEMV_DOT4.block_k, triton.next_power_of_2(K))
-        return dataclasses.replace(_GEMV_DOT4, block_k=block_k, split_k=split_k_for(N, triton.cdiv(K, block_k)))
+        return int8wo.select_config(M, N, K)
     if M > 256 and not fp8:
         return _INT8_LARGE
     cfg = next(c for max_m, c in _TABLE if max_m is None or M <= max_m)

@@ -220,19 +220,27 @@ def _gemv_rows_kernel(
     K: tl.constexpr,
     # meta-parameters
     HAS_BIAS: tl.constexpr, X_CODES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    # int8 codes on both sides, read as int32 words of 4 codes (x_ptr and w_ptr point to words; K, BLOCK_K
+    # and stride_wn count words); DOT4_ASM: dp4a in inline PTX (not under the interpreter)
+    DOT4: tl.constexpr = False, DOT4_ASM: tl.constexpr = False,
 ):
-    # M = 1 with per-row scales: BLOCK_N rows (x BLOCK_K codes a step) per program, no shared memory.
+    # M = 1 with per-row scales: BLOCK_N rows (x BLOCK_K codes or words a step) per program, no shared memory.
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, 1)
     n_mask = rn < N
     rk = tl.arange(0, BLOCK_K)[None, :]  # (1, BLOCK_K): x is loaded in the weight tile's layout
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32 if DOT4 else tl.float32)
     for k0 in tl.range(0, K, BLOCK_K):
         k = k0 + rk
         mask = (k < K) & n_mask
         xv = tl.load(x_ptr + k, mask=k < K, other=0.0, eviction_policy="evict_last")
         w = tl.load(w_ptr + rn * stride_wn + k, mask=mask, other=0.0, eviction_policy="evict_first")
-        acc = tl.where(mask, acc + xv.to(tl.float32) * w.to(tl.float32), acc)
-    if X_CODES and x_ptr.dtype.element_ty == tl.int8:
+        if DOT4:
+            acc = _dot4(w, tl.broadcast_to(xv, (BLOCK_N, BLOCK_K)), acc, DOT4_ASM)  # masked words are 0
+        else:
+            acc = tl.where(mask, acc + xv.to(tl.float32) * w.to(tl.float32), acc)
+    if DOT4:
+        y = tl.sum(acc, axis=1).to(tl.float32) * tl.load(sx_ptr)  # exact int32 sums, as the reference's
+    elif X_CODES and x_ptr.dtype.element_ty == tl.int8:
         y = tl.sum(acc.to(tl.int32), axis=1).to(tl.float32)  # exact: each lane's sum is an integer < 2**24
         y = y * tl.load(sx_ptr)  # the reference's association: (acc * s_x) * s_w
     elif X_CODES:
@@ -365,8 +373,15 @@ _GEMV = KernelConfig("gemv", block_m=1, block_n=8, block_k=512, num_warps=2, num
 # against 25.4 / 25.3 / 11.2 / 5.8; fp8 dynamic (per-token kernel included) 25.7 / 27.7 / 12.1 / 7.3 against
 # 27.9 / 28.6 / 13.5 / 8.1. (Torch-compiled torchao int8wo, whose Inductor reduction kernel has this shape,
 # took 24.3 / 25.2 us in the same harness.) Of 1-4 rows x 1024-4096 codes, 2-8 warps, this was best or
-# within 0.3 us on every shape and scheme.
+# within 0.3 us on every shape and scheme. The int8 dynamic scheme's dp4a words take it too (int8dq, 14336x4096 /
+# 4096x14336 / 4096x4096 / 1024x4096, per-token kernel included: 25.2 / 26.5 / 10.4 / 5.8 us against 25.4 /
+# 27.0 / 10.6 / 6.0 for the pipelined gemv on the same words; scratch driver on benchmarks/sweep.py, one run).
 _GEMV_ROWS = KernelConfig("gemv", block_m=1, block_n=1, block_k=2048, num_warps=4, num_stages=1)
+# Rows longer than _GEMV_ROWS.block_k * 4 and at most this long are one masked step of next_power_of_2(K)
+# codes. K = 14336 (4096x14336, same driver, one run): int8wo 24.4 us against 25.4 for 7 steps of 2048, e4m3
+# weight-only 24.3 against 25.0, fp8 dynamic 27.2 against 27.7; steps of 4096 or 8192 (the last one partly
+# masked) were slower, 25.5-35.6 us. At K = 4096 one step was not faster (int8wo 4096x4096: 9.4 against 9.0).
+_ROWS_ONE_STEP_MAX_K = 16384
 # gemv where 8-row tiles are fewer than 2 * _MIN_PROGRAMS (N < 2048): 4 rows x 1024 codes (1024x4096, sweep
 # driver, two runs: int8wo 4.5 / 4.5 us against 5.0 / 5.0, int8 dynamic 6.9 / 6.9 against 7.6 / 7.6, fp8
 # dynamic 6.7 / 6.6 against 7.2 / 7.2; on 4096x4096 it lost, 9.7 against 9.3 us)
@@ -380,6 +395,13 @@ _LONG_K = 8192  # M <= 16: from this K on, 512-wide K tiles (fewer, longer progr
 
 # Enough programs to cover 132 SMs about once; below this small-M configs narrow BLOCK_N, then split K.
 _MIN_PROGRAMS = 128
+_SMS = 132  # H100 SXM
+# M <= 16, K < _LONG_K, per-row scales: 128-row weight tiles where they make one wave of 104-132 programs, one
+# per SM (14336x4096, scratch driver on benchmarks/sweep.py, one run: int8wo 27.6 us against 28.7 for the
+# 224 64-row tiles, e4m3 28.0 against 29.0). Other N keep the narrowing rule below (4096x14336: 32-row
+# tiles, 128 programs, 28.3 us; 64 rows 41.1, 128 rows 53.3).
+_WIDE_M16_BLOCK_N = 128
+_WIDE_M16_PROGRAMS = 104
 _SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (sm_90 allows 227 KB)
 
 
@@ -394,7 +416,10 @@ def split_k_for(programs: int, k_tiles: int, min_programs: int = _MIN_PROGRAMS) 
 def select_config(M: int, N: int, K: int, group_size: int = 0) -> KernelConfig:
     """The config for one call. M selects the bucket; N, K, group_size (static under compile) refine it."""
     if M == 1 and not group_size:
-        block_k = min(_GEMV_ROWS.block_k, triton.next_power_of_2(K))
+        if _GEMV_ROWS.block_k * 4 < K <= _ROWS_ONE_STEP_MAX_K:
+            block_k = triton.next_power_of_2(K)
+        else:
+            block_k = min(_GEMV_ROWS.block_k, triton.next_power_of_2(K))
         return dataclasses.replace(_GEMV_ROWS, block_k=block_k, split_k=split_k_for(N, triton.cdiv(K, block_k)))
     if M == 1:
         gemv = _GEMV if triton.cdiv(N, _GEMV.block_n) >= 2 * _MIN_PROGRAMS else _GEMV_NARROW
@@ -413,9 +438,12 @@ def select_config(M: int, N: int, K: int, group_size: int = 0) -> KernelConfig:
         stage_bytes = cfg.block_m * block_k * 2 + cfg.block_n * block_k
         num_stages = max(cfg.num_stages, min(8, cfg.num_stages * cfg.block_k // block_k, _SMEM_BUDGET // stage_bytes))
     if M <= 16:
-        # Memory bound: narrow the weight tile before splitting K, so no reduction kernel is needed.
-        while block_n > 32 and triton.cdiv(N, block_n) < _MIN_PROGRAMS:
-            block_n //= 2
+        if K < _LONG_K and not group_size and _WIDE_M16_PROGRAMS <= triton.cdiv(N, _WIDE_M16_BLOCK_N) <= _SMS:
+            block_n = _WIDE_M16_BLOCK_N  # one wave of wide tiles
+        else:
+            # Memory bound: narrow the weight tile before splitting K, so no reduction kernel is needed.
+            while block_n > 32 and triton.cdiv(N, block_n) < _MIN_PROGRAMS:
+                block_n //= 2
         if block_k < 128:  # small groups force a short K tile: widen N to keep bytes in flight per stage
             block_n = max(block_n, 64)
         if K >= _LONG_K and not group_size:
@@ -529,11 +557,12 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
         dot4 = x_arg.dtype == qdata.dtype == torch.int8 and K % 4 == 0 and cfg.block_k % 4 == 0 and not group_size
         if dot4:
             w_arg, x_arg, k_arg, block_k = int32_words(qdata), x_arg.view(torch.int32), K // 4, cfg.block_k // 4
-        if not dot4 and not group_size and split == 1:  # per-row scales, unsplit: the row kernel
+        if not group_size and split == 1:  # per-row scales, unsplit: the row kernel
             torch.library.wrap_triton(_gemv_rows_kernel)[(triton.cdiv(N, cfg.block_n),)](
-                x_arg, sx_arg, qdata, scale, b_arg, out,
-                N, qdata.stride(0), stride_sn,
-                K=K, HAS_BIAS=has_bias, X_CODES=x_codes is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                x_arg, sx_arg, w_arg, scale, b_arg, out,
+                N, w_arg.stride(0), stride_sn,
+                K=k_arg, HAS_BIAS=has_bias, X_CODES=x_codes is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+                DOT4=dot4, DOT4_ASM=dot4 and x.is_cuda,
                 num_warps=cfg.num_warps, num_stages=1,
             )
         else:

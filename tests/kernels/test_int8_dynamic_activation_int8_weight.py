@@ -15,6 +15,7 @@ import torch
 
 from aofx import numerics
 from aofx.kernels import int8_dynamic_activation_int8_weight as kernels
+from aofx.kernels import int8_weight_only as int8wo
 from aofx.kernels.int8_dynamic_activation_int8_weight import KernelConfig
 
 RTOL = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
@@ -170,7 +171,8 @@ def test_select_config_buckets():
         assert cfg.path == "quantized" and cfg.block_m >= 64
     assert kernels.select_config(4096, 4096, 14336).split_k == 1
     assert kernels.select_config(1, 14336, 4096).split_k == 1
-    assert kernels.select_config(1, 64, 4096).split_k > 1  # one weight row per program: 64 programs
+    assert kernels.select_config(1, 14336, 4096) == int8wo.select_config(1, 14336, 4096)  # its row kernel
+    assert kernels.select_config(1, 64, 32768).split_k > 1  # one weight row per program: 64 programs
     # 64 tiles of 64 x 128 at M = 128: 128 narrower tiles fill the GPU; at M = 64, still too few: split K
     narrow = kernels.select_config(128, 4096, 14336)
     assert (narrow.block_n, narrow.block_k, narrow.split_k) == (64, 256, 1)
@@ -235,9 +237,12 @@ def test_cuda_quantize_per_token_and_strided_x():
     ref_q, ref_s = numerics.quantize_int8_per_token(x)
     assert torch.equal(xq, ref_q) and torch.equal(sx, ref_s)
     _, qdata, scale, b = _inputs(1, 64, 4096, torch.bfloat16, "cuda")
-    assert kernels.select_config(1, 64, 4096).split_k > 1  # the M = 1 gemv splits K over 64 weight rows
     for M in (1, 16, 1024):
         _assert_matches(kernels.linear(x[:M], qdata, scale, b), x[:M], qdata, scale, b)
+    # the M = 1 gemv splits K over 64 weight rows (dp4a words, the pipelined gemv)
+    x, qdata, scale, b = _inputs(1, 64, 32768, torch.bfloat16, "cuda")
+    assert kernels.select_config(1, 64, 32768).split_k > 1
+    _assert_matches(kernels.linear(x, qdata, scale, b), x, qdata, scale, b)
 
 
 @pytest.mark.cuda

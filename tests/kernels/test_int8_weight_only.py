@@ -147,7 +147,13 @@ def test_select_config_buckets(monkeypatch):
     assert kernels.select_config(1, 14336, 4096).block_n == 1 and kernels.select_config(1, 14336, 4096).split_k == 1
     assert kernels.select_config(1, 4096, 4096, 128).block_n == 8
     assert kernels.select_config(1, 1024, 4096, 128).block_n == 4
-    assert kernels.select_config(1, 256, 4096, 128).split_k > 1 and kernels.select_config(1, 64, 16384).split_k > 1
+    assert kernels.select_config(1, 256, 4096, 128).split_k > 1 and kernels.select_config(1, 64, 32768).split_k > 1
+    # per-row scales: steps of 2048 codes, but a row of 8193-16384 codes is one masked step
+    assert [kernels.select_config(1, 4096, k).block_k for k in (1000, 4096, 8192, 14336, 32768)] == [
+        1024, 2048, 2048, 16384, 2048]
+    # M <= 16: 128-row tiles where they make one wave (112 programs at N = 14336), else narrowed to >= 128 programs
+    assert [kernels.select_config(16, n, 4096).block_n for n in (14336, 4096, 1024)] == [128, 32, 32]
+    assert kernels.select_config(16, 14336, 14336).block_n == 64 and kernels.select_config(16, 14336, 4096, 128).block_n == 64
 
 
 @pytest.mark.parametrize("bad, err", [
@@ -219,8 +225,8 @@ def test_cuda_split_k_is_deterministic(M, config):
 
 @pytest.mark.cuda
 def test_cuda_auto_split_k_and_strided_x():
-    _, qdata, scale, b = _inputs(1, 64, 16384, torch.bfloat16, "cuda")
-    assert kernels.select_config(1, 64, 16384).split_k > 1
+    _, qdata, scale, b = _inputs(1, 64, 32768, torch.bfloat16, "cuda")
+    assert kernels.select_config(1, 64, 32768).split_k > 1
     for M in (1, 16):
-        x = torch.randn(M, 16384 + 64, device="cuda", dtype=torch.bfloat16)[:, 32:16384 + 32]
+        x = torch.randn(M, 32768 + 64, device="cuda", dtype=torch.bfloat16)[:, 32:32768 + 32]
         _assert_matches(kernels.linear(x, qdata, scale, b), x, qdata, scale, b)
