@@ -172,6 +172,8 @@ def test_select_config_buckets():
     assert kernels.select_config(4096, 4096, 14336).split_k == 1
     assert kernels.select_config(1, 14336, 4096).split_k == 1
     assert kernels.select_config(1, 14336, 4096) == int8wo.select_config(1, 14336, 4096)  # its row kernel
+    # K = 14336: int8 weight-only's one step of 16384 codes, but steps of 8192 for dp4a words
+    assert [kernels.select_config(1, 4096, 14336, fp8).block_k for fp8 in (False, True)] == [8192, 16384]
     assert kernels.select_config(1, 64, 32768).split_k > 1  # one weight row per program: 64 programs
     # 64 tiles of 64 x 128 at M = 128: 128 narrower tiles fill the GPU; at M = 64, still too few: split K
     narrow = kernels.select_config(128, 4096, 14336)

@@ -153,6 +153,7 @@ def test_select_config_buckets(monkeypatch):
         1024, 2048, 2048, 16384, 2048]
     # M <= 16: 128-row tiles where they make one wave (112 programs at N = 14336), else narrowed to >= 128 programs
     assert [kernels.select_config(16, n, 4096).block_n for n in (14336, 4096, 1024)] == [128, 32, 32]
+    assert [kernels.select_config(16, n, 4096).split_k for n in (14336, 4096, 1024)] == [1, 1, 4]
     assert kernels.select_config(16, 14336, 14336).block_n == 64 and kernels.select_config(16, 14336, 4096, 128).block_n == 64
 
 
