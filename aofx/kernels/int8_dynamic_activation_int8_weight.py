@@ -281,8 +281,8 @@ def select_config(M: int, N: int, K: int, fp8: bool = False) -> KernelConfig:
     if M == 1:
         cfg = int8wo.select_config(M, N, K)
         if not fp8 and K % 4 == 0 and cfg.block_k > _GEMV_WORDS_MAX_BLOCK_K:
-            # dp4a words: steps of at most 2048 words, not int8 weight-only's one long step (4096x14336, two
-            # sweep runs: 26.2 us for two steps of 8192 codes against 26.7 for one step of 16384)
+            # dp4a words: steps of at most 2048 words, not int8 weight-only's one long step (4096x14336: two
+            # steps of 8192 codes took 26.2 us in two sweep runs, one step of 16384 26.7 in one of them)
             cfg = dataclasses.replace(cfg, block_k=_GEMV_WORDS_MAX_BLOCK_K,
                                       split_k=split_k_for(N, triton.cdiv(K, _GEMV_WORDS_MAX_BLOCK_K)))
         return cfg

@@ -10,8 +10,9 @@ Layout read (the one ``aofx.numerics.quantize_int8`` writes):
 Kernel paths and M buckets (``select_config``):
   M == 1       ``gemv``, on the CUDA cores. Per-row scales (unsplit): ``_gemv_rows_kernel``, one weight row per
                program, K a compile-time constant so that the K loop is unrolled and all its loads are
-               issued at once; the products accumulate in a (1, BLOCK_K) fp32 tile reduced after the loop,
-               and the scale is applied in the epilogue. Per-group scales (or a K split): ``_int8wo_gemv_kernel``,
+               issued at once (steps of 2048 codes; a row of 8193-16384 codes is one masked step); the products
+               accumulate in a (1, BLOCK_K) fp32 tile reduced after the loop, and the scale is applied in the
+               epilogue. Per-group scales (or a K split): ``_int8wo_gemv_kernel``,
                BLOCK_N (8; 4 when N < 2048) rows per program, a software-pipelined K loop (``tl.range`` stages,
                cp.async), each weight tile converted to fp32 (bit trick for int8, no I2F) and each
                (row, group) partial sum weighted by its scale every step.
@@ -21,7 +22,8 @@ Kernel paths and M buckets (``select_config``):
                read as int32 words of 4 codes (``kernels.int32_words``): one ``dp4a`` per word pair,
                exact int32 sums (inline PTX; shifts and multiplies under the interpreter).
   2 <= M <= 16 ``mm`` with BLOCK_M = 16 and a narrow BLOCK_N so that there are >= ~128 programs (512-wide
-               K tiles for long K); memory bound, tensor cores via mma.sync.
+               K tiles for long K), or 128-row tiles where those make one wave of 104-132 programs (per-row
+               scales, K < 8192); memory bound, tensor cores via mma.sync.
   M <= 128     ``mm`` 128 x 64 tiles (BLOCK_M x BLOCK_N), ``swap_ab``; M <= 256: 128 x 128, ``swap_ab``; up to
                M = 256 a shape with fewer than 128 tiles takes 128 x 128 tiles and splits K.
   M > 512, or M > 256 with fewer than 128 tiles of 256 x 128: ``dequant``: ``_dequantize_kernel`` writes
@@ -374,7 +376,7 @@ _GEMV = KernelConfig("gemv", block_m=1, block_n=8, block_k=512, num_warps=2, num
 # 27.9 / 28.6 / 13.5 / 8.1. (Torch-compiled torchao int8wo, whose Inductor reduction kernel has this shape,
 # took 24.3 / 25.2 us in the same harness.) Of 1-4 rows x 1024-4096 codes, 2-8 warps, this was best or
 # within 0.3 us on every shape and scheme. The int8 dynamic scheme's dp4a words take it too (int8dq, 14336x4096 /
-# 4096x14336 / 4096x4096 / 1024x4096, per-token kernel included: 25.2 / 26.5 / 10.4 / 5.8 us against 25.4 /
+# 4096x14336 / 4096x4096 / 1024x4096, per-token kernel included: 25.1 / 26.6 / 10.4 / 5.8 us against 25.4 /
 # 27.0 / 10.6 / 6.0 for the pipelined gemv on the same words; scratch driver on benchmarks/sweep.py, one run).
 _GEMV_ROWS = KernelConfig("gemv", block_m=1, block_n=1, block_k=2048, num_warps=4, num_stages=1)
 # Rows longer than _GEMV_ROWS.block_k * 4 and at most this long are one masked step of next_power_of_2(K)
@@ -398,7 +400,7 @@ _MIN_PROGRAMS = 128
 _SMS = 132  # H100 SXM
 # M <= 16, K < _LONG_K, per-row scales: 128-row weight tiles where they make one wave of 104-132 programs, one
 # per SM (14336x4096, scratch driver on benchmarks/sweep.py, one run: int8wo 27.6 us against 28.7 for the
-# 224 64-row tiles, e4m3 28.0 against 29.0). Other N keep the narrowing rule below (4096x14336: 32-row
+# 224 64-row tiles, e4m3 28.0 against 29.0). Other N keep the narrowing rule below (int8wo 4096x14336: 32-row
 # tiles, 128 programs, 28.3 us; 64 rows 41.1, 128 rows 53.3).
 _WIDE_M16_BLOCK_N = 128
 _WIDE_M16_PROGRAMS = 104
