@@ -11,7 +11,8 @@ Kernel paths and M buckets (``select_config``):
   M == 1       ``gemv``, on the CUDA cores. Per-row scales (unsplit): ``_gemv_rows_kernel``, one weight row per
                program, K a compile-time constant so that the K loop is unrolled and all its loads are
                issued at once (steps of 2048 codes; a row of 8193-16384 codes is one masked step); the products
-               accumulate in a (1, BLOCK_K) fp32 tile reduced after the loop, and the scale is applied in the
+               accumulate in a (1, BLOCK_K) fp32 tile (int32 for dp4a words, below) reduced after the loop, and
+               the scale is applied in the
                epilogue. Per-group scales (or a K split): ``_int8wo_gemv_kernel``,
                BLOCK_N (8; 4 when N < 2048) rows per program, a software-pipelined K loop (``tl.range`` stages,
                cp.async), each weight tile converted to fp32 (bit trick for int8, no I2F) and each
@@ -361,8 +362,8 @@ _MM_TABLE = (
 # both): 8-64 rows x 256-1024 codes, 2-8 warps: 25.8-39.1 us; a persistent variant (whole row tiles per program,
 # one flat cp.async loop over (tile, K step), 4-16 programs per SM): 26.5-37.5 us. ncu: 74% of DRAM bandwidth,
 # over half of the warp stall samples waiting on cp.async. The dynamic schemes at M = 1 (per-token kernel,
-# then this gemv on the codes, fp32 products, before int8 codes took dp4a and int8_dynamic_activation_int8_weight's
-# _GEMV_DOT4; sweep driver, two runs, 14336x4096 / 4096x14336 / 4096x4096 / 1024x4096):
+# then this gemv on the codes, fp32 products, before int8 codes took dp4a words, first with a 1-row config
+# of their own, now _GEMV_ROWS; sweep driver, two runs, 14336x4096 / 4096x14336 / 4096x4096 / 1024x4096):
 # int8 29.0 / 29.3-29.4 / 11.9 / 7.6 us against 28.7 / 29.9 / 12.8 / 10.6 for the 16-row tensor-core kernel;
 # e4m3 27.7-27.8 / 28.8 / 11.4 / 7.2 against 28.5-28.6 / 29.3 / 10.5-10.6 / 6.0 for a gemv that computed the
 # amax in every program and multiplied by 1 / s_x (faster on the small layers, but not exact). With one-pass
