@@ -12,8 +12,7 @@ Kernel paths and M buckets (``select_config``):
                program, K a compile-time constant so that the K loop is unrolled and all its loads are
                issued at once (steps of 2048 codes; a row of 8193-16384 codes is one masked step); the products
                accumulate in a (1, BLOCK_K) fp32 tile (int32 for dp4a words, below) reduced after the loop, and
-               the scale is applied in the
-               epilogue. Per-group scales (or a K split): ``_int8wo_gemv_kernel``,
+               the scale is applied in the epilogue. Per-group scales (or a K split): ``_int8wo_gemv_kernel``,
                BLOCK_N (8; 4 when N < 2048) rows per program, a software-pipelined K loop (``tl.range`` stages,
                cp.async), each weight tile converted to fp32 (bit trick for int8, no I2F) and each
                (row, group) partial sum weighted by its scale every step.
