@@ -117,11 +117,12 @@ def test_fused_prologue_spans_several_tiles_interpret(monkeypatch):
 @pytest.mark.interpret
 @pytest.mark.parametrize("block_k, rows", [(None, 9), (64, 9), (64, 20)], ids=["one-tile", "5-chunks", "two-pass"])
 def test_quantize_per_token_bit_exact_interpret(block_k, rows, monkeypatch):
-    """Few rows: each row split over K / BLOCK_K programs; many rows: one program per row, in one pass over
-    x when the row fits one tile, else two."""
+    """One program per row, in one pass over x when the row fits one tile, else two; few rows of a long
+    K: each row split over K / BLOCK_K programs."""
     if block_k:
         monkeypatch.setattr(kernels, "_QUANT_BLOCK_K", block_k)
         monkeypatch.setattr(kernels, "_QUANT_ONE_PASS_MAX_K", block_k)
+        monkeypatch.setattr(kernels, "_QUANT_FEW_ROWS_ONE_PASS_MAX_K", block_k)
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float16, torch.bfloat16):  # no tl.dot here, so bf16 is fine under the interpreter
         x = (torch.randn(rows, 300, generator=g) * torch.logspace(-3, 3, rows)[:, None]).to(dtype)
@@ -245,6 +246,43 @@ def test_cuda_quantize_per_token_and_strided_x():
     x, qdata, scale, b = _inputs(1, 64, 32768, torch.bfloat16, "cuda")
     assert kernels.select_config(1, 64, 32768).split_k > 1
     _assert_matches(kernels.linear(x, qdata, scale, b), x, qdata, scale, b)
+
+
+def _every_value_rows(dtype, K):
+    """Rows (R, K) that hold every finite value of ``dtype`` (ascending, so each row spans a range of
+    magnitudes: big and subnormal quotients), then rows of j / 254 * amax for j in [-254, 254] (x / s_x
+    on and next to the .5 midpoints) at several amax, and -0 / +0."""
+    bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = bits[torch.isfinite(bits)].float().sort().values
+    amax = torch.tensor([1.0, 3.0, 0.0375, 448.0, 1e-3, 6e4 if dtype == torch.float16 else 1e30])
+    ties = (torch.arange(-254, 255) / 254.0 * amax[:, None]).flatten()
+    flat = torch.cat([values, ties, torch.tensor([-0.0, 0.0])]).to(dtype)
+    rows = -(-flat.numel() // K)
+    return torch.cat([flat, flat.new_zeros(rows * K - flat.numel())]).view(rows, K)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "e4m3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("K", [4096, 14336])
+def test_cuda_quantize_per_token_every_value(fp8, dtype, K):
+    """The per-token kernel divides with an fma-corrected product (``_divide``): over every finite input
+    value and at the code midpoints its codes and s_x equal the reference's, bit for bit (CPU numerics:
+    IEEE division, RTNE casts), with a row per program (M > 16) and split over K (M = 1 and M = 16)."""
+    x = _every_value_rows(dtype, K).cuda()
+    x = torch.cat([x, x[:17 - x.shape[0]]]) if x.shape[0] < 17 else x  # at least 17 rows: a row per program
+    if fp8:
+        ref_q, ref_s = numerics.quantize_float8(x.cpu().float(), per_row=True)
+    else:
+        ref_q, ref_s = numerics.quantize_int8_per_token(x.cpu())
+    ref_q = ref_q.view(torch.uint8)
+    xq, sx = kernels.quantize_per_token(x, fp8=fp8)
+    assert torch.equal(xq.view(torch.uint8).cpu(), ref_q) and torch.equal(sx.cpu(), ref_s)
+    for rows in (1, 16):
+        for i in range(0, x.shape[0] - rows + 1, rows):
+            xq, sx = kernels.quantize_per_token(x[i:i + rows], fp8=fp8)
+            assert torch.equal(xq.view(torch.uint8).cpu(), ref_q[i:i + rows]), (rows, i)
+            assert torch.equal(sx.cpu(), ref_s[i:i + rows])
 
 
 @pytest.mark.cuda
