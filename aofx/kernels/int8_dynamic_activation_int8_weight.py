@@ -27,9 +27,9 @@ Kernel paths (``KernelConfig.path``):
            GEMM with tensor-core tiles. With few rows (M <= 16) of K > 4096 each row is quantized by
            K / 2048 programs (each recomputes the row's amax from L2), else one program per row keeps the
            row in registers (up to K = 16384).
-           M <= 16: 16-row tiles, BLOCK_N narrowed until there are >= 128 programs, 512-wide K tiles for long K,
-           and ``swap_ab`` (y.T = W @ xq.T: the weight rows on wgmma's 64-row side) where BLOCK_N >= 64.
-           M <= 128: 64 x 128, or 64 x 64 x 256 with 5 stages where 64 x 128 gives fewer than 128 tiles;
+           M <= 16: 16-row tiles, BLOCK_N narrowed until there are >= 128 programs, 512-wide K tiles
+           (5 stages) for long K, and ``swap_ab`` (y.T = W @ xq.T: the weight rows on wgmma's 64-row side) where BLOCK_N >= 64.
+           M <= 128: 64 x 128, or 64 x 64 x 256 with 6 stages where 64 x 128 gives fewer than 128 tiles;
            M <= 256: 128 x 128; larger: 256 x 128 x 128, swap_ab, 3 stages with e4m3, 128 x 128 x 128 with 4 warps
            with int8 (``_INT8_LARGE``). Up to M = 256, a shape that still has fewer than 128 tiles splits K (up to
            ~256 programs).
@@ -276,10 +276,14 @@ _TABLE = (
 # with int8, 66% with e4m3, whose wgmma is asynchronous; e4m3 keeps the table's entry, 107.3 / 107.0 us
 # against 115.8 / 112.2 for 128 x 128 x 128.)
 _INT8_LARGE = KernelConfig("quantized", block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=3)
-# 17 <= M <= 128 when 64 x 128 tiles are too few: 64 x 64 x 256, 5 stages of 32 KB (others measured in the
-# same sweep, 4096x14336 int8: 64 x 64 x 128 6 stages 41.4 us, 64 x 64 x 512 3 stages 39.4, 8 warps 38.3)
-_NARROW = KernelConfig("quantized", block_m=64, block_n=64, block_k=256, num_warps=4, num_stages=5)
-_LONG_K = 8192  # M <= 16: from this K on, 512-wide K tiles
+# 17 <= M <= 128 when 64 x 128 tiles are too few: 64 x 64 x 256, 6 stages of 32 KB (others measured in the
+# same sweep, 4096x14336 int8: 64 x 64 x 128 6 stages 41.4 us, 64 x 64 x 512 3 stages 39.4, 8 warps 38.3; a
+# later sweep, M = 128: 6 stages 33.9 us int8 / 33.5 e4m3 against 35.1 / 34.0 with 5)
+_NARROW = KernelConfig("quantized", block_m=64, block_n=64, block_k=256, num_warps=4, num_stages=6)
+# M <= 16: from this K on, 512-wide K tiles, 5 stages (4096x14336: 30.0 us int8 / 30.9 e4m3 against 30.3 /
+# 31.2 with 4, one sweep run)
+_LONG_K = 8192
+_LONG_K_STAGES = 5
 _MIN_SPLIT_PROGRAMS = 256
 _GEMV_WORDS_MAX_BLOCK_K = 8192  # M = 1, dp4a words: codes a step, at most (see select_config)
 # fused prologue: x tiles of BLOCK_M x _AMAX_BLOCK_K, _AMAX_STAGES deep (16 x 256 bf16: 8 KB a stage, 7 in
@@ -312,13 +316,13 @@ def select_config(M: int, N: int, K: int, fp8: bool = False) -> KernelConfig:
     if M > 256 and not fp8:
         return _INT8_LARGE
     cfg = next(c for max_m, c in _TABLE if max_m is None or M <= max_m)
-    block_n, block_k, split_k, swap_ab = cfg.block_n, cfg.block_k, 1, cfg.swap_ab
+    block_n, block_k, split_k, swap_ab, stages = cfg.block_n, cfg.block_k, 1, cfg.swap_ab, cfg.num_stages
     if M <= 16:
         # Memory bound: narrow the weight tile before splitting K (a split costs a reduction kernel).
         while block_n > 32 and triton.cdiv(N, block_n) < 128:
             block_n //= 2
         if K >= _LONG_K:
-            block_k = 512
+            block_k, stages = 512, _LONG_K_STAGES
         # y.T = W @ xq.T puts the weight rows on wgmma's 64-row side (measured 2-4% faster when N allows it).
         swap_ab = block_n >= 64
         split_k = split_k_for(triton.cdiv(N, block_n), triton.cdiv(K, block_k))
@@ -331,7 +335,8 @@ def select_config(M: int, N: int, K: int, fp8: bool = False) -> KernelConfig:
         # 4096x14336 at M = 128, before the narrow tiles).
         split_k = split_k_for(triton.cdiv(M, cfg.block_m) * triton.cdiv(N, block_n), triton.cdiv(K, block_k),
                               min_programs=_MIN_SPLIT_PROGRAMS)
-    return dataclasses.replace(cfg, block_n=block_n, block_k=block_k, split_k=split_k, swap_ab=swap_ab)
+    return dataclasses.replace(cfg, block_n=block_n, block_k=block_k, split_k=split_k, swap_ab=swap_ab,
+                               num_stages=stages)
 
 
 # ---------------------------------------------------------------- launchers

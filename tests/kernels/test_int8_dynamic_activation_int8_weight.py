@@ -178,7 +178,10 @@ def test_select_config_buckets():
     assert kernels.select_config(1, 64, 32768).split_k > 1  # one weight row per program: 64 programs
     # 64 tiles of 64 x 128 at M = 128: 128 narrower tiles fill the GPU; at M = 64, still too few: split K
     narrow = kernels.select_config(128, 4096, 14336)
-    assert (narrow.block_n, narrow.block_k, narrow.split_k) == (64, 256, 1)
+    assert (narrow.block_n, narrow.block_k, narrow.split_k, narrow.num_stages) == (64, 256, 1, 6)
+    # M <= 16, long K: 512-wide K tiles, 5 stages deep
+    assert [(c.block_k, c.num_stages) for c in (kernels.select_config(16, n, k) for n, k in (
+        (14336, 4096), (4096, 14336)))] == [(256, 4), (512, 5)]
     assert kernels.select_config(64, 4096, 14336).split_k > 1
 
 
