@@ -28,7 +28,8 @@ Kernel paths (``KernelConfig.path``):
            K / 2048 programs (each recomputes the row's amax from L2), else one program per row keeps the
            row in registers (up to K = 16384).
            M <= 16: 16-row tiles, BLOCK_N narrowed until there are >= 128 programs, 512-wide K tiles
-           (5 stages) for long K, and ``swap_ab`` (y.T = W @ xq.T: the weight rows on wgmma's 64-row side) where BLOCK_N >= 64.
+           (5 stages) for long K, and ``swap_ab`` (y.T = W @ xq.T: the weight rows on wgmma's 64-row side)
+           where BLOCK_N >= 64.
            M <= 128: 64 x 128, or 64 x 64 x 256 with 6 stages where 64 x 128 gives fewer than 128 tiles;
            M <= 256: 128 x 128; larger: 256 x 128 x 128, swap_ab, 3 stages with e4m3, 128 x 128 x 128 with 4 warps
            with int8 (``_INT8_LARGE``). Up to M = 256, a shape that still has fewer than 128 tiles splits K (up to
