@@ -271,9 +271,10 @@ def _every_value_rows(dtype, K):
 def test_cuda_quantize_per_token_every_value(fp8, dtype, K):
     """The per-token kernel divides with an fma-corrected product (``_divide``): over every finite input
     value and at the code midpoints its codes and s_x equal the reference's, bit for bit (CPU numerics:
-    IEEE division, RTNE casts), with a row per program (M > 16) and split over K (M = 1 and M = 16)."""
+    IEEE division, RTNE casts). All rows at once (M >= 17: a program per row, the row in registers), then
+    M = 1 and M = 16 (K = 4096: the same; K = 14336: each row split over K)."""
     x = _every_value_rows(dtype, K).cuda()
-    x = torch.cat([x, x[:17 - x.shape[0]]]) if x.shape[0] < 17 else x  # at least 17 rows: a row per program
+    x = x.repeat(-(-17 // x.shape[0]), 1)  # at least 17 rows
     if fp8:
         ref_q, ref_s = numerics.quantize_float8(x.cpu().float(), per_row=True)
     else:
