@@ -58,9 +58,9 @@ import torch
 import triton
 import triton.language as tl
 
-from aofx.kernels import bucket_m, grid_order
+from aofx.kernels import bucket_m, grid_order, int32_words
 from aofx.kernels import int8_weight_only as int8wo
-from aofx.kernels.int8_weight_only import (_MIN_PROGRAMS, KernelConfig, _store_tile, check_linear_args,
+from aofx.kernels.int8_weight_only import (_MIN_PROGRAMS, KernelConfig, _dot4, _store_tile, check_linear_args,
                                            split_k_for, split_k_output, split_k_result)
 
 __all__ = ["KernelConfig", "linear", "quantize_per_token", "select_config"]
@@ -196,6 +196,7 @@ def _int8dq_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     AMAX_BLOCK_K: tl.constexpr, AMAX_STAGES: tl.constexpr, SWAP_AB: tl.constexpr,
     FP8: tl.constexpr,  # e4m3 codes (fp8 dynamic, per row): fp32 accumulation instead of exact int32
+    FMA: tl.constexpr = False,  # QUANTIZE_X: divide with _divide's fma correction (not the interpreter)
 ):
     pid_m, pid_n = grid_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
@@ -222,6 +223,7 @@ def _int8dq_mm_kernel(
         # Rows past M get s_x = 1: dividing their zeros by TINY would send every element down the slow
         # path of the IEEE division.
         s_x = tl.where(rm < M, _row_scale(amax, FP8), 1.0)  # (BLOCK_M,)
+        r_x = tl.div_rn(1.0, s_x)[:, None]
     else:
         s_x = tl.load(sx_ptr + rm, mask=rm < M, other=1.0)
 
@@ -239,7 +241,7 @@ def _int8dq_mm_kernel(
             xt = tl.load(x_rows + k[None, :], mask=m_mask & (k[None, :] < K), other=0.0, eviction_policy="evict_last")
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_first")
         if QUANTIZE_X:
-            xt = _quantize(tl.div_rn(xt.to(tl.float32), s_x[:, None]), FP8)  # (BLOCK_M, BLOCK_K) codes
+            xt = _quantize(_divide(xt.to(tl.float32), s_x[:, None], r_x, FMA), FP8)  # (BLOCK_M, BLOCK_K) codes
         if SWAP_AB:
             # y.T = W @ xq.T: the weight tile fills the 64-row tensor-core operand, x's few rows the narrow one.
             acc = tl.dot(w, tl.trans(xt), acc, out_dtype=acc_dtype)  # (BLOCK_N, BLOCK_M)
@@ -251,6 +253,85 @@ def _int8dq_mm_kernel(
     # Same association as the reference: (acc * s_x) * s_w, then + bias.
     y = acc.to(tl.float32) * s_x[:, None] * tl.load(sw_ptr + rn_safe * stride_sw).to(tl.float32)[None, :]
     _store_tile(y, y_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
+
+
+
+@triton.jit
+def _load_x_chunk(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
+    """x[k0 : k0 + BLOCK_K] of a contiguous row as fp32 (0 past K): (BLOCK_K // 4, 4) with code 4 j + i at
+    [j, i] when WORDS (each word's 4 values in one thread), else (BLOCK_K,)."""
+    if WORDS:
+        k = k0 + tl.arange(0, BLOCK_K // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    else:
+        k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(x_ptr + k, mask=k < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
+
+
+@triton.jit
+def _load_w_chunk(w_ptr, rows, stride_wn, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
+    """Codes [k0, k0 + BLOCK_K) of weight rows ``rows`` (0 past K), as int32 words of 4 codes when WORDS."""
+    W: tl.constexpr = BLOCK_K // 4 if WORDS else BLOCK_K
+    c = (k0 // 4 if WORDS else k0) + tl.arange(0, W)
+    return tl.load(w_ptr + rows[:, None] * stride_wn + c[None, :], mask=c[None, :] < (K // 4 if WORDS else K),
+                   other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _add_row_products(acc, w, xv, s, r, FP8: tl.constexpr, FMA: tl.constexpr, WORDS: tl.constexpr,
+                      DOT4_ASM: tl.constexpr):
+    """acc (BLOCK_N, lanes) plus x's chunk quantized with scale s (r = 1 / s) times each weight row's chunk:
+    exact int32 sums of int8 products (a dp4a per word when WORDS), or fp32 products of e4m3 codes."""
+    q = _quantize(_divide(xv, s, r, FMA), FP8)
+    if WORDS:
+        bytes_ = q.to(tl.int32) & 0xFF
+        words = tl.sum(bytes_ << (tl.arange(0, 4) * 8)[None, :], axis=1)  # byte i = code 4 j + i (disjoint bits)
+        return _dot4(w, tl.broadcast_to(words[None, :], w.shape), acc, DOT4_ASM)
+    elif FP8:
+        return acc + w.to(tl.float32) * q.to(tl.float32)[None, :]
+    else:
+        return acc + w.to(tl.int32) * q.to(tl.int32)[None, :]
+
+
+@triton.jit
+def _quantize_gemv_kernel(
+    # pointers (x is one contiguous row of bf16/fp16; y one row of N)
+    x_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
+    # dimensions and strides (stride_wn counts int32 words when WORDS; stride_sw is 0 for a per-tensor scale)
+    N, stride_wn, stride_sw,
+    K: tl.constexpr,  # codes per row, a compile-time constant: the chunk loops unroll
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # codes a chunk (a power of two); one chunk (>= K) keeps x in registers
+    FP8: tl.constexpr, FMA: tl.constexpr,
+    WORDS: tl.constexpr,  # int8 codes read and multiplied as int32 words of 4 (dp4a); DOT4_ASM: inline PTX
+    DOT4_ASM: tl.constexpr,
+):
+    # M = 1, the whole scheme in one launch: every program quantizes x itself (amax, s_x, codes: the
+    # per-token kernel's arithmetic, so the same codes) for its BLOCK_N weight rows.
+    rows = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)  # past N: re-read row N - 1
+    NCHUNK: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    # The first weight chunk is requested before x is read: its DRAM latency covers x's amax.
+    w = _load_w_chunk(w_ptr, rows, stride_wn, 0, K, BLOCK_K, WORDS)
+    xv = _load_x_chunk(x_ptr, 0, K, BLOCK_K, WORDS)
+    amax = tl.abs(xv)
+    for c in tl.static_range(1, NCHUNK):
+        amax = tl.maximum(amax, tl.abs(_load_x_chunk(x_ptr, c * BLOCK_K, K, BLOCK_K, WORDS)))
+    s = _row_scale(tl.max(amax), FP8)
+    r = tl.div_rn(1.0, s)
+    acc = tl.zeros(w.shape, dtype=tl.float32 if FP8 else tl.int32)
+    for c in tl.static_range(NCHUNK):
+        w_c = w
+        if c + 1 < NCHUNK:
+            w = _load_w_chunk(w_ptr, rows, stride_wn, (c + 1) * BLOCK_K, K, BLOCK_K, WORDS)  # one chunk ahead
+        if c > 0:
+            xv = _load_x_chunk(x_ptr, c * BLOCK_K, K, BLOCK_K, WORDS)  # again, from L2
+        acc = _add_row_products(acc, w_c, xv, s, r, FP8, FMA, WORDS, DOT4_ASM)
+    # the reference's association: (acc * s_x) * s_w, then + bias
+    y = tl.sum(acc, axis=1).to(tl.float32) * s * tl.load(sw_ptr + rows * stride_sw).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows).to(tl.float32)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
 # ---------------------------------------------------------------- config tables
@@ -413,17 +494,20 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> 
     fp8 = qdata.dtype == torch.float8_e4m3fn
     if x.stride(1) != 1:
         x = x.contiguous()
-    if x_amax is not None and cfg.path not in ("quantized", "gemv"):
-        raise ValueError(f"{name}: a per-tensor activation scale needs the 'quantized' or 'gemv' path, "
-                         f"got {cfg.path!r}")
+    if x_amax is not None and cfg.path not in ("quantized", "gemv", "fused_gemv"):
+        raise ValueError(f"{name}: a per-tensor activation scale needs the 'quantized', 'gemv' or 'fused_gemv' "
+                         f"path, got {cfg.path!r}")
     if cfg.path == "gemv":
         return int8wo.launch(name, x, qdata, scale, bias, cfg, x_codes=quantize_per_token(x, fp8, x_amax))
+    if cfg.path == "fused_gemv":
+        return _quantize_gemv(name, x, qdata, scale, bias, cfg)
     if cfg.path == "fused":
         x_arg, sx_arg = x, scale  # sx_arg is never read when QUANTIZE_X
     elif cfg.path == "quantized":
         x_arg, sx_arg = quantize_per_token(x, fp8, x_amax)
     else:
-        raise ValueError(f"{name}: unknown path {cfg.path!r} (expected 'gemv', 'quantized' or 'fused')")
+        raise ValueError(f"{name}: unknown path {cfg.path!r} (expected 'fused_gemv', 'gemv', 'quantized' or "
+                         "'fused')")
     scale = scale.contiguous()
     has_bias = bias is not None
     b_arg = bias.contiguous() if has_bias else scale  # any tensor: never read without HAS_BIAS
@@ -439,7 +523,27 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> 
         scale.stride(0) if scale.dim() else 0,
         HAS_BIAS=has_bias, QUANTIZE_X=cfg.path == "fused", SPLIT_K=split, EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        AMAX_BLOCK_K=amax_block_k, AMAX_STAGES=amax_stages, SWAP_AB=cfg.swap_ab, FP8=fp8,
+        AMAX_BLOCK_K=amax_block_k, AMAX_STAGES=amax_stages, SWAP_AB=cfg.swap_ab, FP8=fp8, FMA=x.is_cuda,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return split_k_result(out, x.dtype)
+
+
+def _quantize_gemv(name: str, x, qdata, scale, bias, cfg: KernelConfig) -> torch.Tensor:
+    """The ``fused_gemv`` path: M = 1 in one launch (``_quantize_gemv_kernel``). A per-tensor activation
+    scale needs nothing more: one row's amax is the tensor's."""
+    M, K = x.shape
+    N = qdata.shape[0]
+    if M != 1:
+        raise ValueError(f"{name}: the fused_gemv path needs M == 1, got M={M}")
+    words = qdata.dtype == torch.int8 and K % 4 == 0 and cfg.block_k % 4 == 0
+    w = int32_words(qdata) if words else qdata
+    y = torch.empty((1, N), device=x.device, dtype=x.dtype)
+    torch.library.wrap_triton(_quantize_gemv_kernel)[(triton.cdiv(N, cfg.block_n),)](
+        x, w, scale, bias.contiguous() if bias is not None else scale, y,
+        N, w.stride(0), scale.stride(0) if scale.dim() else 0,
+        K=K, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        FP8=qdata.dtype == torch.float8_e4m3fn, FMA=x.is_cuda, WORDS=words, DOT4_ASM=words and x.is_cuda,
+        num_warps=cfg.num_warps,
+    )
+    return y

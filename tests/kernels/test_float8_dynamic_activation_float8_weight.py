@@ -28,6 +28,8 @@ from aofx.kernels.int8_weight_only import KernelConfig as Cfg
 GEMV_CONFIGS = [  # M = 1 only
     pytest.param(Cfg("gemv", 1, 8, 64, num_warps=2, num_stages=2), id="gemv"),
     pytest.param(Cfg("gemv", 1, 16, 64, split_k=2, num_warps=2, num_stages=2), id="gemv-split"),
+    pytest.param(Cfg("fused_gemv", 1, 8, 256, num_stages=1), id="fused-gemv"),  # one chunk: x in registers
+    pytest.param(Cfg("fused_gemv", 1, 4, 64, num_warps=2, num_stages=1), id="fused-gemv-chunks"),
 ]
 MM_CONFIGS = [
     pytest.param(Cfg("quantized", 16, 32, 64), id="quantized"),
@@ -43,8 +45,8 @@ INTERP_CONFIGS = GEMV_CONFIGS + MM_CONFIGS + FUSED_CONFIGS
 
 
 def valid(config, m, x_per_row):
-    """Whether a forced config applies: the GEMV needs M = 1, the fused prologue a per-row scale."""
-    return (config.path != "gemv" or m == 1) and (config.path != "fused" or x_per_row)
+    """Whether a forced config applies: the GEMVs need M = 1, the fused prologue a per-row scale."""
+    return (config.path not in ("gemv", "fused_gemv") or m == 1) and (config.path != "fused" or x_per_row)
 
 
 GRANULARITIES = [
@@ -120,7 +122,7 @@ def exact_fp8_cast(monkeypatch):
 @pytest.mark.parametrize("m,n,k", [(1, 40, 200), (3, 64, 256), (17, 40, 200)])
 def test_interp_exact_x(config, x_per_row, w_per_row, m, n, k):
     if not valid(config, m, x_per_row):
-        with pytest.raises(ValueError, match="gemv path needs M == 1|scale needs the 'quantized' or 'gemv' path"):
+        with pytest.raises(ValueError, match="gemv path needs M == 1|scale needs the 'quantized', 'gemv' or 'fused_gemv' path"):
             kernels.linear(make_exact_x(m, k, x_per_row), *make_weight(n, k, w_per_row), x_per_row, config=config)
         return
     qdata, scale = make_weight(n, k, w_per_row)
@@ -234,7 +236,7 @@ def test_rejects_bad_inputs():
         kernels.linear(x.half(), qdata, scale.double(), True)
     with pytest.raises(TypeError, match="float8_e4m3fn"):
         kernels.linear(x.half(), qdata.float(), scale, True)
-    with pytest.raises(ValueError, match="scale needs the 'quantized' or 'gemv' path"):
+    with pytest.raises(ValueError, match="scale needs the 'quantized', 'gemv' or 'fused_gemv' path"):
         kernels.linear(x.half(), qdata, scale, False, config=Cfg("fused", 16, 32, 64))
 
 

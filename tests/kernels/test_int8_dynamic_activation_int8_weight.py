@@ -24,6 +24,7 @@ RTOL = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 FUSED = KernelConfig("fused", block_m=16, block_n=32, block_k=64)
 QUANTIZED = KernelConfig("quantized", block_m=16, block_n=32, block_k=64)
 GEMV = KernelConfig("gemv", block_m=1, block_n=16, block_k=64)
+FUSED_GEMV = KernelConfig("fused_gemv", block_m=1, block_n=16, block_k=256, num_stages=1)
 
 
 def _inputs(M, N, K, dtype, device, bias=True, seed=0, x_scale=1.0):
@@ -70,6 +71,9 @@ INTERP_CASES = [
     pytest.param(1, 200, GEMV, id="gemv-oddK"),
     pytest.param(1, 256, dataclasses.replace(GEMV, split_k=2), id="gemv-splitk"),
     pytest.param(1, 202, GEMV, id="gemv-K-not-words"),  # K % 4 != 0: codes, not int32 words of 4 codes
+    pytest.param(1, 200, FUSED_GEMV, id="fused-gemv"),  # one chunk of 256 codes: x stays in registers
+    pytest.param(1, 200, dataclasses.replace(FUSED_GEMV, block_n=4, block_k=64), id="fused-gemv-chunks"),
+    pytest.param(1, 202, dataclasses.replace(FUSED_GEMV, block_k=64), id="fused-gemv-chunks-K-not-words"),
 ]
 
 
@@ -153,6 +157,13 @@ def test_gemv_words_of_unaligned_rows_interpret():
     assert sliced.stride(0) % 4 and sliced.storage_offset() % 4
     y = kernels.linear(x[:, 1:], sliced, scale, b, config=GEMV)
     _assert_matches(y, x[:, 1:], sliced, scale, b)
+
+
+@pytest.mark.interpret
+def test_fused_gemv_needs_one_row_interpret():
+    x, qdata, scale, b = _inputs(2, 40, 64, torch.float16, "cpu")
+    with pytest.raises(ValueError, match="fused_gemv path needs M == 1"):
+        kernels.linear(x, qdata, scale, b, config=FUSED_GEMV)
 
 
 @pytest.mark.interpret
