@@ -264,7 +264,7 @@ def _load_x_chunk(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.c
         k = k0 + tl.arange(0, BLOCK_K // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
     else:
         k = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(x_ptr + k, mask=k < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    return tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -277,19 +277,19 @@ def _load_w_chunk(w_ptr, rows, stride_wn, k0, K: tl.constexpr, BLOCK_K: tl.const
 
 
 @triton.jit
-def _add_row_products(acc, w, xv, s, r, FP8: tl.constexpr, FMA: tl.constexpr, WORDS: tl.constexpr,
-                      DOT4_ASM: tl.constexpr):
-    """acc (BLOCK_N, lanes) plus x's chunk quantized with scale s (r = 1 / s) times each weight row's chunk:
-    exact int32 sums of int8 products (a dp4a per word when WORDS), or fp32 products of e4m3 codes."""
+def _row_products(w, xv, s, r, FP8: tl.constexpr, FMA: tl.constexpr, WORDS: tl.constexpr, DOT4_ASM: tl.constexpr):
+    """x's chunk quantized with scale s (r = 1 / s) times each weight row's chunk, (BLOCK_N, lanes) to be
+    summed over lanes: exact int32 products of int8 codes (one dp4a per word pair when WORDS), or fp32
+    products of e4m3 codes (exact)."""
     q = _quantize(_divide(xv, s, r, FMA), FP8)
     if WORDS:
         bytes_ = q.to(tl.int32) & 0xFF
         words = tl.sum(bytes_ << (tl.arange(0, 4) * 8)[None, :], axis=1)  # byte i = code 4 j + i (disjoint bits)
-        return _dot4(w, tl.broadcast_to(words[None, :], w.shape), acc, DOT4_ASM)
+        return _dot4(w, tl.broadcast_to(words[None, :], w.shape), tl.zeros(w.shape, dtype=tl.int32), DOT4_ASM)
     elif FP8:
-        return acc + w.to(tl.float32) * q.to(tl.float32)[None, :]
+        return w.to(tl.float32) * q.to(tl.float32)[None, :]
     else:
-        return acc + w.to(tl.int32) * q.to(tl.int32)[None, :]
+        return w.to(tl.int32) * q.to(tl.int32)[None, :]
 
 
 @triton.jit
@@ -318,14 +318,15 @@ def _quantize_gemv_kernel(
         amax = tl.maximum(amax, tl.abs(_load_x_chunk(x_ptr, c * BLOCK_K, K, BLOCK_K, WORDS)))
     s = _row_scale(tl.max(amax), FP8)
     r = tl.div_rn(1.0, s)
-    acc = tl.zeros(w.shape, dtype=tl.float32 if FP8 else tl.int32)
-    for c in tl.static_range(NCHUNK):
-        w_c = w
+    if NCHUNK > 1:
+        w_next = _load_w_chunk(w_ptr, rows, stride_wn, BLOCK_K, K, BLOCK_K, WORDS)
+    acc = _row_products(w, xv, s, r, FP8, FMA, WORDS, DOT4_ASM)  # (BLOCK_N, lanes), summed after the loop
+    for c in tl.static_range(1, NCHUNK):
+        w = w_next
         if c + 1 < NCHUNK:
-            w = _load_w_chunk(w_ptr, rows, stride_wn, (c + 1) * BLOCK_K, K, BLOCK_K, WORDS)  # one chunk ahead
-        if c > 0:
-            xv = _load_x_chunk(x_ptr, c * BLOCK_K, K, BLOCK_K, WORDS)  # again, from L2
-        acc = _add_row_products(acc, w_c, xv, s, r, FP8, FMA, WORDS, DOT4_ASM)
+            w_next = _load_w_chunk(w_ptr, rows, stride_wn, (c + 1) * BLOCK_K, K, BLOCK_K, WORDS)  # a chunk ahead
+        xv = _load_x_chunk(x_ptr, c * BLOCK_K, K, BLOCK_K, WORDS)  # again, from L2
+        acc += _row_products(w, xv, s, r, FP8, FMA, WORDS, DOT4_ASM)
     # the reference's association: (acc * s_x) * s_w, then + bias
     y = tl.sum(acc, axis=1).to(tl.float32) * s * tl.load(sw_ptr + rows * stride_sw).to(tl.float32)
     if HAS_BIAS:
@@ -368,6 +369,14 @@ _LONG_K = 8192
 _LONG_K_STAGES = 5
 _MIN_SPLIT_PROGRAMS = 256
 _GEMV_WORDS_MAX_BLOCK_K = 8192  # M = 1, dp4a words: codes a step, at most (see select_config)
+# M = 1 in one launch (_quantize_gemv_kernel): 4 weight rows a program, 4 warps; rows up to
+# _FUSED_GEMV_ONE_CHUNK_MAX_K codes are one chunk (x stays in registers), longer int8 rows go in chunks of
+# block_k codes (x re-read from L2). Scratch driver on bench_layers.time_stack, H100, two runs: int8
+# 14336x4096 / 4096x4096 / 1024x4096 23.5 / 8.7 / 3.8 us against 24.6 / 10.0 / 5.4 for the per-token kernel
+# + row kernel; e4m3 24.2 / 9.2 / 4.2 against 25.4 / 10.7 / 5.8; int8 4096x14336 (chunks of 1024) 25.1
+# against 26.1. Long e4m3 rows keep the two kernels (4096x14336: 26.8-30.7 us over 11 tiles against 27.1).
+_FUSED_GEMV = KernelConfig("fused_gemv", block_m=1, block_n=4, block_k=1024, num_warps=4, num_stages=1)
+_FUSED_GEMV_ONE_CHUNK_MAX_K = 4096
 # fused prologue: x tiles of BLOCK_M x _AMAX_BLOCK_K, _AMAX_STAGES deep (16 x 256 bf16: 8 KB a stage, 7 in
 # flight; wider tiles pushed the kernel to 240+ registers on sm_90)
 _AMAX_BLOCK_K = 256
@@ -385,9 +394,13 @@ _AMAX_PARTIALS = 256
 
 def select_config(M: int, N: int, K: int, fp8: bool = False) -> KernelConfig:
     """The config for one call. M selects the bucket; N, K (static under compile) refine it. ``fp8``: e4m3
-    codes (the fp8 dynamic scheme). M = 1 takes int8 weight-only's gemv config (dp4a words in steps of at
-    most _GEMV_WORDS_MAX_BLOCK_K codes)."""
+    codes (the fp8 dynamic scheme). M = 1 takes ``fused_gemv`` where it gives >= _MIN_PROGRAMS programs
+    (e4m3: rows of one chunk only), else int8 weight-only's gemv config on the per-token kernel's codes
+    (dp4a words in steps of at most _GEMV_WORDS_MAX_BLOCK_K codes)."""
     if M == 1:
+        one_chunk = K <= _FUSED_GEMV_ONE_CHUNK_MAX_K
+        if (one_chunk or not fp8) and triton.cdiv(N, _FUSED_GEMV.block_n) >= _MIN_PROGRAMS:
+            return dataclasses.replace(_FUSED_GEMV, block_k=triton.next_power_of_2(K) if one_chunk else _FUSED_GEMV.block_k)
         cfg = int8wo.select_config(M, N, K)
         if not fp8 and K % 4 == 0 and cfg.block_k > _GEMV_WORDS_MAX_BLOCK_K:
             # dp4a words: steps of at most 2048 words, not int8 weight-only's one long step (4096x14336: two

@@ -177,15 +177,19 @@ def test_select_config_buckets():
     for M in (1, 2, 16):
         for N, K in ((14336, 4096), (4096, 14336), (1000, 768)):
             cfg = kernels.select_config(M, N, K)
-            assert (cfg.path, cfg.block_m) == (("gemv", 1) if M == 1 else ("quantized", 16))
+            assert (cfg.path, cfg.block_m) == (("fused_gemv", 1) if M == 1 else ("quantized", 16))
     for M in (17, 128, 129, 256, 257, 4096):
         cfg = kernels.select_config(M, 4096, 4096)
         assert cfg.path == "quantized" and cfg.block_m >= 64
     assert kernels.select_config(4096, 4096, 14336).split_k == 1
     assert kernels.select_config(1, 14336, 4096).split_k == 1
-    assert kernels.select_config(1, 14336, 4096) == int8wo.select_config(1, 14336, 4096)  # its row kernel
+    # M = 1 in one launch: rows of up to 4096 codes in one chunk, longer int8 rows in chunks of 1024; long
+    # e4m3 rows and N < 512 (fewer than 128 programs of 4 rows) keep the per-token kernel + row kernel
+    assert [kernels.select_config(1, n, k, fp8).block_k for n, k, fp8 in (
+        (14336, 4096, False), (4096, 14336, False), (1000, 768, True))] == [4096, 1024, 1024]
+    assert kernels.select_config(1, 4096, 14336, fp8=True) == int8wo.select_config(1, 4096, 14336)
     # K = 14336: int8 weight-only's one step of 16384 codes, but steps of 8192 for dp4a words
-    assert [kernels.select_config(1, 4096, 14336, fp8).block_k for fp8 in (False, True)] == [8192, 16384]
+    assert [kernels.select_config(1, 256, 14336, fp8).block_k for fp8 in (False, True)] == [8192, 16384]
     assert kernels.select_config(1, 64, 32768).split_k > 1  # one weight row per program: 64 programs
     # 64 tiles of 64 x 128 at M = 128: 128 narrower tiles fill the GPU; at M = 64, still too few: split K
     narrow = kernels.select_config(128, 4096, 14336)
@@ -301,10 +305,29 @@ def test_cuda_quantize_per_token_every_value(fp8, dtype, K):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("K", [770, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("K", [4096, 14336])
+def test_cuda_fused_gemv_equals_two_kernels(dtype, K):
+    """``fused_gemv`` quantizes x in every program with the per-token kernel's arithmetic: over every finite
+    input value and at the code midpoints (one row at a time) its outputs equal the per-token kernel +
+    row kernel's bit for bit (exact int32 sums, the same epilogue; no bias, so no fma contraction)."""
+    rows = _every_value_rows(dtype, K).cuda()
+    _, qdata, scale, _ = _inputs(1, 1000, K, dtype, "cuda", bias=False)
+    fused = kernels.select_config(1, 1000, K)
+    assert fused.path == "fused_gemv" and (fused.block_k >= K) == (K == 4096)  # one chunk / chunks
+    two_kernels = KernelConfig("gemv", block_m=1, block_n=1, block_k=2048, num_stages=1)
+    for i in range(rows.shape[0]):
+        x = rows[i:i + 1]
+        y = kernels.linear(x, qdata, scale, config=fused)
+        assert torch.equal(y, kernels.linear(x, qdata, scale, config=two_kernels)), i
+    _assert_matches(y, x, qdata, scale, None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("K", [770, 4096, 14336])
 def test_cuda_gemv_words(K):
     """M = 1 on weight rows at an odd offset: with K % 4 == 0 they are copied and read as int32 words of
-    codes (dp4a), otherwise read as codes in place."""
+    codes (dp4a), otherwise read as codes in place (``fused_gemv``: one chunk, or chunks at K = 14336)."""
     x, qdata, scale, b = _inputs(1, 1000, K + 1, torch.bfloat16, "cuda")
     x, qdata = x[:, 1:], qdata[:, 1:]
     _assert_matches(kernels.linear(x, qdata, scale, b), x, qdata, scale, b)
