@@ -259,12 +259,16 @@ def _int8dq_mm_kernel(
 @triton.jit
 def _load_x_chunk(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
     """x[k0 : k0 + BLOCK_K] of a contiguous row as fp32 (0 past K): (BLOCK_K // 4, 4) with code 4 j + i at
-    [j, i] when WORDS (each word's 4 values in one thread), else (BLOCK_K,)."""
+    [j, i] when WORDS (each word's 4 values in one thread), else (BLOCK_K,). Read twice when in chunks, so
+    kept in L2 then."""
     if WORDS:
         k = k0 + tl.arange(0, BLOCK_K // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
     else:
         k = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    if BLOCK_K < K:
+        return tl.load(x_ptr + k, mask=k < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    else:
+        return tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
