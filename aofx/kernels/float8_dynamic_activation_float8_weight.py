@@ -12,9 +12,10 @@ Math (``numerics.float8_dynamic_activation_float8_weight_linear``): the activati
 
 This is the int8 dynamic scheme with e4m3 codes and 448 for 127, so it runs those kernels (both
 files' kernels take either code type; e4m3 products accumulate in fp32 on the fp8 tensor cores):
-``int8_dynamic_activation_int8_weight``'s per-token kernel writes xq (an exact IEEE ``x / s_x``)
-and s_x, then at M = 1 ``int8_weight_only``'s CUDA-core GEMV reads the codes, and at M > 1 the
-tensor-core GEMM runs with that file's M buckets, ``swap_ab`` and K splits. Per tensor (M > 1):
+at M = 1 with K <= 4096, that file's ``fused_gemv`` kernel quantizes x and runs the CUDA-core GEMV in
+one launch; otherwise its per-token kernel writes xq (an exact IEEE ``x / s_x``) and s_x, then at M = 1
+``int8_weight_only``'s CUDA-core GEMV reads the codes, and at M > 1 the tensor-core GEMM runs with
+that file's M buckets, ``swap_ab`` and K splits. Per tensor (M > 1):
 ``amax_partials`` writes 256 partial maxima of |x| (exact; no memset or atomics), every program of the
 per-token kernel reduces them to max |x| and quantizes its rows with it; at M = 1 the tensor's amax is
 the row's. (torch's ``vector_norm`` in place of the partials kernel measured 43.1 / 38.7 us against

@@ -16,11 +16,17 @@ that product plus one fma correction (``_divide``), cheaper than the division (K
 against 6.8 us a call). s_x = amax / 127 is an IEEE division, as in ``numerics.safe_scale``.
 
 Kernel paths (``KernelConfig.path``):
-  ``gemv`` (M = 1): the per-token kernel below writes xq and s_x, then ``int8_weight_only``'s CUDA-core GEMV
-           (its config and its row kernel) reads the codes (``x_codes``): exact int8 x int8 products, summed
-           exactly, scaled in the epilogue. With K % 4 == 0 it reads x and the weight rows as int32 words of 4
-           codes and sums each word pair with one ``dp4a``. (Before the row kernel, the pipelined gemv on the
-           same words, one row x 1024 codes a program, was the best of 39 tiles of 1-16 rows x 512-4096 codes.)
+  ``fused_gemv`` (M = 1 where 4-row programs number >= 128; with e4m3 codes, rows of <= 4096 codes only):
+           one launch of ``_quantize_gemv_kernel``. Each program requests its BLOCK_N weight rows first,
+           then reads x, takes the row's amax and quantizes x itself with the per-token kernel's arithmetic
+           (so the same codes), and multiplies on the CUDA cores: int8 codes as int32 words with one
+           ``dp4a`` per word pair when K % 4 == 0 (exact int32 sums), e4m3 codes in fp32. A row of up to
+           BLOCK_K codes stays in registers; longer rows go in chunks (x re-read from L2, weights a chunk
+           ahead). It saves the per-token kernel's launch (about 2 us in a CUDA graph).
+  ``gemv`` (M = 1 otherwise): the per-token kernel below writes xq and s_x, then ``int8_weight_only``'s
+           CUDA-core GEMV (its config and its row kernel) reads the codes (``x_codes``): exact int8 x int8
+           products, summed exactly, scaled in the epilogue. With K % 4 == 0 it reads x and the weight rows
+           as int32 words of 4 codes and sums each word pair with one ``dp4a``.
   ``quantized`` (every other default bucket) and ``fused`` (forced configs only), both one
   ``_int8dq_mm_kernel`` (``QUANTIZE_X`` picks the prologue):
   ``quantized``: a per-token kernel writes xq int8 (M, K) and s_x (M,), then an int8 x int8
@@ -34,14 +40,12 @@ Kernel paths (``KernelConfig.path``):
            M <= 256: 128 x 128; larger: 256 x 128 x 128, swap_ab, 3 stages with e4m3, 128 x 128 x 128 with 4 warps
            with int8 (``_INT8_LARGE``). Up to M = 256, a shape that still has fewer than 128 tiles splits K (up to
            ~256 programs).
-  ``fused``: the activation quantization is fused into the GEMM prologue. Each
-           program loops over K for the amax of its BLOCK_M rows, then quantizes x tiles on the fly. Measured
-           slower at every M (M=1, 14336x4096: 107 us against 29 us): every program redoes an IEEE division
-           for all BLOCK_M (>= 16) rows of every x tile, masked rows included, while the separate kernel
-           costs one short launch (~4 us at M <= 16, in a CUDA graph).
-           At M = 1, a CUDA-core GEMV that quantizes x itself (an IEEE division per element in every
-           program) measured 41-61 us against 28.6 / 29.9 us for the 16-row ``quantized`` kernel, the
-           M = 1 default then (14336x4096 / 4096x14336).
+  ``fused``: the activation quantization is fused into the GEMM prologue. Each program loops over K for
+           the amax of its BLOCK_M rows, then quantizes x tiles on the fly (``_divide``). Measured slower
+           at M = 16 (scratch driver, one run, int8 and e4m3 alike): 14336x4096 31.0-32.2 us over four tiles
+           against 28.4 for ``quantized``, 4096x14336 43-141 us against 30.2-31.0; every program redoes the
+           amax over all of K and the quantization of its x tiles. (With an IEEE division per element, M = 1
+           on 14336x4096 took 107 us against 29.)
 Split K stores fp32 partials into a (split_k, M, N) workspace that the launcher sums and casts.
 
 The fp8 dynamic scheme (``float8_dynamic_activation_float8_weight.py``) runs these kernels with e4m3 weights:
@@ -342,9 +346,8 @@ def _quantize_gemv_kernel(
 # ---------------------------------------------------------------- config tables
 
 # (max M, config), first match wins; block_n / block_k / split_k / swap_ab are refined per shape in
-# select_config. Measured on H100 (4-layer CUDA-graph stacks): quantizing x once in its own kernel beats the
-# fused prologue at every M (M = 1: 29 us against 107 us for 14336x4096), because the fused prologue
-# quantizes BLOCK_M = 16 rows per tile in every program, masked rows included (an IEEE division each).
+# select_config. Measured on H100 (4-layer CUDA-graph stacks): from M = 2 on, quantizing x once in its own
+# kernel beats the fused prologue (see the module docstring).
 # M = 1024 (benchmarks/sweep.py, one run): 256 x 128 x 128 with swap_ab, 3 stages: int8 134 / 130 us, e4m3
 # 109 / 109 us (14336x4096 / 4096x14336), as fast as or faster than 128 x 256 x 128 in every case (int8 codes
 # now take _INT8_LARGE there, below).
@@ -375,11 +378,13 @@ _MIN_SPLIT_PROGRAMS = 256
 _GEMV_WORDS_MAX_BLOCK_K = 8192  # M = 1, dp4a words: codes a step, at most (see select_config)
 # M = 1 in one launch (_quantize_gemv_kernel): 4 weight rows a program, 4 warps; rows up to
 # _FUSED_GEMV_ONE_CHUNK_MAX_K codes are one chunk (x stays in registers), longer int8 rows go in chunks of
-# block_k codes (x re-read from L2). Scratch driver on bench_layers.time_stack, H100, two runs: int8
-# 14336x4096 / 4096x4096 / 1024x4096 23.5 / 8.7 / 3.8 us against 24.6 / 10.0 / 5.4 for the per-token kernel
-# + row kernel; e4m3 24.2 / 9.2 / 4.2 against 25.4 / 10.7 / 5.8; int8 4096x14336 (chunks of 1024) 25.1
-# against 26.1. Long e4m3 rows keep the two kernels (4096x14336: 26.8-30.7 us over 11 tiles against 27.1).
-_FUSED_GEMV = KernelConfig("fused_gemv", block_m=1, block_n=4, block_k=1024, num_warps=4, num_stages=1)
+# block_k codes (x re-read from L2). Scratch drivers on bench_layers.time_stack, H100, per-token kernel +
+# row kernel in the same runs: int8 14336x4096 / 4096x4096 / 1024x4096 23.5 / 8.7 / 3.8 us against 24.6 /
+# 10.0 / 5.4, e4m3 24.2 / 9.2 / 4.2 against 25.4 / 10.7 / 5.8 (2, 4 or 8 rows, 8 warps: up to 2.6 us slower
+# on 14336x4096); int8 4096x14336 in chunks of 512 24.9 us against 26.0 (chunks of 1024 26.5, 2048 26.4;
+# three repeats each). Long e4m3 rows keep the two kernels (4096x14336: 10 tiles 26.8-31.3 us, one 72.5,
+# against 27.1).
+_FUSED_GEMV = KernelConfig("fused_gemv", block_m=1, block_n=4, block_k=512, num_warps=4, num_stages=1)
 _FUSED_GEMV_ONE_CHUNK_MAX_K = 4096
 # fused prologue: x tiles of BLOCK_M x _AMAX_BLOCK_K, _AMAX_STAGES deep (16 x 256 bf16: 8 KB a stage, 7 in
 # flight; wider tiles pushed the kernel to 240+ registers on sm_90)

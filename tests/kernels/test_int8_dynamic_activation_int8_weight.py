@@ -183,10 +183,10 @@ def test_select_config_buckets():
         assert cfg.path == "quantized" and cfg.block_m >= 64
     assert kernels.select_config(4096, 4096, 14336).split_k == 1
     assert kernels.select_config(1, 14336, 4096).split_k == 1
-    # M = 1 in one launch: rows of up to 4096 codes in one chunk, longer int8 rows in chunks of 1024; long
+    # M = 1 in one launch: rows of up to 4096 codes in one chunk, longer int8 rows in chunks of 512; long
     # e4m3 rows and N < 512 (fewer than 128 programs of 4 rows) keep the per-token kernel + row kernel
     assert [kernels.select_config(1, n, k, fp8).block_k for n, k, fp8 in (
-        (14336, 4096, False), (4096, 14336, False), (1000, 768, True))] == [4096, 1024, 1024]
+        (14336, 4096, False), (4096, 14336, False), (1000, 768, True))] == [4096, 512, 1024]
     assert kernels.select_config(1, 4096, 14336, fp8=True) == int8wo.select_config(1, 4096, 14336)
     # K = 14336: int8 weight-only's one step of 16384 codes, but steps of 8192 for dp4a words
     assert [kernels.select_config(1, 256, 14336, fp8).block_k for fp8 in (False, True)] == [8192, 16384]
