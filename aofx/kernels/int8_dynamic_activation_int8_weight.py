@@ -259,7 +259,6 @@ def _int8dq_mm_kernel(
     _store_tile(y, y_ptr, b_ptr, rm, rn, rn_safe, m_mask, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
 
-
 @triton.jit
 def _load_x_chunk(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
     """x[k0 : k0 + BLOCK_K] of a contiguous row as fp32 (0 past K): (BLOCK_K // 4, 4) with code 4 j + i at
@@ -409,7 +408,8 @@ def select_config(M: int, N: int, K: int, fp8: bool = False) -> KernelConfig:
     if M == 1:
         one_chunk = K <= _FUSED_GEMV_ONE_CHUNK_MAX_K
         if (one_chunk or not fp8) and triton.cdiv(N, _FUSED_GEMV.block_n) >= _MIN_PROGRAMS:
-            return dataclasses.replace(_FUSED_GEMV, block_k=triton.next_power_of_2(K) if one_chunk else _FUSED_GEMV.block_k)
+            block_k = triton.next_power_of_2(K) if one_chunk else _FUSED_GEMV.block_k
+            return dataclasses.replace(_FUSED_GEMV, block_k=block_k)
         cfg = int8wo.select_config(M, N, K)
         if not fp8 and K % 4 == 0 and cfg.block_k > _GEMV_WORDS_MAX_BLOCK_K:
             # dp4a words: steps of at most 2048 words, not int8 weight-only's one long step (4096x14336: two

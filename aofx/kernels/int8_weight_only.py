@@ -18,9 +18,9 @@ Kernel paths and M buckets (``select_config``):
                (row, group) partial sum weighted by its scale every step.
                The dynamic schemes pass ``x_codes`` where their ``fused_gemv`` does not run: x quantized
                per row by their per-token kernel, int8 or e4m3 codes and s_x; int8 x int8 products are
-               then summed exactly (int32 after the loop). With int8 codes on both sides and K % 4 == 0 (``DOT4``) both are
-               read as int32 words of 4 codes (``kernels.int32_words``): one ``dp4a`` per word pair,
-               exact int32 sums (inline PTX; shifts and multiplies under the interpreter).
+               then summed exactly (int32 after the loop). With int8 codes on both sides and K % 4 == 0
+               (``DOT4``) both are read as int32 words of 4 codes (``kernels.int32_words``): one ``dp4a``
+               per word pair, exact int32 sums (inline PTX; shifts and multiplies under the interpreter).
   2 <= M <= 16 ``mm`` with BLOCK_M = 16 and a narrow BLOCK_N so that there are >= ~128 programs (512-wide
                K tiles for long K), or 128-row tiles where those make one wave of 104-132 programs (per-row
                scales, K < 8192); memory bound, tensor cores via mma.sync.

@@ -122,7 +122,8 @@ def exact_fp8_cast(monkeypatch):
 @pytest.mark.parametrize("m,n,k", [(1, 40, 200), (3, 64, 256), (17, 40, 200)])
 def test_interp_exact_x(config, x_per_row, w_per_row, m, n, k):
     if not valid(config, m, x_per_row):
-        with pytest.raises(ValueError, match="gemv path needs M == 1|scale needs the 'quantized', 'gemv' or 'fused_gemv' path"):
+        match = "gemv path needs M == 1|scale needs the 'quantized', 'gemv' or 'fused_gemv' path"
+        with pytest.raises(ValueError, match=match):
             kernels.linear(make_exact_x(m, k, x_per_row), *make_weight(n, k, w_per_row), x_per_row, config=config)
         return
     qdata, scale = make_weight(n, k, w_per_row)
