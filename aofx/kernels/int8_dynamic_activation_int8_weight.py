@@ -379,8 +379,8 @@ _GEMV_WORDS_MAX_BLOCK_K = 8192  # M = 1, dp4a words: codes a step, at most (see 
 # _FUSED_GEMV_ONE_CHUNK_MAX_K codes are one chunk (x stays in registers), longer int8 rows go in chunks of
 # block_k codes (x re-read from L2). Scratch drivers on bench_layers.time_stack, H100, per-token kernel +
 # row kernel in the same runs: int8 14336x4096 / 4096x4096 / 1024x4096 23.5 / 8.7 / 3.8 us against 24.6 /
-# 10.0 / 5.4, e4m3 24.2 / 9.2 / 4.2 against 25.4 / 10.7 / 5.8 (2, 4 or 8 rows, 8 warps: up to 2.6 us slower
-# on 14336x4096); int8 4096x14336 in chunks of 512 24.9 us against 26.0 (chunks of 1024 26.5, 2048 26.4;
+# 10.0 / 5.4, e4m3 24.2 / 9.2 / 4.2 against 25.4 / 10.7 / 5.8 (1, 2 or 8 rows, or 8 warps: 23.8-52.2 us on
+# 14336x4096); int8 4096x14336 in chunks of 512 24.9 us against 26.0 (chunks of 1024 26.5, 2048 26.4;
 # three repeats each). Long e4m3 rows keep the two kernels (4096x14336: 10 tiles 26.8-31.3 us, one 72.5,
 # against 27.1).
 _FUSED_GEMV = KernelConfig("fused_gemv", block_m=1, block_n=4, block_k=512, num_warps=4, num_stages=1)
