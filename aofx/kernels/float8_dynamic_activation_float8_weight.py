@@ -60,6 +60,6 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, activation
     cfg = config if config is not None else select_config(bucket_m(x.shape[0]), qdata.shape[0], x.shape[1])
     # per tensor: partial maxima of |x| (one kernel), whose max every row is then quantized with (the gemv
     # path has one row, whose own amax that is)
-    per_row = activation_per_row or cfg.path in ("gemv", "fused_gemv")
+    per_row = activation_per_row or cfg.path in int8dq.ONE_ROW_PATHS
     x_amax = None if per_row else int8dq.amax_partials(x)
     return int8dq.launch(name, x, qdata, scale, bias, cfg, x_amax=x_amax)

@@ -385,6 +385,7 @@ _GEMV_WORDS_MAX_BLOCK_K = 8192  # M = 1, dp4a words: codes a step, at most (see 
 # against 27.1).
 _FUSED_GEMV = KernelConfig("fused_gemv", block_m=1, block_n=4, block_k=512, num_warps=4, num_stages=1)
 _FUSED_GEMV_ONE_CHUNK_MAX_K = 4096
+ONE_ROW_PATHS = ("fused_gemv", "gemv")  # the M = 1 paths: the row's own amax is the tensor's
 # fused prologue: x tiles of BLOCK_M x _AMAX_BLOCK_K, _AMAX_STAGES deep (16 x 256 bf16: 8 KB a stage, 7 in
 # flight; wider tiles pushed the kernel to 240+ registers on sm_90)
 _AMAX_BLOCK_K = 256
@@ -516,7 +517,7 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> 
     fp8 = qdata.dtype == torch.float8_e4m3fn
     if x.stride(1) != 1:
         x = x.contiguous()
-    if x_amax is not None and cfg.path not in ("quantized", "gemv", "fused_gemv"):
+    if x_amax is not None and cfg.path not in ("quantized",) + ONE_ROW_PATHS:
         raise ValueError(f"{name}: a per-tensor activation scale needs the 'quantized', 'gemv' or 'fused_gemv' "
                          f"path, got {cfg.path!r}")
     if cfg.path == "gemv":
