@@ -1,4 +1,4 @@
-"""End-to-end decode speed: a Llama-3-8B-shaped decoder, batch 1, one token per step (DESIGN §5).
+"""End-to-end decode speed: a Llama-3-8B-shaped decoder, batch 1, one token per step.
 
 The model is a plain-torch Llama block stack (RMSNorm, grouped-query attention with RoPE and a static KV
 cache, SwiGLU MLP) with random weights, so nothing is downloaded. Each config quantizes every

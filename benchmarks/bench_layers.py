@@ -11,15 +11,15 @@ What it measures, for every (config, shape, M):
   ``max(bytes / 3.0 TB/s, 2*M*N*K / peak)``, bytes = stored weight (qdata + scale + zero) + x + out,
   peak = 700 TFLOP/s for bf16-math configs and 1400 TFLOP/s for the int8 / fp8 tensor-core ones;
 - ``sqnr`` (dB) of one layer's op output against the exact linear (``F.linear`` in fp64), with
-  w ~ N(0, 0.02) and x ~ N(0, 1) in bf16, next to the floor DESIGN.md §3 sets;
+  w ~ N(0, 0.02) and x ~ N(0, 1) in bf16, next to the scheme's SQNR floor;
 - ``ok``: the op output matches its ``aofx.numerics`` reference (SQNR >= 30 dB between the two),
   checked once per row; a failure or an exception marks the row and the run goes on;
 - peers when importable: torchao (``quantize_`` + ``torch.compile``) and gemlite, in the same
   CUDA-graph stack; any peer failure is recorded as a string in the row.
 
-The scored shapes are 14336x4096 and 4096x14336 (DESIGN.md §5 targets); 4096x4096 and 1024x4096
-are informative. Small shapes get more layers (``--min-stack-mb``) so that even the int4 stack
-outgrows L2.
+The scored shapes are 14336x4096 and 4096x14336 (the ones with speedup targets, ``TARGETS``);
+4096x4096 and 1024x4096 are informative. Small shapes get more layers (``--min-stack-mb``) so that
+even the int4 stack outgrows L2.
 
 Run on a CUDA GPU (H100), from the repository root, with aofx installed (``pip install -e .``):
 
@@ -71,7 +71,7 @@ class Scheme:
     op: str
     quantize: str  # aofx.numerics function: w (N, K) bf16 -> stored tensors
     low_precision_math: bool  # int8 / fp8 tensor cores (1400 TFLOP/s) instead of bf16 math
-    sqnr_floor: float  # DESIGN.md §3, dB against the exact linear
+    sqnr_floor: float  # dB against the exact linear (docs/design.md, "Numerics")
     quantize_kwargs: Mapping[str, object] = dataclasses.field(default_factory=dict)
     extra_args: tuple = ()  # non-tensor op arguments after the stored tensors, before bias
 
@@ -92,7 +92,7 @@ SCHEMES = (
 )
 SCHEME_BY_NAME = {s.name: s for s in SCHEMES}
 
-# DESIGN.md §5: speedup over bf16 cuBLAS on the scored shapes, per M.
+# Speedup targets over bf16 cuBLAS on the scored shapes, per M (docs/design.md, "Kernel dispatch").
 TARGETS = {
     "int4wo-128": {1: 3.4, 16: 2.8, 128: 1.3, 1024: 0.9},
     "int8wo": {1: 1.9, 16: 1.8, 128: 1.1, 1024: 0.9},

@@ -6,7 +6,7 @@ from torch import nn
 
 import aofx
 
-# (id, config, SQNR floor in dB from DESIGN §3)
+# (id, config, SQNR floor in dB: the single-layer floors of docs/design.md, "Numerics")
 CASES = [
     ("int4wo-32", aofx.Int4WeightOnlyConfig(group_size=32), 19.5),
     ("int4wo-128", aofx.Int4WeightOnlyConfig(group_size=128), 19.5),

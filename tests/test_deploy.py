@@ -63,7 +63,7 @@ def test_aoti_package_runs_without_aofx_on_cpu(tmp_path):
 @pytest.mark.parametrize("config", ["int4wo-128", "int8dq", "fp8dq-row"])
 def test_aoti_package_on_cuda(config, tmp_path):
     """The CUDA package holds the aofx Triton kernels as compiled cubins, and loads (with the C++
-    runtime preloaded on an image where a plain load crashes, DESIGN §6) and matches eager."""
+    runtime preloaded on an image where a plain load crashes; see the README) and matches eager."""
     proc, names = _export_aoti("cuda", config, tmp_path)
     archive = zipfile.ZipFile(tmp_path / "quantized.pt2")
     kernel_prefix = {"int4wo-128": b"_int4_", "int8dq": b"_int8dq_", "fp8dq-row": b"_int8dq_"}[config]

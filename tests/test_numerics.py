@@ -1,4 +1,4 @@
-"""numerics: primitives against independent references, edge cases, and the SQNR floors of DESIGN §3."""
+"""numerics: primitives against independent references, edge cases, and the SQNR floors (docs/design.md)."""
 
 import pytest
 import torch
