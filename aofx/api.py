@@ -1,53 +1,34 @@
-"""``quantize_``: plan -> validate -> quantize -> capture -> rewrite -> install.
+"""``quantize_``: plan -> validate -> capture -> quantize -> install.
 
-Promises (DESIGN §2): the model stays the same object with the same class and module tree; every
-error about the user's input is raised before anything is mutated; incompatible layers are skipped
-with one ``UserWarning`` listing them; layers already quantized are skipped the same way.
-
-Storage: a quantized weight ``<owner>.<name>`` becomes buffers ``<owner>.<prefix>qdata``,
-``<prefix>scale`` (and ``<prefix>zero`` for int4), where ``prefix`` is empty for an ``nn.Linear``'s
-``weight`` and ``"<name>_"`` for any other parameter used by ``F.linear``.
+Promises (docs/design.md, "Invariants"): the model stays the same object with the same module tree;
+a quantized module gets a generated subclass of its own class (``aofx.install``); every error about
+the user's input is raised before anything is mutated; every weight the user asked for is quantized
+or named, with the reason, in one ``UserWarning``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
+import re
 import time
-import types
 import warnings
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from aofx import passes  # noqa: F401  (registers the built-in passes)
-from aofx.capture import CapturedGraph, export_unit, resolve
+from aofx.capture import export_unit
 from aofx.configs import AOBaseConfig, FqnToConfig, describe
-from aofx.passes._graph import Target, drop_unused_inputs, linear_weight_inputs, placeholders, thread_targets
+from aofx.install import (QuantizedModule, QuantizedWeight, _SHARED, install, linear_like, rewrite_capture,
+                          shared_key, standard_linear)
 from aofx.registry import check_registered, find_handler, find_pass
 
 log = logging.getLogger("aofx")
 _REMOVED_KEYWORDS = ("apply_tensor_subclass", "tensor_subclass_inserter")
-
-
-@dataclasses.dataclass
-class _Weight:
-    """A planned weight: the parameter ``owner.name`` at ``fqn``, and how to quantize it."""
-
-    fqn: str
-    owner: nn.Module
-    owner_fqn: str
-    name: str
-    config: AOBaseConfig
-    rewrite: object
-    packed: dict = dataclasses.field(default_factory=dict)
-    keep_param: bool = False
-
-    def packed_fqn(self, key: str) -> str:
-        prefix = "" if isinstance(self.owner, nn.Linear) and self.name == "weight" else f"{self.name}_"
-        return f"{self.owner_fqn}.{prefix}{key}".lstrip(".")
 
 
 class _LegacyCallable(AOBaseConfig):
@@ -57,13 +38,62 @@ class _LegacyCallable(AOBaseConfig):
         self.fn = fn
 
 
+@dataclasses.dataclass
+class _Unit:
+    """A module to quantize: its planned weights, and the inputs to capture it with."""
+
+    fqn: str
+    module: nn.Module
+    weights: dict  # name -> QuantizedWeight
+    inputs: Optional[tuple] = None  # (args, kwargs) recorded by example_inputs
+    captures: list = dataclasses.field(default_factory=list)
+    key: object = None
+
+
 def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = None, device=None, *,
               example_inputs=None, **removed) -> None:
-    """Quantize the linear layers of ``model`` in place (DESIGN §1).
+    """Quantize the linear layers of ``model`` in place, with torchao's API.
 
-    ``filter_fn(module, fqn) -> bool`` selects modules (default: every ``nn.Linear``); ``device``
-    moves each selected module there before quantizing it; ``example_inputs`` (a tuple of
-    positional args) captures the whole model, which also rewrites ``F.linear`` on parameters.
+    Args:
+        model: any ``nn.Module``; it stays the same object with the same module tree. It may be on
+            the meta device: the packed buffers are then created on meta, with their final shapes
+            and dtypes, ready for ``model.load_state_dict(sd, assign=True)`` (or
+            ``aofx.load_quantized``).
+        config: a config object (``Int4WeightOnlyConfig()``, ...; see ``aofx.configs``), an
+            ``FqnToConfig`` mapping fqns to configs, a config registered with
+            ``register_quantize_module_handler``, or (deprecated, with a ``DeprecationWarning``) a
+            callable ``fn(module) -> module``.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` selects modules. Default: every ``nn.Linear``
+            and ``transformers``' ``Conv1D``, plus (with ``example_inputs``) every module seen using
+            its own parameter as an ``F.linear`` weight, plus modules named by an ``FqnToConfig`` key.
+        device: move each selected module there as it is quantized, so peak memory stays near the
+            quantized size.
+        example_inputs: a tuple of positional inputs (or a dict of keyword inputs) of ``model``. The
+            model runs once on them, eagerly; each module seen using a parameter through
+            ``F.linear`` is then captured alone with the inputs it received. The model's own Python
+            forward stays, so keyword calls, ``generate``, other batch sizes and train/eval work.
+
+    ``FqnToConfig`` precedence, for a weight ``<module fqn>.<name>``: an exact key for the parameter
+    fqn, then one for the module fqn, then the first ``"re:<regex>"`` key (in dict order) that
+    fullmatches either, then ``"_default"`` (linear layers only). ``None`` leaves it float.
+
+    What happens to the model: each quantized module's class becomes a generated subclass of its
+    class (``isinstance`` holds). Its float weight parameter is replaced by buffers ``qdata``,
+    ``scale`` (and ``zero``), which ``state_dict`` holds; ``module.weight`` still reads (dequantized
+    on each read); ``.to(dtype)`` never casts the packed tensors; ``repr`` shows the scheme; pickling
+    and ``deepcopy`` work. Biases keep their ``requires_grad``.
+
+    Warns:
+        UserWarning: once, listing every weight asked for that stays float and why: a shape the
+            scheme cannot take, already quantized, not a linear layer, a weight used outside
+            ``F.linear`` or parametrized, 3-D MoE expert weights (with the count of parameters that
+            stay float), and ``FqnToConfig`` keys that match nothing.
+
+    Raises:
+        TypeError: a config that is not registered (the message lists the registered types), a
+            removed keyword (``apply_tensor_subclass=``), or a non-config argument.
+        ValueError: a weight with NaN or Inf, an uninitialized lazy layer, or a packed buffer name
+            that is already taken; each names the layer, and the model is left exactly as it was.
     """
     for key in removed:
         if key in _REMOVED_KEYWORDS:
@@ -71,50 +101,44 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
                             "(e.g. config=Int4WeightOnlyConfig())")
         raise TypeError(f"quantize_() got an unexpected keyword argument {key!r}")
     config = _as_config(config)
-    if example_inputs is not None and not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
     start = time.perf_counter()
 
-    # 1. plan (no mutation): handlers for user configs, weights for graph passes
-    ep = export_unit(model, example_inputs) if example_inputs is not None else None
-    handled, weights, skipped = _plan(model, config, filter_fn, ep)
-    # 2. validate (no mutation)
-    weights = _validate(weights, skipped)
-    if skipped:
-        lines = "\n".join(f"  {fqn}: {why}" for fqn, why in skipped)
-        warnings.warn(f"aofx.quantize_ skipped {len(skipped)} layer(s):\n{lines}", UserWarning, stacklevel=2)
-
+    # 1. plan and 2. validate: no mutation; errors name the layer
+    seen = _run_examples(model, example_inputs) if example_inputs is not None else None
+    handled, units, skipped = _plan(model, config, filter_fn, seen)
+    # 3. handlers (user configs), then capture each unit; a unit that cannot be captured is skipped
     for fqn, module, cfg in handled:
         _apply_handler(model, fqn, module, cfg)
-    if ep is not None and handled:
-        ep = export_unit(model, example_inputs)
-    # 3. quantize, one weight at a time on `device`: peak memory stays near the quantized size
-    for w in weights:
-        weight = getattr(w.owner, w.name).detach()
-        w.packed = w.rewrite.quantize(weight if device is None else weight.to(device), w.config)
-    # 4-6. capture and rewrite
-    per_linear = _capture_linears(weights)
-    whole = _capture_model(model, ep, weights) if ep is not None and weights else None
-    # 7. install
-    for w in weights:
-        _install_weight(w, per_linear.get(id(w.owner)))
+    units = _capture(units, skipped)
+    if skipped:
+        lines = "\n".join(f"  {fqn}: {why}" for fqn, why in skipped)
+        warnings.warn(f"aofx.quantize_ skipped {len(skipped)} weight(s) or layer(s), which stay float:\n{lines}",
+                      UserWarning, stacklevel=2)
+    # 4. quantize, one weight at a time on `device`; tied parameters once
+    packed_by_param, packed = {}, {}
+    for unit in units:
+        for name, w in unit.weights.items():
+            param = unit.module._parameters[name]
+            if id(param) not in packed_by_param:
+                weight = param.detach().t() if w.transposed else param.detach()  # (N, K)
+                packed_by_param[id(param)] = w.rewrite.quantize(weight if device is None else weight.to(device),
+                                                                w.config)
+            packed[(id(unit.module), name)] = packed_by_param[id(param)]
+    # 5. install
+    for unit in units:
+        install(unit.module, unit.weights, {n: packed[(id(unit.module), n)] for n in unit.weights},
+                unit.captures, unit.key)
         if device is not None:
-            w.owner.to(device)  # the rest of the layer (bias), now that the float weight is gone
-    if whole is not None:
-        model.__dict__["_aofx_capture"] = whole
-        model.forward = types.MethodType(_captured_forward_for(type(model).forward), model)
-    if weights:
-        log.info("aofx: quantized %d weight(s) in %.1f s", len(weights), time.perf_counter() - start)
+            unit.module.to(device)  # the rest of the layer (bias)
+    if units:
+        log.info("aofx: quantized %d module(s) in %.1f s", len(units), time.perf_counter() - start)
 
 
 def _as_config(config) -> AOBaseConfig:
     if isinstance(config, AOBaseConfig):
-        if not isinstance(config, FqnToConfig):
-            check_registered(config)
-        else:
-            for cfg in config.fqn_to_config.values():
-                if cfg is not None:
-                    check_registered(cfg)
+        for cfg in config.fqn_to_config.values() if isinstance(config, FqnToConfig) else [config]:
+            if cfg is not None:
+                check_registered(cfg)
         return config
     if callable(config) and not isinstance(config, type):
         warnings.warn("passing a callable to quantize_ is deprecated; pass a config object instead, "
@@ -125,78 +149,187 @@ def _as_config(config) -> AOBaseConfig:
                     f"or a callable; got {config!r}")
 
 
-def _plan(model, config, filter_fn, ep):
-    """``(handled, weights, skipped)``: modules for handlers, weights for passes, and skips."""
-    linear_weight_ids = _linear_weight_ids(model, ep) if ep is not None else set()
-    handled, weights, skipped, inside_handled = [], [], [], []
+# ---------------------------------------------------------------- example_inputs
+
+class _LinearWeights(TorchFunctionMode):
+    """Records the weights passed to ``F.linear``."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            self.weights.append(args[1] if len(args) > 1 else kwargs["weight"])
+        return func(*args, **kwargs)
+
+
+@dataclasses.dataclass
+class _Seen:
+    linear: set  # ids of parameters used as F.linear weights
+    sliced: set  # ids of parameters whose slices were F.linear weights (stacked MoE experts)
+    inputs: dict  # id(module) -> (args, kwargs) of its first call
+
+
+def _run_examples(model: nn.Module, example_inputs) -> _Seen:
+    """Run ``model`` once on ``example_inputs`` and record who uses F.linear, and with what inputs."""
+    args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else \
+        (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,), {})
+    inputs = {}
+
+    def record(module, a, k):
+        inputs.setdefault(id(module), (a, k))
+
+    owners = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in owners]
+    spy = _LinearWeights()
+    try:
+        with torch.no_grad(), spy:
+            model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    params = {id(p) for p in model.parameters()}
+    linear = {id(w) for w in spy.weights if id(w) in params}
+    sliced = {id(w._base) for w in spy.weights if w._base is not None and id(w._base) in params}
+    return _Seen(linear, sliced, inputs)
+
+
+# ---------------------------------------------------------------- planning
+
+def _lookup(config: FqnToConfig, fqns: list) -> tuple:
+    """``(config, matching key)`` for the most specific of ``fqns`` (parameter fqn first)."""
+    table = config.fqn_to_config
+    for fqn in fqns:
+        if fqn in table:
+            return table[fqn], fqn
+    for key, cfg in table.items():
+        if key.startswith("re:") and any(re.fullmatch(key[3:], fqn) for fqn in fqns):
+            return cfg, key
+    return table.get("_default"), ("_default" if "_default" in table else None)
+
+
+def _unmatched_keys(model: nn.Module, config: FqnToConfig) -> list:
+    names = [f for f, _ in model.named_modules(remove_duplicate=False)]
+    names += [f for f, _ in model.named_parameters(remove_duplicate=False)]
+    unmatched = []
+    for key in config.fqn_to_config:
+        if key == "_default":
+            continue
+        if key.startswith("re:"):
+            if not any(re.fullmatch(key[3:], f) for f in names):
+                unmatched.append(key)
+        elif key not in names:
+            unmatched.append(key)
+    return unmatched
+
+
+def _expert_params(module: nn.Module, seen: Optional[_Seen]) -> list:
+    """Stacked (3-D) MoE expert weights: (experts, out, in) tensors sliced per expert."""
+    n = getattr(module, "num_experts", None)
+    return [(name, p) for name, p in module.named_parameters(recurse=False)
+            if p.dim() == 3 and p.is_floating_point()
+            and ((seen is not None and id(p) in seen.sliced) or (isinstance(n, int) and p.shape[0] == n))]
+
+
+def _plan(model, config, filter_fn, seen):
+    """``(handled, units, skipped)``: modules for handlers, units for passes, and what stays float."""
+    handled, units, skipped, inside_handled = [], [], [], []
+    fqn_map = isinstance(config, FqnToConfig)
     for fqn, module in model.named_modules():
         if any(fqn.startswith(prefix + ".") for prefix in inside_handled):
             continue  # a handler replaces a whole subtree, as torchao's does
-        owns_linear_weight = any(id(p) in linear_weight_ids for p in module.parameters(recurse=False))
+        own = dict(module.named_parameters(recurse=False))
+        kind = linear_like(module)
+        if fqn_map:  # named by a key of its own (module or parameter fqn), not just by "_default"
+            cfg, key = _lookup(config, [fqn])
+            keys = [key] + [_lookup(config, [f"{fqn}.{p}".lstrip(".")])[1] for p in own]
+            explicit = any(k not in (None, "_default") for k in keys)
+            exact = any(k == f for k, f in zip(keys, [fqn] + [f"{fqn}.{p}".lstrip(".") for p in own]))
+        else:
+            cfg, explicit, exact = config, False, False
+        uses_linear = seen is not None and any(id(p) in seen.linear for p in own.values())
+        experts = _expert_params(module, seen)
         if filter_fn is not None:
             selected = filter_fn(module, fqn)
         else:
-            selected = isinstance(module, nn.Linear) or owns_linear_weight
-        cfg = config.config_for(fqn) if isinstance(config, FqnToConfig) else config
-        if not selected or cfg is None:
+            selected = kind is not None or uses_linear or explicit or bool(experts and cfg is not None)
+        if not selected:
             continue
-        if isinstance(cfg, _LegacyCallable) or find_pass(cfg) is None:
-            handled.append((fqn, module, cfg))
-            inside_handled.append(fqn)
+        if cfg is not None and (isinstance(cfg, _LegacyCallable) or find_pass(cfg) is None):
+            if kind is not None or explicit or filter_fn is not None:
+                handled.append((fqn, module, cfg))
+                inside_handled.append(fqn)
             continue
-        if "_aofx_scheme" in module.__dict__:
-            skipped.append((fqn, f"already quantized ({module.__dict__['_aofx_scheme']})"))
+        if isinstance(module, QuantizedModule):
+            skipped.append((fqn, f"already quantized ({module._aofx.scheme})"))
             continue
-        if isinstance(module, nn.Linear):
+        if kind is not None:
             names = ["weight"]
         else:
-            names = [n for n, p in module.named_parameters(recurse=False) if id(p) in linear_weight_ids]
-            if not names and next(module.parameters(recurse=False), None) is None:
-                continue  # a container (ModuleList, a block): its linears are planned on their own
-            if not names:
-                skipped.append((fqn, "not an nn.Linear" + ("" if ep is not None else
-                                " (pass example_inputs to rewrite F.linear on its parameters)")))
-                continue
+            names = [n for n, p in own.items() if seen is not None and id(p) in seen.linear]
+        if experts:
+            count = sum(p.numel() for _, p in experts)
+            shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in experts)
+            skipped.append((fqn, f"stacked 3-D MoE expert weights ({shapes}) have no aofx kernel; "
+                                 f"{count:,} parameters stay float"))
+        if not names:
+            if not experts and (own or exact) and (cfg is not None or explicit):
+                hint = "" if seen is not None else " (pass example_inputs to find modules that call F.linear)"
+                skipped.append((fqn, f"{type(module).__name__} is not a linear layer and was not seen using a "
+                                     f"parameter through F.linear{hint}"))
+            continue
+        weights = {}
         for name in names:
-            weights.append(_Weight(f"{fqn}.{name}".lstrip("."), module, fqn, name, cfg, find_pass(cfg)))
-    # A tied parameter is planned once, under its nn.Linear owner when it has one.
-    by_param = {}
-    for w in sorted(weights, key=lambda w: not isinstance(w.owner, nn.Linear)):
-        by_param.setdefault(id(getattr(w.owner, w.name)), w)
-    return handled, [w for w in weights if by_param[id(getattr(w.owner, w.name))] is w], skipped
+            w_cfg = _lookup(config, [f"{fqn}.{name}".lstrip("."), fqn])[0] if fqn_map else cfg
+            if w_cfg is None:
+                continue
+            if find_pass(w_cfg) is None:
+                skipped.append((f"{fqn}.{name}".lstrip("."), f"{type(w_cfg).__name__} has a module handler, not "
+                                                             "a pass; name the module, not the parameter"))
+                continue
+            w, why = _check_weight(module, fqn, name, w_cfg, kind)
+            if w is None:
+                skipped.append((f"{fqn}.{name}".lstrip("."), why))
+            else:
+                weights[name] = w
+        if weights:
+            inputs = seen.inputs.get(id(module)) if seen is not None else None
+            units.append(_Unit(fqn, module, weights, inputs))
+    if fqn_map:
+        skipped += [(key, "FqnToConfig key matches no module or parameter") for key in _unmatched_keys(model, config)]
+    return handled, units, skipped
 
 
-def _linear_weight_ids(model, ep) -> set:
-    """ids of the parameters used as a linear's weight anywhere in the exported graph."""
-    capture = CapturedGraph(ep)
-    sources = [capture.sources[n.name] for n in linear_weight_inputs(capture.gm)]
-    return {id(resolve(model, fqn)) for kind, fqn in sources if kind == "state"}
-
-
-def _validate(weights, skipped):
-    """Raise on unusable weights (naming the fqn); move incompatible ones to ``skipped``."""
-    kept = []
-    for w in weights:
-        weight = getattr(w.owner, w.name)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-            skipped.append((w.fqn, f"not a 2-D floating-point weight ({getattr(weight, 'shape', None)})"))
-            continue
-        if weight.is_meta:
-            skipped.append((w.fqn, "weight is on the meta device"))
-            continue
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"aofx.quantize_: weight {w.fqn} contains NaN or Inf; nothing was quantized")
-        reason = w.rewrite.skip_reason(weight, w.config)
-        if reason:
-            skipped.append((w.fqn, reason))
-            continue
-        for key in w.rewrite.packed_names:
-            name = w.packed_fqn(key).rsplit(".", 1)[-1]
-            if hasattr(w.owner, name):
-                raise ValueError(f"aofx.quantize_: {w.owner_fqn or 'the model'} already has an attribute "
-                                 f"{name!r}, where aofx would store {w.fqn}'s quantized data")
-        kept.append(w)
-    return kept
+def _check_weight(module, fqn, name, config, kind: Optional[bool]):
+    """``(QuantizedWeight, None)``, or ``(None, why it stays float)``; raises on unusable input."""
+    where = f"{fqn}.{name}".lstrip(".")
+    if torch.nn.utils.parametrize.is_parametrized(module, name):
+        return None, "the weight is parametrized (torch.nn.utils.parametrize); aofx quantizes stored weights"
+    weight = module._parameters.get(name)
+    if weight is None:
+        if name in module._parameters or getattr(module, name, None) is None:
+            return None, "the layer has no weight"
+        return None, "the weight is computed before each call (weight_norm or a similar hook), not a stored parameter"
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"aofx.quantize_: {where} is an uninitialized lazy parameter; run the model once "
+                         "(or call its initialize_parameters) before quantize_; nothing was quantized")
+    if weight.dim() != 2 or not weight.is_floating_point():
+        return None, f"not a 2-D floating-point weight ({tuple(weight.shape)}, {weight.dtype})"
+    if not weight.is_meta and not torch.isfinite(weight).all():
+        raise ValueError(f"aofx.quantize_: weight {where} contains NaN or Inf; nothing was quantized")
+    transposed = bool(kind)
+    reason = find_pass(config).skip_reason(weight.t() if transposed else weight, config)  # (N, K)
+    if reason:
+        return None, reason
+    prefix = "" if kind is not None and name == "weight" else f"{name}_"
+    w = QuantizedWeight(name, config, weight.dtype, tuple(weight.shape), transposed, prefix)
+    for buffer in w.buffer_names():
+        if hasattr(module, buffer):
+            raise ValueError(f"aofx.quantize_: {fqn or 'the model'} already has an attribute {buffer!r}, where aofx "
+                             f"would store {where}'s quantized data; nothing was quantized")
+    return w, None
 
 
 def _apply_handler(model, fqn, module, cfg):
@@ -211,100 +344,57 @@ def _apply_handler(model, fqn, module, cfg):
     setattr(model.get_submodule(parent), name, new)
 
 
-def _rewrite(capture: CapturedGraph, targets: dict) -> int:
-    """Run every pass that ``targets`` needs over the graph and its subgraphs; returns the count."""
-    count = 0
-    for gm, local in thread_targets(capture.gm, targets):
-        for rewrite in {id(t.rewrite): t.rewrite for t in local.values()}.values():
-            count += rewrite(gm, local)
-    drop_unused_inputs(capture.gm)
-    return count
+# ---------------------------------------------------------------- capture
 
-
-def _capture_linears(weights) -> dict:
-    """One captured graph per ``nn.Linear`` target, shared between layers of the same signature."""
-    cache, out = {}, {}
-    for w in weights:
-        if not isinstance(w.owner, nn.Linear) or w.name != "weight":
+def _capture(units: list, skipped: list) -> list:
+    """Capture and rewrite each unit on its float module; returns the units that captured."""
+    by_fqn = {u.fqn: u for u in units}
+    kept = []
+    for unit in units:
+        unit.key = shared_key(unit.module, unit.weights)
+        if unit.key is not None and unit.key in _SHARED:
+            unit.captures = [_SHARED[unit.key]]
+            kept.append(unit)
             continue
-        key = (w.rewrite.name, describe(w.config), w.owner.bias is not None, w.owner.weight.dtype)
-        if key not in cache:
-            weight = w.owner.weight
-            ep = export_unit(w.owner, (torch.zeros(2, weight.shape[1], dtype=weight.dtype, device=weight.device),))
-            capture = CapturedGraph(ep)
-            w_node = capture.placeholder_for(next(n for n, s in capture.sources.items() if s == ("state", "weight")))
-            packed = [capture.add_state_input(k, w_node) for k in w.rewrite.packed_names]
-            count = _rewrite(capture, {w_node: Target(w.rewrite, w.config, packed)})
-            assert count == 1, f"expected one linear in the capture of {w.fqn}, rewrote {count}"
-            capture.finalize({})
-            cache[key] = capture
-        out[id(w.owner)] = cache[key]
-    return out
-
-
-def _capture_model(model, ep, weights) -> CapturedGraph:
-    """Rewrite the whole-model graph: every linear whose weight is a planned parameter."""
-    capture = CapturedGraph(ep)
-    by_param = {id(getattr(w.owner, w.name)): w for w in weights}
-    targets, param_nodes, packed = {}, {}, {}
-    for node in placeholders(capture.gm.graph):  # a tied parameter has one placeholder per fqn
-        kind, fqn = capture.sources[node.name]
-        w = by_param.get(id(resolve(model, fqn))) if kind == "state" else None
-        if w is not None:
-            if id(w) not in packed:
-                packed[id(w)] = [capture.add_state_input(w.packed_fqn(k), node) for k in w.rewrite.packed_names]
-            targets[node] = Target(w.rewrite, w.config, packed[id(w)])
-            param_nodes[node] = w
-    _rewrite(capture, targets)
-    # A weight still read by other ops (an embedding tied to the head) stays a float parameter,
-    # reached through an alias that survives installation, or kept where it is.
-    rename, dropped = {}, {x.fqn for x in weights}
-    for node, w in param_nodes.items():
-        if not node.users:
-            continue
-        fqn = capture.sources[node.name][1]
-        aliases = [n for n, p in model.named_parameters(remove_duplicate=False)
-                   if p is getattr(w.owner, w.name) and n not in dropped]
-        if aliases:
-            rename[fqn] = aliases[0]
+        if unit.key is not None or unit.inputs is None:
+            (w,) = unit.weights.values() if len(unit.weights) == 1 else (None,)
+            if w is None:
+                skipped.append((unit.fqn, "no example inputs reached this module"))
+                continue
+            k = w.shape[0] if w.transposed else w.shape[1]
+            weight = unit.module._parameters[w.name]
+            args, kwargs = (torch.zeros(2, k, dtype=w.dtype, device=weight.device),), {}
         else:
-            w.keep_param = True
-    capture.finalize(rename)
-    return capture
+            args, kwargs = unit.inputs
+        # Planned weights of this unit and of planned units below it, by fqn relative to the unit.
+        planned = {name: (w, "") for name, w in unit.weights.items()}
+        for fqn, other in by_fqn.items():
+            if other is not unit and fqn.startswith(unit.fqn + "." if unit.fqn else ""):
+                rel = fqn[len(unit.fqn) + 1:] if unit.fqn else fqn
+                planned.update({f"{rel}.{n}": (w, f"{rel}.") for n, w in other.weights.items()})
+        try:
+            capture = export_unit(unit.module, args, kwargs)
+        except Exception as e:  # noqa: BLE001  (export's errors are many; the first line says which)
+            skipped.append((unit.fqn, f"torch.export could not capture it: {type(e).__name__}: "
+                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"))
+            continue
+        leftover = rewrite_capture(capture, planned)
+        mine = [fqn for fqn in leftover if fqn in unit.weights]
+        if mine:
+            skipped.append((unit.fqn, f"its forward uses {', '.join(mine)} outside F.linear (transformed or read "
+                                      "twice), so the float weight would still be needed"))
+            continue
+        unit.captures = [capture]
+        if unit.key is not None:
+            _SHARED[unit.key] = capture
+        kept.append(unit)
+    return kept
 
 
-def _install_weight(w: _Weight, capture: Optional[CapturedGraph]) -> None:
-    for key, tensor in w.packed.items():
-        w.owner.register_buffer(w.packed_fqn(key).rsplit(".", 1)[-1], tensor)
-    if not w.keep_param:
-        delattr(w.owner, w.name)
-    if capture is None:
-        return
-    scheme = describe(w.config)
-    w.owner.__dict__.update(_aofx_scheme=scheme, _aofx_capture=capture)
-    if w.owner.bias is not None:
-        w.owner.bias.requires_grad_(False)  # a grad-requiring input would make compile trace a joint graph
-    w.owner.forward = types.MethodType(_linear_forward, w.owner)
-    w.owner.extra_repr = types.MethodType(_linear_extra_repr, w.owner)
+def quantized_fqns(model: nn.Module) -> dict:
+    """``{module fqn: {parameter name: config}}`` for every quantized module of ``model``."""
+    return {fqn: {n: w.config for n, w in m._aofx.weights.items()}
+            for fqn, m in model.named_modules() if isinstance(m, QuantizedModule)}
 
 
-def _linear_forward(self, input):
-    x = input.reshape(-1, input.shape[-1])  # (M, K): a Linear's capture is 2-D with a dynamic M
-    out = self._aofx_capture(self, (x,), {})  # (M, N)
-    return out.reshape(*input.shape[:-1], out.shape[-1])
-
-
-def _linear_extra_repr(self) -> str:
-    return (f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, scheme={self._aofx_scheme}")
-
-
-def _captured_forward_for(original: Callable) -> Callable:
-    """The whole-model forward, with the signature of the one it replaces (``torch.export`` and
-    ``dynamic_shapes`` bind arguments by that signature)."""
-
-    @functools.wraps(original)
-    def forward(self, *args, **kwargs):
-        return self._aofx_capture(self, args, kwargs)
-
-    return forward
+__all__ = ["quantize_", "quantized_fqns", "describe"]

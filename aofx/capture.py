@@ -1,10 +1,17 @@
-"""``torch.export`` capture units, and running a rewritten graph against a module's live state.
+"""``torch.export`` capture of one module, and running the rewritten graph against its live state.
 
-A capture unit is one selected ``nn.Linear`` (the default) or the whole model (when
-``quantize_`` gets ``example_inputs``). Its exported, *lifted* graph takes every parameter, buffer and
-constant as a placeholder. After the passes, ``CapturedGraph`` becomes the unit's ``forward``: at
-each call it reads the unit's current tensors by fqn, so ``.to()``, ``load_state_dict`` and friends
-keep working, then runs the graph, writes back buffer mutations, and rebuilds the output pytree.
+A capture unit is one module: a selected ``nn.Linear`` (or ``Conv1D``), or a module that owns a
+weight used through ``F.linear``. ``export_unit`` exports its ``forward`` (hooks excluded: the
+module's own ``__call__`` runs them) in training IR, every tensor dimension ``Dim.AUTO``. The lifted
+graph takes every parameter, buffer and constant as a placeholder; after the passes,
+``CapturedGraph`` runs it at each call with the unit's current tensors, read by fqn, so ``.to()``,
+``load_state_dict`` and friends keep working.
+
+Guards. An exported graph is only valid for inputs like the example it was traced with: the same
+pytree structure, dtypes and ranks, the same size on every dimension export specialized (a size-1
+example dimension, or one tied to a weight), and the same non-tensor values (a float scale or a
+bool flag is baked in). ``CapturedGraph.accepts`` checks all of these, as ``torch.export``'s own
+input guards do; the caller captures again, or falls back, when no graph accepts.
 """
 
 from __future__ import annotations
@@ -19,81 +26,120 @@ from torch.export.graph_signature import InputKind, OutputKind
 from aofx.passes._graph import add_placeholder, placeholders
 
 
-def export_unit(module: torch.nn.Module, args: tuple) -> torch.export.ExportedProgram:
-    """Export in training IR (``aten.linear`` intact) with every tensor dimension ``Dim.AUTO``."""
-    dynamic = pytree.tree_map(
-        lambda a: {i: Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None, args)
-    return torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
+class _Flat(torch.nn.Module):
+    """Calls ``module.forward`` with the pytree leaves of its ``(args, kwargs)`` as positional inputs,
+    so one flat ``dynamic_shapes`` tuple fits any signature (keywords and ``**kwargs`` included)."""
+
+    def __init__(self, module: torch.nn.Module, spec):
+        super().__init__()
+        self.m = module
+        self.spec = spec
+
+    def forward(self, *leaves):
+        args, kwargs = pytree.tree_unflatten(list(leaves), self.spec)
+        return self.m.forward(*args, **kwargs)
+
+
+def export_unit(module: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> "CapturedGraph":
+    """Export ``module.forward(*args, **kwargs)`` in training IR (``aten.linear`` intact)."""
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
+    dynamic = tuple({i: Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None for a in leaves)
+    ep = torch.export.export(_Flat(module, spec), tuple(leaves), dynamic_shapes=(dynamic,), strict=False)
+    return CapturedGraph(ep, spec, leaves)
 
 
 def resolve(owner: torch.nn.Module, fqn: str):
     return functools.reduce(getattr, fqn.split("."), owner)
 
 
-class CapturedGraph:
-    """A rewritten exported graph, run as ``owner``'s forward with ``owner``'s own state."""
+def _guard(example):
+    """What a later input must match: ``(dtype, sizes with None where dynamic)`` or the constant."""
+    if isinstance(example, torch.Tensor):
+        return example.dtype, tuple(s if isinstance(s, int) else None for s in example.shape)
+    return example
 
-    def __init__(self, ep: torch.export.ExportedProgram):
+
+class CapturedGraph:
+    """A rewritten exported graph, run as a module's forward with the module's own state."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, spec, example_leaves: list):
         self.gm = ep.graph_module
-        # Where each placeholder's value comes from, by placeholder name.
+        self.spec = spec
+        # Where each placeholder's value comes from, by placeholder name. State fqns drop _Flat's "m.".
         self.sources: dict[str, tuple] = {}
-        user_inputs = []
-        for spec in ep.graph_signature.input_specs:
-            name = spec.arg.name
-            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
-                self.sources[name] = ("state", spec.target)
-            elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
-                self.sources[name] = ("const", ep.constants[spec.target])
-            elif spec.kind == InputKind.USER_INPUT:
-                self.sources[name] = ("input", len(user_inputs))
-                user_inputs.append(name)
+        self.guards = []
+        n_inputs = 0
+        for spec_ in ep.graph_signature.input_specs:
+            name = spec_.arg.name
+            if spec_.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                self.sources[name] = ("state", spec_.target.removeprefix("m."))
+            elif spec_.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+                self.sources[name] = ("const", ep.constants[spec_.target])
+            elif spec_.kind == InputKind.USER_INPUT:
+                val = self.placeholder_for(name).meta.get("val", example_leaves[n_inputs])
+                self.guards.append(_guard(val if isinstance(val, torch.Tensor) else example_leaves[n_inputs]))
+                self.sources[name] = ("input", n_inputs)
+                n_inputs += 1
             else:
-                raise NotImplementedError(f"aofx cannot run an exported graph with a {spec.kind} input")
+                raise NotImplementedError(f"aofx cannot run an exported graph with a {spec_.kind} input")
         # Leading outputs that write back into buffers or user inputs, then the user outputs.
         self.mutations = []
-        for spec in ep.graph_signature.output_specs:
-            if spec.kind == OutputKind.BUFFER_MUTATION:
-                self.mutations.append(("state", spec.target))
-            elif spec.kind == OutputKind.USER_INPUT_MUTATION:
-                self.mutations.append(("input", user_inputs.index(spec.target)))
-            elif spec.kind != OutputKind.USER_OUTPUT:
-                raise NotImplementedError(f"aofx cannot run an exported graph with a {spec.kind} output")
-        self.in_spec, self.out_spec = ep.call_spec.in_spec, ep.call_spec.out_spec
+        user_inputs = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+        for spec_ in ep.graph_signature.output_specs:
+            if spec_.kind == OutputKind.BUFFER_MUTATION:
+                self.mutations.append(("state", spec_.target.removeprefix("m.")))
+            elif spec_.kind == OutputKind.USER_INPUT_MUTATION:
+                self.mutations.append(("input", user_inputs.index(spec_.target)))
+            elif spec_.kind != OutputKind.USER_OUTPUT:
+                raise NotImplementedError(f"aofx cannot run an exported graph with a {spec_.kind} output")
+        self.out_spec = ep.call_spec.out_spec
         self.order: list[tuple] = []
 
     def placeholder_for(self, name: str) -> torch.fx.Node:
         return next(n for n in placeholders(self.gm.graph) if n.name == name)
 
+    def state_placeholders(self) -> dict:
+        """``{state fqn: placeholder}`` (a tied tensor may have several fqns; each gets its own)."""
+        return {self.sources[n.name][1]: n for n in placeholders(self.gm.graph) if self.sources[n.name][0] == "state"}
+
     def add_state_input(self, fqn: str, like=None) -> torch.fx.Node:
-        """A new placeholder fed from ``owner``'s tensor at ``fqn`` (a packed weight)."""
+        """A new placeholder fed from the owner's tensor at ``fqn`` (a packed weight)."""
         node = add_placeholder(self.gm.graph, fqn.replace(".", "_"), like)
         self.sources[node.name] = ("state", fqn)
         return node
 
-    def finalize(self, rename: dict) -> None:
-        """Drop unused top-level placeholders; ``rename`` maps state fqns that will not survive
-        installation (a tied weight's quantized alias) to ones that will."""
+    def finalize(self) -> None:
+        """Drop unused state placeholders and fix the order in which ``__call__`` feeds them."""
         for node in placeholders(self.gm.graph):
-            source = self.sources[node.name]
-            if not node.users and source[0] != "input":
+            if not node.users and self.sources[node.name][0] != "input":
                 self.gm.graph.erase_node(node)
-        self.order = []
-        for node in placeholders(self.gm.graph):
-            kind, value = self.sources[node.name]
-            self.order.append((kind, rename.get(value, value) if kind == "state" else value))
+        self.order = [self.sources[node.name] for node in placeholders(self.gm.graph)]
         self.gm.graph.lint()
         self.gm.recompile()
 
-    def __call__(self, owner: torch.nn.Module, args: tuple, kwargs: dict):
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        if not torch.compiler.is_compiling() and spec != self.in_spec:
-            raise TypeError(f"{type(owner).__name__} was captured by aofx.quantize_ for inputs shaped like "
-                            f"{self.in_spec}, but was called with {spec}")
-        values = [resolve(owner, v) if k == "state" else flat[v] if k == "input" else v for k, v in self.order]
+    def accepts(self, leaves: list, spec) -> bool:
+        """Whether inputs with these pytree ``leaves`` and ``spec`` satisfy the capture's guards."""
+        if spec != self.spec or len(leaves) != len(self.guards):
+            return False
+        for guard, value in zip(self.guards, leaves):
+            if isinstance(value, torch.Tensor):
+                if not isinstance(guard, tuple) or len(guard) != 2 or not isinstance(guard[0], torch.dtype):
+                    return False
+                dtype, sizes = guard
+                if value.dtype != dtype or value.dim() != len(sizes):
+                    return False
+                if any(s is not None and s != v for s, v in zip(sizes, value.shape)):
+                    return False
+            elif type(value) is not type(guard) or value != guard:
+                return False
+        return True
+
+    def run(self, owner: torch.nn.Module, leaves: list):
+        values = [resolve(owner, v) if k == "state" else leaves[v] if k == "input" else v for k, v in self.order]
         outputs = self.gm(*values)
         n = len(self.mutations)
         if n:
             with torch.no_grad():
                 for (kind, where), new in zip(self.mutations, outputs[:n]):
-                    (resolve(owner, where) if kind == "state" else flat[where]).copy_(new)
+                    (resolve(owner, where) if kind == "state" else leaves[where]).copy_(new)
         return pytree.tree_unflatten(list(outputs[n:]), self.out_spec)

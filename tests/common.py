@@ -1,5 +1,7 @@
 """Shared test fixtures: the configs every test is parametrized over, their SQNR floors, small models."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -19,6 +21,12 @@ CASES = [
 ]
 CONFIGS = [pytest.param(cfg, id=name) for name, cfg, _ in CASES]
 CONFIGS_WITH_FLOOR = [pytest.param(cfg, floor, id=name) for name, cfg, floor in CASES]
+
+
+def scheme_of(module) -> str:
+    """The config class name a quantized module shows in its repr, or "" for a float one."""
+    match = re.search(r"scheme=(\w+)", module.extra_repr())
+    return match.group(1) if match else ""
 
 
 def seeded(seed=0):

@@ -23,6 +23,7 @@ import torch
 from torch import fx
 
 LINEAR = torch.ops.aten.linear.default
+ADDMM = torch.ops.aten.addmm.default  # Conv1D: addmm(bias, x, W) with W stored (in, out)
 # Higher-order ops of export's IR whose operands follow their subgraph one-to-one.
 _SUBGRAPH_HOPS = {"wrap_with_set_grad_enabled", "wrap_with_autocast"}
 
@@ -34,6 +35,7 @@ class Target:
     rewrite: "LinearRewrite"
     config: Any
     packed: list  # fx.Node per packed tensor, in the pass's op-argument order
+    transposed: bool = False  # the weight is stored (in, out) and used by addmm, as in Conv1D
 
 
 class LinearRewrite:
@@ -54,16 +56,23 @@ class LinearRewrite:
     def op_args(self, x, packed: list, bias, config) -> tuple:
         raise NotImplementedError
 
+    def dequantize(self, packed: dict, config) -> torch.Tensor:
+        """The (N, K) fp32 weight that the packed tensors stand for."""
+        raise NotImplementedError
+
     def __call__(self, gm: fx.GraphModule, targets: dict) -> int:
         """Rewrite the linears of ``gm`` (not its subgraphs) whose weight node is one of this pass's
         ``targets``; returns how many were rewritten."""
         count = 0
         for node in list(gm.graph.nodes):
-            if node.target is not LINEAR:
+            if node.target is LINEAR:
+                x, weight, bias = (list(node.args) + [None])[:3]
+            elif node.target is ADDMM and len(node.args) == 3 and not node.kwargs:
+                bias, x, weight = node.args
+            else:
                 continue
-            x, weight, bias = (list(node.args) + [None])[:3]
             target = targets.get(weight)
-            if target is None or target.rewrite is not self:
+            if target is None or target.rewrite is not self or target.transposed != (node.target is ADDMM):
                 continue
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(self.op, self.op_args(x, target.packed, bias, target.config))

@@ -28,3 +28,6 @@ class Float8DynamicActivationFloat8Weight(LinearRewrite):
 
     def op_args(self, x, packed, bias, config):
         return (x, *packed, isinstance(config.granularities[0], PerRow), bias)
+
+    def dequantize(self, packed, config):
+        return numerics.dequantize_float8(packed["qdata"], packed["scale"])

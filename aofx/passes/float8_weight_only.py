@@ -33,3 +33,6 @@ class Float8WeightOnly(LinearRewrite):
 
     def op_args(self, x, packed, bias, config):
         return (x, *packed, bias)
+
+    def dequantize(self, packed, config):
+        return numerics.dequantize_float8(packed["qdata"], packed["scale"])

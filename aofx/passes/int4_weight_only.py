@@ -29,3 +29,6 @@ class Int4WeightOnly(LinearRewrite):
     def op_args(self, x, packed, bias, config):
         qdata, scale, zero = packed
         return (x, qdata, scale, zero, config.group_size, bias)
+
+    def dequantize(self, packed, config):
+        return numerics.dequantize_int4(packed["qdata"], packed["scale"], packed["zero"], config.group_size)

@@ -22,3 +22,6 @@ class Int8DynamicActivationInt8Weight(LinearRewrite):
 
     def op_args(self, x, packed, bias, config):
         return (x, *packed, bias)
+
+    def dequantize(self, packed, config):
+        return numerics.dequantize_int8(packed["qdata"], packed["scale"])

@@ -27,3 +27,6 @@ class Int8WeightOnly(LinearRewrite):
 
     def op_args(self, x, packed, bias, config):
         return (x, *packed, bias)
+
+    def dequantize(self, packed, config):
+        return numerics.dequantize_int8(packed["qdata"], packed["scale"])

@@ -1,0 +1,301 @@
+"""How a quantized module lives in the model: a generated subclass of its own class.
+
+``quantize_`` gives each quantized module a class made for it, ``Quantized<Class>``, a subclass of
+its original class (as ``torch.nn.utils.parametrize`` does), so ``isinstance`` checks still hold and
+the module object, its fqn and its children stay. The subclass owns everything that has to know the
+weight is packed:
+
+* ``forward`` runs the module's captured, rewritten graph (``aofx.capture``). A call whose inputs no
+  captured graph accepts is captured again (eagerly); under ``torch.compile`` or ``torch.export`` it
+  runs the original forward with the weight dequantized instead, slower but never wrong.
+* ``weight`` (each quantized parameter name) is a property: reading it returns the dequantized
+  weight in the layer's dtype, a new tensor each time (one dequantization of the whole weight, so
+  code that reads ``.weight.dtype`` in every forward pays for it in eager mode; ``torch.compile``
+  drops the unused computation). Writing a tensor to it quantizes the new value with the layer's
+  config. In-place writes to the returned tensor do not reach the layer.
+* ``_apply``: ``.to(device)``, ``.cuda()`` and friends move the packed tensors; a dtype change
+  (``.to(dtype)``, ``.half()``, ``.float()``) never casts packed codes or scales. It changes the
+  dtype the layer computes in, as it does for a float layer.
+* pickling (``torch.save``, ``pickle``, ``copy.deepcopy``) rebuilds the generated class from the
+  original one; captured graphs are not pickled but captured again on first use.
+* ``extra_repr`` adds the scheme.
+
+The packed tensors are buffers named ``<prefix><key>`` (``qdata``, ``scale``, ``zero``), where the
+prefix is empty for the ``weight`` of a Linear-like module and ``"<name>_"`` otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Optional
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from aofx.capture import CapturedGraph, export_unit
+from aofx.configs import AOBaseConfig, describe
+from aofx.passes._graph import Target, drop_unused_inputs, thread_targets
+from aofx.registry import find_pass
+
+
+def conv1d_class() -> Optional[type]:
+    """``transformers.pytorch_utils.Conv1D`` when transformers is loaded (GPT-2's linear, weight (in, out))."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def linear_like(module: nn.Module) -> Optional[bool]:
+    """None if ``module`` is not a linear layer; else whether its weight is stored transposed."""
+    if isinstance(module, nn.Linear):
+        return False
+    conv1d = conv1d_class()
+    return True if conv1d is not None and isinstance(module, conv1d) else None
+
+
+def original_class(module: nn.Module) -> type:
+    return getattr(type(module), "_aofx_base", type(module))
+
+
+def standard_linear(module: nn.Module) -> bool:
+    """A linear layer whose forward is the library's own, so it maps (..., K) to (..., N) row by row."""
+    conv1d = conv1d_class()
+    return original_class(module).forward in (nn.Linear.forward, getattr(conv1d, "forward", None))
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    """One quantized parameter of a module: its scheme and what it was."""
+
+    name: str
+    config: AOBaseConfig
+    dtype: torch.dtype  # the float dtype it reads back in
+    shape: tuple
+    transposed: bool = False  # stored (in, out), as Conv1D does
+    prefix: str = ""
+
+    @property
+    def rewrite(self):
+        return find_pass(self.config)
+
+    def buffer_names(self) -> list[str]:
+        return [self.prefix + key for key in self.rewrite.packed_names]
+
+    def target(self, packed_nodes: list) -> Target:
+        return Target(self.rewrite, self.config, packed_nodes, self.transposed)
+
+
+# Captured graphs of standard linear layers hold no shape or value of their own layer (nn.Linear's, at
+# least), so layers with the same key share one graph, in this process and after unpickling.
+_SHARED: dict = {}
+
+
+class LayerState:
+    """What ``quantize_`` keeps on a quantized module (``module.__dict__["_aofx"]``)."""
+
+    def __init__(self, weights: dict, captures: list, shared_key=None):
+        self.weights = weights  # name -> QuantizedWeight
+        self.captures = captures  # CapturedGraph list, tried in order
+        self.shared_key = shared_key
+
+    def __getstate__(self):
+        return {"weights": self.weights, "captures": [], "shared_key": self.shared_key}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.shared_key is not None and self.shared_key in _SHARED:
+            self.captures = [_SHARED[self.shared_key]]
+
+    @property
+    def scheme(self) -> str:
+        return ", ".join(sorted({describe(w.config) for w in self.weights.values()}))
+
+
+def shared_key(module: nn.Module, weights: dict):
+    """The sharing key of a standard linear layer's graph, or None for a module captured alone."""
+    if not standard_linear(module):
+        return None
+    (w,) = weights.values()
+    cls = original_class(module)
+    shape = None if cls.forward is nn.Linear.forward else w.shape  # Conv1D's view bakes N in
+    return (cls, describe(w.config), module.bias is not None, w.dtype, shape)
+
+
+# ---------------------------------------------------------------- capture + rewrite
+
+def rewrite_capture(capture: CapturedGraph, planned: dict) -> list[str]:
+    """Rewrite every linear in ``capture`` whose weight fqn is in ``planned`` ({fqn: (QuantizedWeight,
+    packed fqn prefix)}). Returns the planned fqns still read by something other than a linear."""
+    targets, nodes = {}, {}
+    for fqn, node in capture.state_placeholders().items():
+        if fqn in planned:
+            w, where = planned[fqn]
+            packed = [capture.add_state_input(where + name, node) for name in w.buffer_names()]
+            targets[node] = w.target(packed)
+            nodes[fqn] = node
+    for gm, local in thread_targets(capture.gm, targets):
+        for rewrite in {id(t.rewrite): t.rewrite for t in local.values()}.values():
+            rewrite(gm, local)
+    drop_unused_inputs(capture.gm)
+    leftover = [fqn for fqn, node in nodes.items() if node.users]
+    capture.finalize()
+    return leftover
+
+
+def stand_in(module: nn.Module, weights: dict) -> nn.Module:
+    """A shallow float twin of a quantized module for ``torch.export``: the original class, zero
+    weights of the recorded shape and dtype, the same children, buffers and attributes."""
+    base = type(module)._aofx_base
+    twin = base.__new__(base)
+    twin.__dict__.update(module.__dict__)
+    del twin.__dict__["_aofx"]
+    packed = {n for w in weights.values() for n in w.buffer_names()}
+    twin._buffers = {k: v for k, v in module._buffers.items() if k not in packed}
+    twin._parameters = dict(module._parameters)
+    device = next(iter(module._buffers[n] for n in packed)).device
+    for name, w in weights.items():
+        twin._parameters[name] = nn.Parameter(torch.zeros(w.shape, dtype=w.dtype, device=device), requires_grad=False)
+    return twin
+
+
+def capture_quantized(module: nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
+    """Capture a quantized module again, for inputs no existing graph accepts."""
+    weights = module._aofx.weights
+    capture = export_unit(stand_in(module, weights), args, kwargs)
+    leftover = rewrite_capture(capture, {name: (w, "") for name, w in weights.items()})
+    if leftover:  # quantize_ checked this on the same forward; a data-dependent path may differ
+        raise RuntimeError(f"{type(module).__name__} uses {leftover} outside F.linear for these inputs")
+    return capture
+
+
+# ---------------------------------------------------------------- the generated class
+
+_LINEAR_SPEC = pytree.tree_flatten(((torch.empty(0),), {}))[1]
+
+
+class QuantizedModule:
+    """Mixin of every generated ``Quantized<Class>``; see the module docstring."""
+
+    _aofx_base: type
+    _aofx_names: tuple
+
+    def forward(self, *args, **kwargs):
+        state = self.__dict__["_aofx"]
+        if state.shared_key is not None:  # a standard linear: rows are independent, run (M, K)
+            x = args[0] if args else next(iter(kwargs.values()))
+            leaves, spec = [x.reshape(-1, x.shape[-1])], _LINEAR_SPEC  # (M, K)
+        else:
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+        for capture in state.captures:
+            if capture.accepts(leaves, spec):
+                out = capture.run(self, leaves)
+                return out.reshape(*x.shape[:-1], out.shape[-1]) if state.shared_key is not None else out
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self._aofx_base.forward(self, *args, **kwargs)  # weights dequantized on read
+        capture = capture_quantized(self, *pytree.tree_unflatten(leaves, spec))
+        state.captures.append(capture)
+        if state.shared_key is not None:
+            _SHARED.setdefault(state.shared_key, capture)
+        return self.forward(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return f"{base}, scheme={self._aofx.scheme}" if base else f"scheme={self._aofx.scheme}"
+
+    def __setattr__(self, name, value):
+        if name in type(self)._aofx_names:
+            object.__setattr__(self, name, value)  # the property's setter, even for a Parameter
+        else:
+            super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        state = self.__dict__["_aofx"]
+        names = [n for w in state.weights.values() for n in w.buffer_names()]
+        order = list(self._buffers)
+        packed = {n: self._buffers.pop(n) for n in names}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in packed.items():
+                moved = fn(t)
+                if moved.dtype != t.dtype:  # a dtype cast: keep the codes, follow the device only
+                    moved = t.to(device=moved.device)
+                if moved is not t and torch._has_compatible_shallow_copy_type(t, moved):
+                    t.data = moved  # in place, so tensors shared by tied layers stay shared
+                    moved = t
+                self._buffers[name] = moved
+            self._buffers = {k: self._buffers[k] for k in order}
+        for w in state.weights.values():
+            probe = fn(torch.empty(0, dtype=w.dtype))
+            if probe.is_floating_point():
+                w.dtype = probe.dtype
+        return self
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild, (self._aofx_base, self._aofx_names), self.__dict__
+
+
+def _weight_property(name: str) -> property:
+    def read(self):
+        w = self._aofx.weights[name]
+        packed = dict(zip(w.rewrite.packed_names, (self._buffers[n] for n in w.buffer_names())))
+        value = w.rewrite.dequantize(packed, w.config).to(w.dtype)  # (N, K)
+        return value.t() if w.transposed else value
+
+    def write(self, value):
+        requantize(self, name, value)
+
+    return property(read, write, doc=f"The dequantized ``{name}`` (a new tensor on each read).")
+
+
+_CLASSES: dict = {}
+
+
+def quantized_class(base: type, names: tuple) -> type:
+    """The generated subclass of ``base`` whose parameters ``names`` are quantized (one per pair)."""
+    if issubclass(base, QuantizedModule):
+        base = base._aofx_base
+    key = (base, names)
+    if key not in _CLASSES:
+        namespace = {name: _weight_property(name) for name in names}
+        namespace.update(_aofx_base=base, _aofx_names=names, __module__=__name__,
+                         __qualname__=f"Quantized{base.__qualname__}")
+        _CLASSES[key] = type(f"Quantized{base.__name__}", (QuantizedModule, base), namespace)
+    return _CLASSES[key]
+
+
+def _rebuild(base: type, names: tuple):
+    cls = quantized_class(base, names)
+    return cls.__new__(cls)
+
+
+def install(module: nn.Module, weights: dict, packed: dict, captures: list, key) -> None:
+    """Make ``module`` quantized: packed buffers in, float parameters out, class swapped last.
+
+    ``packed``: {name: {key: tensor}}; tensors shared by tied layers are registered on each."""
+    for name, w in weights.items():
+        for buffer, tensor in zip(w.buffer_names(), packed[name].values()):
+            module.register_buffer(buffer, tensor)
+        del module._parameters[name]
+    module.__dict__["_aofx"] = LayerState(weights, captures, key)
+    module.__class__ = quantized_class(type(module), tuple(weights))
+
+
+def requantize(module: nn.Module, name: str, value) -> None:
+    """``module.<name> = value`` on a quantized module: quantize ``value`` with the layer's config."""
+    w = module._aofx.weights[name]
+    if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
+        raise TypeError(f"{type(module).__name__}.{name} is quantized ({describe(w.config)}); it can only be "
+                        f"set to a 2-D floating-point tensor, got {type(value).__name__}")
+    weight = value.detach().t() if w.transposed else value.detach()  # (N, K)
+    reason = w.rewrite.skip_reason(weight, w.config)
+    if reason:
+        raise ValueError(f"cannot quantize the new {type(module).__name__}.{name}: {reason}")
+    new = w.rewrite.quantize(weight, w.config)
+    for buffer, tensor in zip(w.buffer_names(), new.values()):
+        module._buffers[buffer] = tensor
+    state = module._aofx
+    if tuple(value.shape) != w.shape or value.dtype != w.dtype:
+        w.shape, w.dtype = tuple(value.shape), value.dtype
+        state.shared_key = shared_key(module, state.weights)
+        state.captures = [_SHARED[state.shared_key]] if state.shared_key in _SHARED else []
