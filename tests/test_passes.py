@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import aofx
-from aofx.capture import CapturedGraph, export_unit
+from aofx.capture import export_unit
 from aofx.passes._graph import Target, drop_unused_inputs, thread_targets
 from aofx.registry import find_pass
 
@@ -36,29 +36,29 @@ class TestInt4Pass(expecttest.TestCase):
     def test_rewrite_in_graph_and_no_grad_subgraph(self):
         config = aofx.Int4WeightOnlyConfig(group_size=32)
         rewrite = find_pass(config)
-        capture = CapturedGraph(export_unit(Block(), (torch.randn(2, 64).bfloat16(),)))
+        capture = export_unit(Block(), (torch.randn(2, 64).bfloat16(),))
         self.assertExpectedInline(_code(capture.gm), """\
-def forward(self, p_q_weight, p_q_bias, p_o_weight, x):
+def forward(self, p_m_q_weight, p_m_q_bias, p_m_o_weight, leaves_0):
     submod_3 = self.submod_1
-    linear = torch.ops.higher_order.wrap_with_set_grad_enabled(False, submod_3, x, p_q_weight, p_q_bias);  submod_3 = x = p_q_weight = p_q_bias = None
+    linear = torch.ops.higher_order.wrap_with_set_grad_enabled(False, submod_3, leaves_0, p_m_q_weight, p_m_q_bias);  submod_3 = leaves_0 = p_m_q_weight = p_m_q_bias = None
     getitem = linear[0];  linear = None
     relu = torch.ops.aten.relu.default(getitem);  getitem = None
-    linear_1 = torch.ops.aten.linear.default(relu, p_o_weight);  relu = p_o_weight = None
+    linear_1 = torch.ops.aten.linear.default(relu, p_m_o_weight);  relu = p_m_o_weight = None
     return (linear_1,)""")
 
         targets = {}
         for layer in ("q", "o"):
-            node = capture.placeholder_for(f"p_{layer}_weight")
+            node = capture.state_placeholders()[f"{layer}.weight"]
             packed = [capture.add_state_input(f"{layer}.{k}", node) for k in rewrite.packed_names]
             targets[node] = Target(rewrite, config, packed)
         counts = [rewrite(gm, local) for gm, local in thread_targets(capture.gm, targets)]
         drop_unused_inputs(capture.gm)
-        capture.finalize({})
+        capture.finalize()
         self.assertEqual(counts, [1, 1])  # one in the top graph, one in the no_grad subgraph
         self.assertExpectedInline(_code(capture.gm), """\
-def forward(self, p_q_bias, x, q_qdata, q_scale, q_zero, o_qdata, o_scale, o_zero):
+def forward(self, p_m_q_bias, leaves_0, q_qdata, q_scale, q_zero, o_qdata, o_scale, o_zero):
     submod_3 = self.submod_1
-    linear = torch.ops.higher_order.wrap_with_set_grad_enabled(False, submod_3, x, p_q_bias, q_qdata, q_scale, q_zero);  submod_3 = x = p_q_bias = q_qdata = q_scale = q_zero = None
+    linear = torch.ops.higher_order.wrap_with_set_grad_enabled(False, submod_3, leaves_0, p_m_q_bias, q_qdata, q_scale, q_zero);  submod_3 = leaves_0 = p_m_q_bias = q_qdata = q_scale = q_zero = None
     getitem = linear[0];  linear = None
     relu = torch.ops.aten.relu.default(getitem);  getitem = None
     int4_weight_only_linear_default = torch.ops.aofx.int4_weight_only_linear.default(relu, o_qdata, o_scale, o_zero, 32, None);  relu = o_qdata = o_scale = o_zero = None
@@ -68,6 +68,25 @@ def forward(self, p_q_bias, x, q_qdata, q_scale, q_zero, o_qdata, o_scale, o_zer
         self.assertEqual(_counts(capture.gm)["aten.linear.default"], 0)
         self.assertEqual([kind for kind, _ in capture.order], ["state", "input", "state", "state", "state",
                                                                "state", "state", "state"])
+
+
+class FBlock(nn.Module):
+    """Owns its weights and calls F.linear itself, one call under no_grad: a capture unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(64, 64, dtype=torch.bfloat16) * 0.02)
+        self.w_out = nn.Parameter(torch.randn(32, 64, dtype=torch.bfloat16) * 0.02)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = torch.nn.functional.linear(x, self.w_in)
+        return torch.nn.functional.linear(torch.relu(h), self.w_out)
+
+
+def _graph(module):
+    (capture,) = module._aofx.captures
+    return capture.gm
 
 
 class TestEveryPass(expecttest.TestCase):
@@ -83,21 +102,23 @@ class TestEveryPass(expecttest.TestCase):
                 aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerRow())),
         }
         for name, (op, config) in cases.items():
-            model = Block()
-            aofx.quantize_(model, config, example_inputs=(torch.randn(2, 64).bfloat16(),))
-            gm = model._aofx_capture.gm
+            unit, layers = FBlock(), Block()
+            aofx.quantize_(unit, config, example_inputs=(torch.randn(2, 64).bfloat16(),))
+            gm = _graph(unit)
             self.assertEqual(_counts(gm)[op] + _counts(gm.submod_1)[op], 2, name)
             self.assertEqual(_counts(gm)["aten.linear.default"] + _counts(gm.submod_1)["aten.linear.default"], 0)
-            # the per-layer capture holds exactly one op and no linear
-            self.assertEqual(_counts(model.o._aofx_capture.gm), {op: 1}, name)
+            self.assertEqual(sorted(unit.state_dict()), sorted(f"{w}_{k}" for w in ("w_in", "w_out")
+                                                               for k in find_pass(config).packed_names))
+            # a standard nn.Linear's capture holds exactly one op and no linear
+            aofx.quantize_(layers, config)
+            self.assertEqual(_counts(_graph(layers.o)), {op: 1}, name)
 
     def test_fp8_dynamic_op_arguments(self):
         model = nn.Linear(32, 32, bias=False, dtype=torch.bfloat16)
         aofx.quantize_(model, aofx.Float8DynamicActivationFloat8WeightConfig(granularity=(aofx.PerRow(),
                                                                                            aofx.PerTensor())))
-        self.assertExpectedInline(_code(model._aofx_capture.gm), """\
-def forward(self, input, qdata, scale):
-    input_1 = input
-    float8_dynamic_activation_float8_weight_linear_default = torch.ops.aofx.float8_dynamic_activation_float8_weight_linear.default(input_1, qdata, scale, True, None);  input_1 = qdata = scale = None
+        self.assertExpectedInline(_code(_graph(model)), """\
+def forward(self, leaves_0, qdata, scale):
+    float8_dynamic_activation_float8_weight_linear_default = torch.ops.aofx.float8_dynamic_activation_float8_weight_linear.default(leaves_0, qdata, scale, True, None);  leaves_0 = qdata = scale = None
     return (float8_dynamic_activation_float8_weight_linear_default,)""")
         self.assertEqual(model.scale.shape, ())

@@ -1,4 +1,4 @@
-"""quantize_ end to end on CPU: the invariants of DESIGN §2, the capture traps, compile and export."""
+"""quantize_ end to end on CPU: the model invariants (docs/design.md), the capture traps, compile and export."""
 
 import io
 
@@ -12,9 +12,9 @@ from torch.export import Dim
 
 import aofx
 from aofx.numerics import sqnr
-from tests.common import CONFIGS, CONFIGS_WITH_FLOOR, normal_weights, two_layer
+from tests.common import CONFIGS, CONFIGS_WITH_FLOOR, TwoLayer, normal_weights, two_layer
 
-WHOLE = [pytest.param(False, id="per-module"), pytest.param(True, id="whole-model")]
+WHOLE = [pytest.param(False, id="per-module"), pytest.param(True, id="example-inputs")]
 
 
 def _quantized(config, whole=False, seed=0):
@@ -32,7 +32,8 @@ def test_model_invariants_and_accuracy(config, floor, whole):
     x = torch.randn(8, 256).bfloat16()
     ref = model(x).float()
     aofx.quantize_(model, config, example_inputs=(x,) if whole else None)
-    assert model.up is up and model.down is down and type(model.up) is nn.Linear
+    assert model.up is up and model.down is down and isinstance(model.up, nn.Linear)
+    assert type(model.up).__name__ == "QuantizedLinear" and type(model) is TwoLayer
     assert dict(model.named_modules()).keys() == {"", "up", "down"}
     assert f"scheme={type(config).__name__}" in repr(model)
     assert not any(k.endswith(".weight") for k in model.state_dict())
@@ -115,8 +116,8 @@ def test_export_dynamic_batch_save_load(config, whole, tmp_path):
 
 
 class Trappy(nn.Module):
-    """The capture traps of DESIGN §2: no_grad in forward, a module called twice, tied weights,
-    F.linear on a parameter."""
+    """The capture traps: no_grad in forward, a module called twice, tied weights, F.linear on a
+    parameter of the root (which makes the root a capture unit of its own)."""
 
     def __init__(self):
         super().__init__()
@@ -147,20 +148,24 @@ def test_capture_traps(whole):
     assert torch.equal(model.emb.weight, emb_weight)  # the tied embedding stays float and exact
     keys = set(model.state_dict())
     assert {"emb.weight", "head.qdata", "inner.qdata", "shared.qdata"} <= keys and "head.weight" not in keys
-    # F.linear on a parameter is rewritten only when the whole model is captured
+    # F.linear on a parameter is found only by running the example inputs
     assert ("proj_qdata" in keys and "proj" not in keys) if whole else ("proj" in keys)
     assert sqnr(ref, model(ids)) > 30
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(ids), model(ids))
     if whole:
-        ops = [str(n.target) for n in model._aofx_capture.gm.graph.nodes]
+        (capture,) = model._aofx.captures  # the root owns proj, so it is a unit with its children inlined
+        ops = [str(n.target) for n in capture.gm.graph.nodes]
         assert ops.count("aofx.int8_weight_only_linear.default") == 4  # shared x2, proj, head
         assert "aten.linear.default" not in ops
-        sub = model._aofx_capture.gm.submod_1  # the no_grad region
+        sub = capture.gm.submod_1  # the no_grad region
         assert [str(n.target) for n in sub.graph.nodes].count("aofx.int8_weight_only_linear.default") == 1
+        # another batch and sequence length: the unit's graph accepts it, or it is captured again
+        ids2 = torch.randint(0, 50, (3, 5))
+        torch.testing.assert_close(model(ids2), model.forward(ids2))
 
 
-def test_buffer_mutation_in_whole_model_graph():
+def test_buffer_mutation_with_example_inputs():
     class Counter(nn.Module):
         def __init__(self):
             super().__init__()
@@ -175,9 +180,8 @@ def test_buffer_mutation_in_whole_model_graph():
     aofx.quantize_(model, aofx.Int8WeightOnlyConfig(), example_inputs=(torch.randn(2, 32).bfloat16(),))
     model(torch.randn(3, 32).bfloat16())
     model(torch.randn(3, 32).bfloat16())
-    assert model.calls.item() == 2
-    with pytest.raises(TypeError, match="captured by aofx.quantize_"):
-        model(torch.randn(3, 32).bfloat16(), torch.randn(1))
+    assert model.calls.item() == 3  # the example run is a real call
+    assert type(model).forward is Counter.forward  # no parameter of its own uses F.linear: stays Python
 
 
 def test_device_argument_moves_selected_modules():
@@ -190,6 +194,7 @@ def test_module_to_after_quantize_keeps_working():
     model = _quantized(aofx.Int4WeightOnlyConfig())
     x = torch.randn(2, 256).bfloat16()
     y = model(x)
-    model.to(torch.float32)  # casts the float buffers; the graph reads the live tensors
-    assert model.up.scale.dtype == torch.float32 and model.up.qdata.dtype == torch.uint8
+    model.to(torch.float32)  # casts the bias; the packed codes and scales keep their dtypes
+    assert model.up.scale.dtype == torch.bfloat16 and model.up.qdata.dtype == torch.uint8
+    assert model.up.bias.dtype == torch.float32 and model.up.weight.dtype == torch.float32
     torch.testing.assert_close(model(x.float()), y.float(), atol=0.02, rtol=0.02)
