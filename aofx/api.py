@@ -229,7 +229,7 @@ def _expert_params(module: nn.Module, seen: Optional[_Seen]) -> list:
     """Stacked (3-D) MoE expert weights: (experts, out, in) tensors sliced per expert."""
     n = getattr(module, "num_experts", None)
     return [(name, p) for name, p in module.named_parameters(recurse=False)
-            if p.dim() == 3 and p.is_floating_point()
+            if not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() == 3 and p.is_floating_point()
             and ((seen is not None and id(p) in seen.sliced) or (isinstance(n, int) and p.shape[0] == n))]
 
 

@@ -43,7 +43,9 @@ class _Flat(torch.nn.Module):
 def export_unit(module: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> "CapturedGraph":
     """Export ``module.forward(*args, **kwargs)`` in training IR (``aten.linear`` intact)."""
     leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
-    dynamic = tuple({i: Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None for a in leaves)
+    # Size-1 dimensions stay static (export would specialize them anyway, with a warning).
+    dynamic = tuple({i: Dim.AUTO for i in range(a.dim()) if a.shape[i] != 1} if isinstance(a, torch.Tensor) else None
+                    for a in leaves)
     ep = torch.export.export(_Flat(module, spec), tuple(leaves), dynamic_shapes=(dynamic,), strict=False)
     return CapturedGraph(ep, spec, leaves)
 

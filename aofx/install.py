@@ -202,6 +202,12 @@ class QuantizedModule:
         base = super().extra_repr()
         return f"{base}, scheme={self._aofx.scheme}" if base else f"scheme={self._aofx.scheme}"
 
+    def __repr__(self) -> str:
+        text = super().__repr__()  # a class with its own __repr__ (Conv1D) skips extra_repr
+        if "scheme=" not in text and text.endswith(")"):
+            text = f"{text[:-1]}, scheme={self._aofx.scheme})"
+        return text
+
     def __setattr__(self, name, value):
         if name in type(self)._aofx_names:
             object.__setattr__(self, name, value)  # the property's setter, even for a Parameter
