@@ -3,12 +3,16 @@
 Each config is a dataclass validated in ``__post_init__``; a bad value raises ``ValueError`` (or
 ``TypeError`` for a wrong type) saying what was given and what is allowed. The snake_case names
 (``int4_weight_only`` ...) *are* the config classes, permanently and without warnings.
+
+``config_to_dict`` / ``config_from_dict`` turn a built-in config into a JSON-safe dict and back
+(the per-layer config in a safetensors file's metadata); the round trip gives an equal config.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -39,39 +43,68 @@ Granularity = Union[PerTensor, PerRow]
 def _check_group_size(config, group_size, allow_none: bool) -> None:
     if group_size is None and allow_none:
         return
+    allowed = ", ".join(map(str, INT4_GROUP_SIZES)) + (" or None (per channel)" if allow_none else "")
+    # 128.0 == 128 and True == 1: only an integer that is not a bool is a group size
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral)):
+        raise TypeError(f"{type(config).__name__}: group_size={group_size!r} ({type(group_size).__name__}) "
+                        f"is not an int; use {allowed}")
     if group_size not in INT4_GROUP_SIZES:
-        allowed = ", ".join(map(str, INT4_GROUP_SIZES)) + (" or None (per channel)" if allow_none else "")
         raise ValueError(f"{type(config).__name__}: group_size={group_size!r} is not supported; use {allowed}")
 
 
 @dataclass
 class Int4WeightOnlyConfig(AOBaseConfig):
-    """int4 weights, asymmetric per group of ``group_size`` input features; bf16 activations."""
+    """int4 weights, asymmetric per group of ``group_size`` input features; bf16 activations.
+
+    Fields:
+        group_size (int, default 128): input features that share one bf16 scale and zero point;
+            one of 32, 64, 128, 256, and it must divide the layer's in_features. A float (128.0)
+            or bool is a ``TypeError``, any other int a ``ValueError``.
+    """
 
     group_size: int = 128
 
     def __post_init__(self):
         _check_group_size(self, self.group_size, allow_none=False)
+        self.group_size = int(self.group_size)
 
 
 @dataclass
 class Int8WeightOnlyConfig(AOBaseConfig):
-    """int8 weights, symmetric per output channel (``group_size=None``) or per group."""
+    """int8 weights, symmetric, with fp32 scales; activations stay in their dtype.
+
+    Fields:
+        group_size (int or None, default None): None gives one scale per output channel; an int
+            gives one scale per group of that many input features and is one of 32, 64, 128, 256
+            (it must divide in_features). A float (128.0) or bool is a ``TypeError``, any other int
+            a ``ValueError``.
+    """
 
     group_size: Optional[int] = None
 
     def __post_init__(self):
         _check_group_size(self, self.group_size, allow_none=True)
+        if self.group_size is not None:
+            self.group_size = int(self.group_size)
 
 
 @dataclass
 class Int8DynamicActivationInt8WeightConfig(AOBaseConfig):
-    """int8 activations quantized per token at run time x int8 weights per output channel."""
+    """int8 activations quantized per token at run time x int8 weights per output channel.
+
+    No fields: activations are symmetric per token (``amax / 127``), weights symmetric per output
+    channel (``amax / 127.5``), both with fp32 scales.
+    """
 
 
 @dataclass
 class Float8WeightOnlyConfig(AOBaseConfig):
-    """float8 weights with one scale per output channel; activations stay in their dtype."""
+    """float8 weights with one fp32 scale per output channel; activations stay in their dtype.
+
+    Fields:
+        weight_dtype (torch.dtype, default torch.float8_e4m3fn): the only allowed value is
+            ``torch.float8_e4m3fn``.
+    """
 
     weight_dtype: torch.dtype = torch.float8_e4m3fn
 
@@ -81,52 +114,100 @@ class Float8WeightOnlyConfig(AOBaseConfig):
                              "use torch.float8_e4m3fn")
 
 
+def _granularity_pair(granularity) -> tuple:
+    """torchao's forms -> ``(activation, weight)``: None is PerTensor, a single one is used for both."""
+    if granularity is None:
+        return (PerTensor(), PerTensor())
+    pair = tuple(granularity) if isinstance(granularity, (tuple, list)) else (granularity,) * 2
+    if len(pair) != 2 or not all(isinstance(g, (PerTensor, PerRow)) for g in pair):
+        raise TypeError("Float8DynamicActivationFloat8WeightConfig: granularity must be None, PerTensor(), PerRow() "
+                        f"or an (activation, weight) pair of them; got {granularity!r}")
+    return pair
+
+
 @dataclass
 class Float8DynamicActivationFloat8WeightConfig(AOBaseConfig):
-    """float8 activations (scaled at run time) x float8 weights.
+    """float8 activations (scaled at run time) x float8 weights, fp32 scales.
 
-    ``granularity`` is ``PerTensor()``, ``PerRow()``, or an ``(activation, weight)`` pair of them.
+    Fields:
+        activation_dtype (torch.dtype, default torch.float8_e4m3fn): only ``torch.float8_e4m3fn``.
+        weight_dtype (torch.dtype, default torch.float8_e4m3fn): only ``torch.float8_e4m3fn``.
+        granularity (default None): ``None`` (= ``PerTensor()``), ``PerTensor()``, ``PerRow()``,
+            or an ``(activation, weight)`` tuple or list of them. It is normalized to an
+            ``(activation, weight)`` tuple, so ``granularity=PerRow()`` equals
+            ``granularity=(PerRow(), PerRow())`` and ``None`` equals ``PerTensor()``.
+            ``PerTensor``: one scale for the activation / the weight; ``PerRow``: one per token /
+            per output channel.
     """
 
     activation_dtype: torch.dtype = torch.float8_e4m3fn
     weight_dtype: torch.dtype = torch.float8_e4m3fn
-    granularity: Any = field(default_factory=PerTensor)
+    granularity: Any = None
 
     def __post_init__(self):
         for name in ("activation_dtype", "weight_dtype"):
             if getattr(self, name) != torch.float8_e4m3fn:
                 raise ValueError(f"Float8DynamicActivationFloat8WeightConfig: {name}={getattr(self, name)} "
                                  "is not supported; use torch.float8_e4m3fn")
-        pair = self.granularity if isinstance(self.granularity, (tuple, list)) else (self.granularity,) * 2
-        if len(pair) != 2 or not all(isinstance(g, (PerTensor, PerRow)) for g in pair):
-            raise TypeError("Float8DynamicActivationFloat8WeightConfig: granularity must be PerTensor(), PerRow() "
-                            f"or an (activation, weight) pair of them; got {self.granularity!r}")
+        self.granularity = _granularity_pair(self.granularity)
 
     @property
     def granularities(self) -> tuple[Granularity, Granularity]:
         """``(activation, weight)`` granularity."""
-        g = self.granularity
-        return tuple(g) if isinstance(g, (tuple, list)) else (g, g)
+        return _granularity_pair(self.granularity)  # normalized already, unless reassigned since
 
 
-@dataclass
+@dataclass(init=False)
 class FqnToConfig(AOBaseConfig):
-    """Per-module configs: ``{fqn or "re:<regex>" or "_default": config or None}``.
+    """Per-module (or per-parameter) configs: ``{key: config or None}``.
 
-    Precedence: the exact fqn, then the first regex (in dict order) that fullmatches the fqn, then
-    ``"_default"``. A value of ``None`` means "leave this module alone".
+    Construct it as ``FqnToConfig({...})``, ``FqnToConfig(fqn_to_config={...})`` or, with
+    torchao's older keyword, ``ModuleFqnToConfig(module_fqn_to_config={...})`` (``ModuleFqnToConfig``
+    is this class); passing both keywords is a ``TypeError``.
+
+    Fields:
+        fqn_to_config (dict, default empty): keys are strings, values a config object (not another
+            ``FqnToConfig``) or ``None``. A key is one of
+
+            * an exact fully qualified name: a module (``"layers.0.attn.q_proj"``) or a parameter
+              (``"layers.0.attn.q_proj.weight"``);
+            * ``"re:<regex>"``: a regular expression that must *fullmatch* the fqn; an invalid
+              regex is a ``ValueError`` naming the key;
+            * ``"_default"``: every selected module no other key covers.
+
+    Precedence for an fqn: the exact key, then the first ``"re:"`` key in dict order whose regex
+    fullmatches it, then ``"_default"``. A value of ``None`` means "leave this module alone" and
+    stops the search, so an exact ``None`` beats a matching regex or ``"_default"``.
     """
 
     fqn_to_config: dict = field(default_factory=dict)
 
+    def __init__(self, fqn_to_config: Optional[dict] = None, *, module_fqn_to_config: Optional[dict] = None):
+        if fqn_to_config is not None and module_fqn_to_config is not None:
+            raise TypeError("FqnToConfig: pass fqn_to_config or module_fqn_to_config (torchao's older name), "
+                            "not both")
+        table = fqn_to_config if fqn_to_config is not None else module_fqn_to_config
+        self.fqn_to_config = {} if table is None else table
+        self.__post_init__()
+
     def __post_init__(self):
+        if not isinstance(self.fqn_to_config, dict):
+            raise TypeError(f"FqnToConfig: fqn_to_config must be a dict; got {type(self.fqn_to_config).__name__}")
         for key, cfg in self.fqn_to_config.items():
             if not isinstance(key, str):
                 raise TypeError(f"FqnToConfig: keys must be strings (fqn, 're:<regex>' or '_default'); got {key!r}")
             if key.startswith("re:"):
-                re.compile(key[3:])
+                try:
+                    re.compile(key[3:])
+                except re.error as err:
+                    raise ValueError(f"FqnToConfig: key {key!r} is not a valid regular expression ({err})") from err
             if cfg is not None and (not isinstance(cfg, AOBaseConfig) or isinstance(cfg, FqnToConfig)):
                 raise TypeError(f"FqnToConfig: value for {key!r} must be a config object or None; got {cfg!r}")
+
+    @property
+    def module_fqn_to_config(self) -> dict:
+        """torchao's older name for ``fqn_to_config``."""
+        return self.fqn_to_config
 
     def config_for(self, fqn: str):
         """The config for ``fqn``, or None when the module is not covered or is skipped."""
@@ -150,7 +231,68 @@ float8_dynamic_activation_float8_weight = Float8DynamicActivationFloat8WeightCon
 
 
 def describe(config: AOBaseConfig) -> str:
-    """Short text for ``repr``: the scheme name and its non-default fields."""
+    """Short text for ``repr``: the scheme name and its fields."""
     fields = ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)) \
         if dataclasses.is_dataclass(config) else ""
     return f"{type(config).__name__}({fields})"
+
+
+# ---------------------------------------------------------------- serialization
+
+_SERIALIZABLE = {cls.__name__: cls for cls in (
+    Int4WeightOnlyConfig, Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Float8WeightOnlyConfig,
+    Float8DynamicActivationFloat8WeightConfig)}
+_GRANULARITIES = {cls.__name__: cls for cls in (PerTensor, PerRow)}
+
+
+def config_to_dict(config: AOBaseConfig) -> dict:
+    """A built-in config as a JSON-safe dict: ``{"type": class name, field: value, ...}``.
+
+    dtypes become their names (``"float8_e4m3fn"``), granularities a list of class names
+    (``["PerRow", "PerTensor"]``, activation first). Other config types (a user's, or
+    ``FqnToConfig``) raise ``ValueError``: ``config_from_dict`` could not rebuild them.
+    """
+    name = type(config).__name__
+    if _SERIALIZABLE.get(name) is not type(config):
+        raise ValueError(f"config_to_dict: {name} is not serializable; supported: {', '.join(_SERIALIZABLE)}")
+    out = {"type": name}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        elif f.name == "granularity":
+            value = [type(g).__name__ for g in config.granularities]
+        out[f.name] = value
+    return out
+
+
+def config_from_dict(d: dict) -> AOBaseConfig:
+    """The config ``config_to_dict`` wrote: ``config_from_dict(config_to_dict(c)) == c``.
+
+    Raises ``ValueError`` for an unknown ``"type"``, an unknown field, dtype or granularity name
+    (the config's own ``__post_init__`` checks the values)."""
+    if not isinstance(d, dict) or "type" not in d:
+        raise ValueError(f"config_from_dict: expected a dict with a 'type' key; got {d!r}")
+    name = d["type"]
+    cls = _SERIALIZABLE.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"config_from_dict: unknown config type {name!r}; supported: {', '.join(_SERIALIZABLE)}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key == "type":
+            continue
+        if key not in names:
+            raise ValueError(f"config_from_dict: {name} has no field {key!r}; its fields: {sorted(names)}")
+        if key.endswith("_dtype"):
+            dtype = getattr(torch, value, None) if isinstance(value, str) else None
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"config_from_dict: {name}.{key}={value!r} is not a torch dtype name")
+            value = dtype
+        elif key == "granularity":
+            if not isinstance(value, list) or not all(g in _GRANULARITIES for g in value):
+                raise ValueError(f"config_from_dict: {name}.granularity={value!r} must be a list of "
+                                 f"{' / '.join(_GRANULARITIES)}")
+            value = tuple(_GRANULARITIES[g]() for g in value)
+        kwargs[key] = value
+    return cls(**kwargs)

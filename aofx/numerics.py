@@ -19,6 +19,11 @@ high nibble. q is in [0, 15] and ``w ~= (q - 8) * scale + zero`` (tinygemm's flo
 
 Scales are never clamped to bf16 eps (torchao 0.14-0.17 did, which costs ~7 dB on small weights):
 they are clamped to the smallest normal float32, so an all-zero row or group gives exact zeros.
+
+Extremes: any finite weight dequantizes to a finite value, in fp32 and in bf16. A group spanning
+more than fp32's range (-3e38 .. 3e38) gets its int4 scale and zero from float64, and int4 / int8
+codes whose dequantized value would overflow bf16 are not used. A group of only subnormals
+(|w| < 2**-126) comes back no worse than zeros: every element within min(|w|, scale / 2).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 TINY = torch.finfo(torch.float32).tiny
+BF16_MAX = torch.finfo(torch.bfloat16).max
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 
@@ -59,15 +65,45 @@ def unpack_int4(qdata: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(qdata.shape[0], -1)
 
 
+def _int4_scale_zero(lo: torch.Tensor, hi: torch.Tensor):
+    """bf16 ``(scale, zero)`` of groups with fp32 bounds ``lo``, ``hi`` (N, G).
+
+    ``scale = (hi - lo) / 15`` and ``zero = lo + 8 * scale`` in fp32 wherever that is finite; the
+    float64 values only where fp32 overflows (a group spanning more than fp32's max), so ordinary
+    weights get the fp32 results bit for bit."""
+    rng = hi - lo
+    wide = (hi.double() - lo.double()) / 15
+    scale = torch.where(torch.isfinite(rng), safe_scale(rng, 15.0), wide.float()).to(torch.bfloat16)
+    zero = lo + 8 * scale.float()
+    zero = torch.where(torch.isfinite(zero), zero, (lo.double() + 8 * scale.double()).float())
+    # A group of only subnormals: its scale is the smallest normal (the clamp) and lo + 8 * scale
+    # would be rounded to bf16 with an error larger than the weights. A zero on the scale's grid
+    # (7, 8 or 9 times it, exact in bf16) makes every code an exact multiple of the scale, so each
+    # weight comes back as round(w / scale) * scale: within min(|w|, scale / 2). All-zero groups
+    # get 8 * scale, as before.
+    subnormal = torch.maximum(lo.abs(), hi.abs()) < TINY
+    zero = torch.where(subnormal, (torch.round(lo / TINY) + 8) * TINY, zero)
+    return scale, zero.clamp(-BF16_MAX, BF16_MAX).to(torch.bfloat16)
+
+
+def _overflowing_codes(scale: torch.Tensor, zero: torch.Tensor, codes: range) -> torch.Tensor:
+    """(N, G): how many of the int4 ``codes`` dequantize (``(c - 8) * scale + zero`` in fp32) to a
+    value that overflows bf16. The value is monotone in the code and finite at code 8 (``zero``)."""
+    s, z = scale.float(), zero.float()
+    return sum((~torch.isfinite(((c - 8) * s + z).to(torch.bfloat16))).float() for c in codes)
+
+
 def quantize_int4(w: torch.Tensor, group_size: int = 128):
     """Asymmetric round-to-nearest per (row, group). Returns ``(qdata, scale, zero)``."""
     wg = _grouped(w, group_size)
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    scale = safe_scale(hi - lo, 15.0).to(torch.bfloat16)  # (N, G)
-    zero = (lo + 8 * scale.float()).to(torch.bfloat16)  # (N, G)
+    scale, zero = _int4_scale_zero(lo, hi)  # (N, G) bf16 each
     # Round against the stored bf16 scale and zero, so dequantization sees what quantization saw.
     q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None]) + 8
-    q = q.clamp(0, 15).reshape(w.shape)
+    # Codes are 0..15 except in groups near fp32's max, where the end codes would overflow bf16.
+    qmin = _overflowing_codes(scale, zero, range(0, 8))  # (N, G)
+    qmax = 15 - _overflowing_codes(scale, zero, range(9, 16))
+    q = torch.minimum(torch.maximum(q, qmin[..., None]), qmax[..., None]).reshape(w.shape)
     return pack_int4(q), scale, zero
 
 
@@ -89,7 +125,10 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None):
     """Symmetric per row (``group_size=None``) or per (row, group). Returns ``(qdata, scale)``."""
     wg = _grouped(w, group_size or w.shape[1])
     scale = safe_scale(wg.abs().amax(dim=-1), 127.5)  # (N, G) fp32
-    q = torch.round(wg / scale[..., None]).clamp(-128, 127).to(torch.int8).reshape(w.shape)
+    # -128 * scale overflows bf16 only for weights within 0.4% of bf16's max: -127 there
+    qmin = torch.where(torch.isfinite((-128 * scale).to(torch.bfloat16)), -128.0, -127.0)  # (N, G)
+    q = torch.round(wg / scale[..., None])
+    q = torch.maximum(q, qmin[..., None]).clamp(max=127).to(torch.int8).reshape(w.shape)
     return q, (scale[:, 0].contiguous() if group_size is None else scale)
 
 
