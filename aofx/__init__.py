@@ -1,10 +1,13 @@
 """aofx: quantize the linear layers of a PyTorch model by export-and-rewrite.
 
-``quantize_(model, config)`` captures each selected layer (or the whole model) with
-``torch.export``, rewrites ``aten.linear`` into ``torch.ops.aofx.*`` ops backed by fused Triton
-kernels, and installs the rewritten graph as the module's forward. The configs and names are
-torchao's.
+``quantize_(model, config)`` captures each selected layer with ``torch.export``, rewrites
+``aten.linear`` into ``torch.ops.aofx.*`` ops backed by fused Triton kernels, and gives the layer a
+generated subclass of its class whose forward runs the rewritten graph. The configs and names are
+torchao's. ``save_quantized`` / ``load_quantized`` keep the configs in safetensors metadata;
+``aofx.hf`` makes transformers' ``from_pretrained`` load saved aofx models.
 """
+
+__version__ = "0.2.0"
 
 from aofx.api import quantize_
 from aofx.configs import (
@@ -25,9 +28,13 @@ from aofx.configs import (
     int8_weight_only,
 )
 from aofx.registry import register_quantize_module_handler
+from aofx.serialization import load_quantized, save_quantized
 
 __all__ = [
+    "__version__",
     "quantize_",
+    "save_quantized",
+    "load_quantized",
     "AOBaseConfig",
     "Int4WeightOnlyConfig",
     "Int8WeightOnlyConfig",

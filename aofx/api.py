@@ -391,10 +391,7 @@ def _capture(units: list, skipped: list) -> list:
     return kept
 
 
-def quantized_fqns(model: nn.Module) -> dict:
-    """``{module fqn: {parameter name: config}}`` for every quantized module of ``model``."""
-    return {fqn: {n: w.config for n, w in m._aofx.weights.items()}
-            for fqn, m in model.named_modules() if isinstance(m, QuantizedModule)}
-
-
-__all__ = ["quantize_", "quantized_fqns", "describe"]
+def quantized_configs(model: nn.Module) -> dict:
+    """``{parameter fqn: config}`` for every quantized weight of ``model``."""
+    return {f"{fqn}.{name}".lstrip("."): w.config for fqn, m in model.named_modules()
+            if isinstance(m, QuantizedModule) for name, w in m._aofx.weights.items()}

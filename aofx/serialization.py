@@ -1,0 +1,76 @@
+"""Save and load quantized models as safetensors files that carry their configs.
+
+``save_quantized(model, path)`` writes ``model.state_dict()`` (packed tensors under each layer's
+fqn) with the metadata key ``"aofx.configs"``: ``{parameter fqn: config_to_dict(config)}``.
+``load_quantized(model, path)`` takes a model built from its architecture, float or on the meta
+device, quantizes it with those configs (on meta that only creates meta buffers of the right shapes
+and dtypes) and loads the tensors with ``assign=True``: peak host memory stays near the quantized
+size when the model was built on meta.
+
+Tensors shared by tied layers are written once; ``"aofx.aliases"`` maps the other names to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from aofx.api import quantize_, quantized_configs
+from aofx.configs import FqnToConfig, config_from_dict, config_to_dict
+
+CONFIGS_KEY, ALIASES_KEY = "aofx.configs", "aofx.aliases"
+
+
+def quantized_metadata(model: nn.Module) -> dict:
+    """``{parameter fqn: config dict}`` for every quantized weight of ``model``."""
+    return {fqn: config_to_dict(cfg) for fqn, cfg in quantized_configs(model).items()}
+
+
+def config_from_metadata(configs: dict) -> FqnToConfig:
+    """The ``FqnToConfig`` that quantizes a fresh model the way the saved one was (and nothing else)."""
+    return FqnToConfig({fqn: config_from_dict(d) for fqn, d in configs.items()})
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model``'s state dict and per-layer configs to the safetensors file ``path``."""
+    from safetensors.torch import save_file
+
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.contiguous()
+    metadata = {CONFIGS_KEY: json.dumps(quantized_metadata(model)), ALIASES_KEY: json.dumps(aliases)}
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def load_quantized(model: nn.Module, path: str | os.PathLike, device=None, strict: bool = True) -> nn.Module:
+    """Quantize ``model`` with the configs saved in ``path`` and load its tensors; returns ``model``.
+
+    ``model`` has the saved model's architecture and is not quantized yet: built normally, or on
+    the meta device (``with torch.device("meta"): model = MyModel(...)``) to skip the float weights.
+    ``device`` is where the tensors are loaded (default: CPU).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if CONFIGS_KEY not in metadata:
+        raise ValueError(f"{path} has no {CONFIGS_KEY!r} metadata: it was not written by aofx.save_quantized")
+    quantize_(model, config_from_metadata(json.loads(metadata[CONFIGS_KEY])))
+    state = load_file(os.fspath(path), device=str(device or "cpu"))
+    for alias, name in json.loads(metadata.get(ALIASES_KEY, "{}")).items():
+        state[alias] = state[name]
+    model.load_state_dict(state, strict=strict, assign=True)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ValueError(f"after loading {path}, these tensors are still on the meta device (not in the file; "
+                         f"build them on a real device): {', '.join(leftover[:8])}")
+    return model
