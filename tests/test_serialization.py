@@ -1,0 +1,96 @@
+"""save_quantized / load_quantized, and transformers' from_pretrained through aofx.hf."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import aofx
+from tests.common import CONFIGS
+
+
+def _build():
+    torch.manual_seed(0)
+    a = nn.Linear(128, 128, bias=False)
+    b = nn.Linear(128, 128, bias=False)
+    b.weight = a.weight  # tied linears: one set of packed tensors
+    return nn.Sequential(a, nn.ReLU(), b, nn.Linear(128, 32)).bfloat16()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("on_meta", [False, True], ids=["float", "meta"])
+def test_save_then_load_into_a_fresh_model(config, on_meta, tmp_path):
+    model = _build()
+    aofx.quantize_(model, config)
+    path = tmp_path / "model.safetensors"
+    aofx.save_quantized(model, path)
+    with safe_open(str(path), "pt") as f:
+        saved = json.loads(f.metadata()["aofx.configs"])
+    assert set(saved) == {"0.weight", "2.weight", "3.weight"}
+    if on_meta:
+        with torch.device("meta"):
+            fresh = _build()
+    else:
+        fresh = _build()
+        with torch.no_grad():  # different float weights: the file's tensors must win
+            for p in fresh.parameters():
+                p.add_(1.0)
+    aofx.load_quantized(fresh, path)
+    x = torch.randn(5, 128).bfloat16()
+    assert torch.equal(fresh(x), model(x))
+    assert fresh[0].qdata is fresh[2].qdata  # still tied after the round trip
+    assert all(not t.is_meta for t in fresh.state_dict().values())
+
+
+def test_mixed_configs_round_trip(tmp_path):
+    model = _build()
+    fp8 = aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerRow())
+    aofx.quantize_(model, aofx.FqnToConfig({"3": fp8, "_default": aofx.Int4WeightOnlyConfig(group_size=32)}))
+    aofx.save_quantized(model, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        fresh = _build()
+    aofx.load_quantized(fresh, tmp_path / "m.safetensors")
+    assert fresh[3].scale.shape == (32,) and fresh[0].zero.dtype == torch.bfloat16
+    x = torch.randn(3, 128).bfloat16()
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_load_needs_aofx_metadata(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="aofx.configs"):
+        aofx.load_quantized(_build(), tmp_path / "plain.safetensors")
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("config", CONFIGS[1:6:2])
+def test_from_pretrained_returns_the_quantized_model(config, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import aofx.hf
+
+    model = _tiny_llama()
+    aofx.quantize_(model, config)
+    ids = torch.randint(0, 128, (2, 7))
+    ref = model(ids).logits
+    aofx.hf.save_pretrained(model, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded.model.layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    torch.testing.assert_close(loaded(ids).logits, ref, rtol=0, atol=0)
+    # without aofx.hf's metadata transformers would load random weights into a float model; with it,
+    # a float checkpoint still loads as a float model
+    float_dir = tmp_path / "float"
+    _tiny_llama().save_pretrained(float_dir)
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(float_dir).lm_head) is nn.Linear
