@@ -237,6 +237,9 @@ def _plan(model, config, filter_fn, seen):
     """``(handled, units, skipped)``: modules for handlers, units for passes, and what stays float."""
     handled, units, skipped, inside_handled = [], [], [], []
     fqn_map = isinstance(config, FqnToConfig)
+    # A weight tied between a linear layer and another module (an embedding) is the linear's to quantize.
+    if seen is not None:
+        seen.linear -= {id(m._parameters.get("weight")) for m in model.modules() if linear_like(m) is not None}
     for fqn, module in model.named_modules():
         if any(fqn.startswith(prefix + ".") for prefix in inside_handled):
             continue  # a handler replaces a whole subtree, as torchao's does
