@@ -10,8 +10,9 @@ graph takes every parameter, buffer and constant as a placeholder; after the pas
 Guards. An exported graph is only valid for inputs like the example it was traced with: the same
 pytree structure, dtypes and ranks, the same size on every dimension export specialized (a size-1
 example dimension, or one tied to a weight), and the same non-tensor values (a float scale or a
-bool flag is baked in). ``CapturedGraph.accepts`` checks all of these, as ``torch.export``'s own
-input guards do; the caller captures again, or falls back, when no graph accepts.
+bool flag is baked in), and the same train/eval flags of the unit and its submodules (dropout is
+baked in too). ``CapturedGraph.accepts`` checks all of these, as ``torch.export``'s own input guards
+do; the caller captures again, or falls back, when no graph accepts.
 """
 
 from __future__ import annotations
@@ -47,7 +48,12 @@ def export_unit(module: torch.nn.Module, args: tuple, kwargs: dict | None = None
     dynamic = tuple({i: Dim.AUTO for i in range(a.dim()) if a.shape[i] != 1} if isinstance(a, torch.Tensor) else None
                     for a in leaves)
     ep = torch.export.export(_Flat(module, spec), tuple(leaves), dynamic_shapes=(dynamic,), strict=False)
-    return CapturedGraph(ep, spec, leaves)
+    return CapturedGraph(ep, spec, leaves, modes(module))
+
+
+def modes(module: torch.nn.Module) -> tuple:
+    """The train/eval flags of ``module`` and its submodules: a graph bakes them in (dropout)."""
+    return tuple(m.training for m in module.modules())
 
 
 def resolve(owner: torch.nn.Module, fqn: str):
@@ -64,9 +70,10 @@ def _guard(example):
 class CapturedGraph:
     """A rewritten exported graph, run as a module's forward with the module's own state."""
 
-    def __init__(self, ep: torch.export.ExportedProgram, spec, example_leaves: list):
+    def __init__(self, ep: torch.export.ExportedProgram, spec, example_leaves: list, training: tuple = ()):
         self.gm = ep.graph_module
         self.spec = spec
+        self.training = training
         # Where each placeholder's value comes from, by placeholder name. State fqns drop _Flat's "m.".
         self.sources: dict[str, tuple] = {}
         self.guards = []
@@ -119,9 +126,12 @@ class CapturedGraph:
         self.gm.graph.lint()
         self.gm.recompile()
 
-    def accepts(self, leaves: list, spec) -> bool:
-        """Whether inputs with these pytree ``leaves`` and ``spec`` satisfy the capture's guards."""
+    def accepts(self, leaves: list, spec, training: tuple | None = None) -> bool:
+        """Whether inputs with these pytree ``leaves`` and ``spec`` (and, when given, the unit's
+        train/eval flags) satisfy the capture's guards."""
         if spec != self.spec or len(leaves) != len(self.guards):
+            return False
+        if training is not None and training != self.training:
             return False
         for guard, value in zip(self.guards, leaves):
             if isinstance(value, torch.Tensor):

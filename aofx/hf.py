@@ -19,6 +19,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from aofx.api import quantize_
+from aofx.install import QuantizedModule
 from aofx.serialization import config_from_metadata, quantized_metadata
 
 METHOD = "aofx"
@@ -40,6 +41,11 @@ class AofxHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         quantize_(model, config_from_metadata(self.quantization_config.configs))  # meta packed buffers
+        for module in model.modules():
+            if isinstance(module, QuantizedModule):
+                # Every tensor of a quantized layer comes from the checkpoint. Without this flag the
+                # weight initializers would read `weight`, dequantizing each layer once for nothing.
+                module._is_hf_initialized = True
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False

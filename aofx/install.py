@@ -34,7 +34,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from aofx.capture import CapturedGraph, export_unit
+from aofx.capture import CapturedGraph, export_unit, modes
 from aofx.configs import AOBaseConfig, describe
 from aofx.passes._graph import Target, drop_unused_inputs, thread_targets
 from aofx.registry import find_pass
@@ -184,10 +184,12 @@ class QuantizedModule:
         if state.shared_key is not None:  # a standard linear: rows are independent, run (M, K)
             x = args[0] if args else next(iter(kwargs.values()))
             leaves, spec = [x.reshape(-1, x.shape[-1])], _LINEAR_SPEC  # (M, K)
+            training = None  # nn.Linear and Conv1D behave the same in train and eval
         else:
             leaves, spec = pytree.tree_flatten((args, kwargs))
+            training = modes(self)
         for capture in state.captures:
-            if capture.accepts(leaves, spec):
+            if capture.accepts(leaves, spec, training):
                 out = capture.run(self, leaves)
                 return out.reshape(*x.shape[:-1], out.shape[-1]) if state.shared_key is not None else out
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
@@ -238,7 +240,26 @@ class QuantizedModule:
         return self
 
     def __reduce_ex__(self, protocol):
-        return _rebuild, (self._aofx_base, self._aofx_names), self.__dict__
+        state = dict(self.__dict__)
+        state["_buffers"] = {k: _Float8Bits(v) if v is not None and v.dtype in _FLOAT8 else v
+                             for k, v in self._buffers.items()}
+        return _rebuild, (self._aofx_base, self._aofx_names), state
+
+
+# pickle cannot rebuild float8 tensors (torch.save can): they travel as their uint8 bits.
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class _Float8Bits:
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __reduce__(self):
+        return _float8_from_bits, (self.tensor.view(torch.uint8), self.tensor.dtype)
+
+
+def _float8_from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return bits.view(dtype)
 
 
 def _weight_property(name: str) -> property:
