@@ -69,9 +69,10 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
         device: move each selected module there as it is quantized, so peak memory stays near the
             quantized size.
         example_inputs: a tuple of positional inputs (or a dict of keyword inputs) of ``model``. The
-            model runs once on them, eagerly; each module seen using a parameter through
-            ``F.linear`` is then captured alone with the inputs it received. The model's own Python
-            forward stays, so keyword calls, ``generate``, other batch sizes and train/eval work.
+            model runs once on them, eagerly (a real call: buffers it updates keep the update); each
+            module seen using a parameter through ``F.linear`` is then captured alone with the
+            inputs it received. The model's own Python forward stays, so keyword calls,
+            ``generate``, other batch sizes and train/eval work.
 
     ``FqnToConfig`` precedence, for a weight ``<module fqn>.<name>``: an exact key for the parameter
     fqn, then one for the module fqn, then the first ``"re:<regex>"`` key (in dict order) that
@@ -351,13 +352,14 @@ def _apply_handler(model, fqn, module, cfg):
 
 def _capture(units: list, skipped: list) -> list:
     """Capture and rewrite each unit on its float module; returns the units that captured."""
-    by_fqn = {u.fqn: u for u in units}
-    kept = []
-    for unit in units:
+    kept, by_fqn = [], {}
+    # Deepest first: a unit's graph inlines the planned units below it, which must have captured.
+    for unit in sorted(units, key=lambda u: -u.fqn.count(".") - bool(u.fqn)):
         unit.key = shared_key(unit.module, unit.weights)
         if unit.key is not None and unit.key in _SHARED:
             unit.captures = [_SHARED[unit.key]]
             kept.append(unit)
+            by_fqn[unit.fqn] = unit
             continue
         if unit.key is not None or unit.inputs is None:
             (w,) = unit.weights.values() if len(unit.weights) == 1 else (None,)
@@ -391,7 +393,8 @@ def _capture(units: list, skipped: list) -> list:
         if unit.key is not None:
             _SHARED[unit.key] = capture
         kept.append(unit)
-    return kept
+        by_fqn[unit.fqn] = unit
+    return sorted(kept, key=units.index)
 
 
 def quantized_configs(model: nn.Module) -> dict:
