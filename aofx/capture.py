@@ -113,7 +113,8 @@ class CapturedGraph:
 
     def add_state_input(self, fqn: str, like=None) -> torch.fx.Node:
         """A new placeholder fed from the owner's tensor at ``fqn`` (a packed weight)."""
-        node = add_placeholder(self.gm.graph, fqn.replace(".", "_"), like)
+        name = fqn.replace(".", "_")
+        node = add_placeholder(self.gm.graph, f"_{name}" if name[0].isdigit() else name, like)  # nn.Sequential's "0"
         self.sources[node.name] = ("state", fqn)
         return node
 

@@ -201,3 +201,25 @@ def test_module_to_after_quantize_keeps_working():
     assert model.up.scale.dtype == torch.bfloat16 and model.up.qdata.dtype == torch.uint8
     assert model.up.bias.dtype == torch.float32 and model.up.weight.dtype == torch.float32
     torch.testing.assert_close(model(x.float()), y.float(), atol=0.02, rtol=0.02)
+
+
+class SequentialOwner(nn.Sequential):
+    """An nn.Sequential (children named "0", "2") that also applies a parameter of its own through F.linear."""
+
+    def __init__(self):
+        super().__init__(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.w = nn.Parameter(torch.randn(32, 32) * 0.1)
+
+    def forward(self, x):
+        return F.linear(super().forward(x), self.w)
+
+
+def test_sequential_unit_with_digit_children():
+    torch.manual_seed(0)
+    model = SequentialOwner()
+    example, x = torch.randn(1, 32), torch.randn(3, 32)
+    ref = model(x)
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig(), example_inputs=(example,))
+    assert {"w_qdata", "0.qdata", "2.qdata"} <= set(model.state_dict())
+    assert sqnr(ref, model(x)) > 35  # batch 3 after a batch-1 example: a second capture
+    assert len(model._aofx.captures) == 2
