@@ -4,9 +4,10 @@ The model is a plain-torch Llama block stack (RMSNorm, grouped-query attention w
 cache, SwiGLU MLP) with random weights, so nothing is downloaded. Each config quantizes every
 ``nn.Linear`` (the output head included) with ``aofx.quantize_``, then the decode step runs under
 ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs). It reports tokens per second
-over ``--steps`` steps after warm-up, and writes one JSON row per config.
+over ``--steps`` steps after warm-up, and writes one JSON row per config. ``--configs`` takes ``bf16``
+(no quantization) and the ids of ``aofx.schemes.SCHEMES``.
 
-    python benchmarks/bench_e2e.py --configs bf16,int4wo-128,int8wo,fp8dq-row --out benchmarks/results/h100_e2e.json
+    python -m benchmarks.bench_e2e --configs bf16,int4wo-128,int8wo,fp8dq-row --out benchmarks/results/h100_e2e.json
 """
 
 from __future__ import annotations
@@ -22,15 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import aofx
+from aofx.schemes import SCHEMES
 
-CONFIGS = {
-    "bf16": None,
-    "int4wo-128": aofx.Int4WeightOnlyConfig(group_size=128),
-    "int8wo": aofx.Int8WeightOnlyConfig(),
-    "int8dq": aofx.Int8DynamicActivationInt8WeightConfig(),
-    "fp8wo": aofx.Float8WeightOnlyConfig(),
-    "fp8dq-row": aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerRow()),
-}
+CONFIGS = {"bf16": None, **{s.id: s.config for s in SCHEMES}}  # bf16: the unquantized baseline
 LLAMA3_8B = dict(dim=4096, layers=32, heads=32, kv_heads=8, hidden=14336, vocab=128256)
 
 
@@ -129,7 +124,8 @@ def run_config(name, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="bf16,int4wo-128,int8wo,fp8dq-row")
+    p.add_argument("--configs", default="bf16,int4wo-128,int8wo,fp8dq-row",
+                   help=f"comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--layers", type=int, default=LLAMA3_8B["layers"])
     p.add_argument("--max-seq", type=int, default=512)
     p.add_argument("--warmup", type=int, default=5)

@@ -21,10 +21,12 @@ The scored shapes are 14336x4096 and 4096x14336 (the ones with speedup targets, 
 4096x4096 and 1024x4096 are informative. Small shapes get more layers (``--min-stack-mb``) so that
 even the int4 stack outgrows L2.
 
-Run on a CUDA GPU (H100), from the repository root, with aofx installed (``pip install -e .``):
+The configs are rows of ``aofx.schemes.SCHEMES``, named by id; each is quantized and called through its
+own graph pass (``aofx.registry.find_pass``), as ``quantize_`` does. Run on a CUDA GPU (H100), from the
+repository root, with aofx installed (``pip install -e .``):
 
-    python benchmarks/bench_layers.py
-    python benchmarks/bench_layers.py --configs int4wo-128,int8wo --shapes 14336x4096 --m 1,16
+    python -m benchmarks.bench_layers
+    python -m benchmarks.bench_layers --configs int4wo-128,int8wo --shapes 14336x4096 --m 1,16
 
 It prints one progress line per row, a table at the end, and writes the rows as a JSON list to
 ``--out`` (default ``benchmarks/results/h100.json``); non-finite numbers (an exact match's infinite
@@ -35,17 +37,21 @@ SQNR) are written as null. It exits 1 when any aofx row failed its check or rais
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from aofx import numerics
+from aofx.configs import Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig
+from aofx.registry import find_pass
+from aofx.schemes import SCHEMES, Scheme, scheme
 
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM device copy, measured 3.02 TB/s
 BF16_FLOPS = 700e12  # bf16 dense tensor-core matmul, measured 702 TFLOP/s
@@ -59,38 +65,10 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "h100.json"
 PEER_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "none")
 
 
-@dataclasses.dataclass(frozen=True)
-class Scheme:
-    """One benchmarked config: how to quantize a weight and how to call its op.
-
-    The op is called as ``torch.ops.aofx.<op>(x, *stored, *extra_args, bias)``, and
-    ``aofx.numerics.<op>`` takes the same arguments (it is the op's reference).
-    """
-
-    name: str
-    op: str
-    quantize: str  # aofx.numerics function: w (N, K) bf16 -> stored tensors
-    low_precision_math: bool  # int8 / fp8 tensor cores (1400 TFLOP/s) instead of bf16 math
-    sqnr_floor: float  # dB against the exact linear (docs/design.md, "Numerics")
-    quantize_kwargs: Mapping[str, object] = dataclasses.field(default_factory=dict)
-    extra_args: tuple = ()  # non-tensor op arguments after the stored tensors, before bias
-
-
-SCHEMES = (
-    Scheme(name="int4wo-128", op="int4_weight_only_linear", quantize="quantize_int4",
-           quantize_kwargs={"group_size": 128}, extra_args=(128,), low_precision_math=False, sqnr_floor=19.5),
-    Scheme(name="int8wo", op="int8_weight_only_linear", quantize="quantize_int8",
-           low_precision_math=False, sqnr_floor=40.0),
-    Scheme(name="int8dq", op="int8_dynamic_activation_int8_weight_linear", quantize="quantize_int8",
-           low_precision_math=True, sqnr_floor=37.0),
-    Scheme(name="fp8dq-row", op="float8_dynamic_activation_float8_weight_linear", quantize="quantize_float8",
-           quantize_kwargs={"per_row": True}, extra_args=(True,), low_precision_math=True, sqnr_floor=28.0),
-    Scheme(name="fp8dq-tensor", op="float8_dynamic_activation_float8_weight_linear", quantize="quantize_float8",
-           quantize_kwargs={"per_row": False}, extra_args=(False,), low_precision_math=True, sqnr_floor=28.0),
-    Scheme(name="fp8wo", op="float8_weight_only_linear", quantize="quantize_float8",
-           quantize_kwargs={"per_row": True}, low_precision_math=False, sqnr_floor=31.0),
-)
-SCHEME_BY_NAME = {s.name: s for s in SCHEMES}
+# The default --configs, in table order (every id of aofx.schemes.SCHEMES is accepted).
+DEFAULT_CONFIGS = ("int4wo-128", "int8wo", "int8dq", "fp8dq-row", "fp8dq-tensor", "fp8wo")
+# int8 / fp8 tensor-core math (1400 TFLOP/s) instead of bf16 math: the activation is quantized too.
+LOW_PRECISION_MATH = (Int8DynamicActivationInt8WeightConfig, Float8DynamicActivationFloat8WeightConfig)
 
 # Speedup targets over bf16 cuBLAS on the scored shapes, per M (docs/design.md, "Kernel dispatch").
 TARGETS = {
@@ -106,10 +84,10 @@ TARGETS = {
 
 def _parse_configs(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in SCHEME_BY_NAME]
+    known = [s.id for s in SCHEMES]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown config(s) {unknown or text!r}; choose from {', '.join(SCHEME_BY_NAME)}")
+        raise argparse.ArgumentTypeError(f"unknown config(s) {unknown or text!r}; choose from {', '.join(known)}")
     return names
 
 
@@ -151,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Per-layer latency of aofx quantized linears vs bf16 cuBLAS (CUDA-graph stacks).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--configs", type=_parse_configs, default=",".join(SCHEME_BY_NAME),
-                   help=f"comma-separated subset of: {', '.join(SCHEME_BY_NAME)}")
+    p.add_argument("--configs", type=_parse_configs, default=",".join(DEFAULT_CONFIGS),
+                   help=f"comma-separated scheme ids, of: {', '.join(s.id for s in SCHEMES)}")
     p.add_argument("--shapes", type=_parse_shapes, default=",".join(f"{n}x{k}" for n, k in DEFAULT_SHAPES),
                    help="comma-separated NxK (N out, K in), e.g. 14336x4096,4096x14336")
     p.add_argument("--m", type=_parse_ms, default=",".join(map(str, DEFAULT_MS)), help="comma-separated tokens M")
@@ -176,6 +154,12 @@ def stack_layers(n: int, k: int, min_layers: int, min_stack_mb: float) -> int:
     """Layers per stack: at least ``min_layers``, and enough that int4 weights exceed the target."""
     int4_bytes = n * k / 2
     return max(min_layers, math.ceil(min_stack_mb * 1e6 / int4_bytes)) if min_stack_mb > 0 else min_layers
+
+
+def packed_weight(rewrite, weight: torch.Tensor, config) -> list[torch.Tensor]:
+    """The pass's packed tensors for ``weight`` (N, K), in its op-argument order."""
+    packed = rewrite.quantize(weight, config)
+    return [packed[name] for name in rewrite.packed_names]
 
 
 def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
@@ -206,10 +190,10 @@ def new_row(scheme: Scheme, n: int, k: int, m: int, layers: int) -> dict:
     """A row with every required key present (None until measured)."""
     scored = (n, k) in SCORED_SHAPES
     return {
-        "config": scheme.name, "N": n, "K": k, "M": m, "layers": layers,
+        "config": scheme.id, "N": n, "K": k, "M": m, "layers": layers,
         "us": None, "bf16_us": None, "speedup": None, "roofline_frac": None, "sqnr": None,
-        "bf16_roofline_frac": None, "sqnr_floor": scheme.sqnr_floor, "check_sqnr": None, "ok": False,
-        "target": TARGETS.get(scheme.name, {}).get(m) if scored else None, "scored": scored,
+        "bf16_roofline_frac": None, "sqnr_floor": scheme.floor_db, "check_sqnr": None, "ok": False,
+        "target": TARGETS.get(scheme.id, {}).get(m) if scored else None, "scored": scored,
         "graph": None, "error": None,
     }
 
@@ -309,8 +293,6 @@ def check_against_reference(reference: Callable, x: torch.Tensor, call_args: tup
     The reference runs on the GPU; where it cannot (CUDA has no int32 matmul for the int8 dq
     reference), it runs on the CPU for the first CHECK_COLUMNS output columns.
     """
-    from aofx import numerics
-
     try:
         expected = reference(x, *call_args)
     except (NotImplementedError, RuntimeError):
@@ -440,12 +422,13 @@ def bench_shape(n: int, k: int, args, numerics, peers: dict[str, bool], progress
               flush=True)
 
     for name in args.configs:
-        scheme = SCHEME_BY_NAME[name]
-        op = getattr(torch.ops.aofx, scheme.op, None)
-        reference = getattr(numerics, scheme.op)
-        quantize = getattr(numerics, scheme.quantize)
-        stored = [quantize(w, **scheme.quantize_kwargs) for w in weights]  # per layer: tensors
-        peak = INT8_FP8_FLOPS if scheme.low_precision_math else BF16_FLOPS
+        row_scheme = scheme(name)
+        config = row_scheme.config
+        rewrite = find_pass(config)  # the graph pass quantize_ uses: its packing and its op's arguments
+        op = rewrite.op
+        reference = getattr(numerics, op.overloadpacket.__name__)  # aofx.numerics.<op> takes the op's arguments
+        packed = [packed_weight(rewrite, w, config) for w in weights]
+        peak = INT8_FP8_FLOPS if isinstance(config, LOW_PRECISION_MATH) else BF16_FLOPS
 
         peer_layers: dict[str, list[Callable] | str | None] = {}
         for peer, on in peers.items():
@@ -459,25 +442,23 @@ def bench_shape(n: int, k: int, args, numerics, peers: dict[str, bool], progress
                 _sync_quietly()
 
         for m, x in xs.items():
-            row = new_row(scheme, n, k, m, layers)
+            row = new_row(row_scheme, n, k, m, layers)
             row["bf16_us"], row["bf16_roofline_frac"] = bf16_us[m], bf16_frac[m]
             try:
-                if op is None:
-                    raise RuntimeError(f"torch.ops.aofx.{scheme.op} is not registered")
-                call_args = [(*t, *scheme.extra_args, None) for t in stored]
-                out = op(x, *call_args[0])  # (M, N)
-                row["check_sqnr"] = check_against_reference(reference, x, call_args[0], out)
+                call_args = [rewrite.op_args(x, p, None, config) for p in packed]  # per layer: (x, ..., bias)
+                out = op(*call_args[0])  # (M, N)
+                row["check_sqnr"] = check_against_reference(reference, x, call_args[0][1:], out)
                 row["sqnr"] = numerics.sqnr(refs[m], out)
                 row["ok"] = (out.shape == (m, n) and out.dtype == torch.bfloat16
                              and bool(torch.isfinite(out).all()) and row["check_sqnr"] >= CHECK_SQNR_DB)
                 del out
-                us, graph_error = time_stack(lambda: [op(x, *a) for a in call_args], args.rep_ms)
+                us, graph_error = time_stack(lambda: [op(*a) for a in call_args], args.rep_ms)
                 row["us"] = us / layers
                 row["graph"] = graph_error is None
                 if graph_error:
                     row["graph_error"] = graph_error
                 row["speedup"] = _ratio(row["bf16_us"], row["us"])
-                row["roofline_frac"] = roofline_us(tensor_bytes(stored[0]), m, n, k, peak) / row["us"]
+                row["roofline_frac"] = roofline_us(tensor_bytes(packed[0]), m, n, k, peak) / row["us"]
             except Exception as e:  # noqa: BLE001  (one broken row must not end the run)
                 row["error"] = _error_text(e)
                 _sync_quietly()
@@ -487,7 +468,7 @@ def bench_shape(n: int, k: int, args, numerics, peers: dict[str, bool], progress
                 elif layers_or_error is not None:
                     measure_peer(peer, row, layers_or_error, x, refs[m], numerics, args.rep_ms)
             progress(row)
-        del stored, peer_layers
+        del packed, peer_layers
         _free_cuda()
     del weights, xs, refs
     _free_cuda()
@@ -518,12 +499,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available():
         sys.exit("bench_layers.py needs a CUDA GPU: torch.cuda.is_available() is False "
                  f"(torch {torch.__version__}). Run it on the H100.")
-    try:
-        import aofx  # noqa: F401  (registers torch.ops.aofx.*)
-        from aofx import numerics
-    except Exception as e:  # noqa: BLE001
-        sys.exit(f"cannot import aofx ({_error_text(e)}); install it with `pip install -e .`")
-
     have = {p: _available(p) for p in ("torchao", "gemlite")}
     if not any(have.values()):
         print("peers: neither torchao nor gemlite is importable; measuring aofx and bf16 only", flush=True)

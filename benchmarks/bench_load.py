@@ -9,7 +9,7 @@ not reported: on CPU the reference path dequantizes each weight to a temporary.)
 warm-up load of a one-layer checkpoint, so imports and one-time caches are not counted; the peak is
 the kernel's resident high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``).
 
-    python benchmarks/bench_load.py [--config int8wo] [--layers 8] [--out results.json]
+    python -m benchmarks.bench_load [--config int8wo] [--layers 8] [--out results.json]
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import tempfile
 
 import torch
+
+from aofx.schemes import SCHEMES, scheme
 
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
              vocab_size=32000, tie_word_embeddings=False)
@@ -69,7 +71,8 @@ def _save(config, layers: int, out: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="int8wo", help="a short id of tests.common.CASES")
+    parser.add_argument("--config", default="int8wo", choices=[s.id for s in SCHEMES],
+                        help="a scheme id of aofx.schemes.SCHEMES")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--out", default=None)
     parser.add_argument("--load", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -77,9 +80,7 @@ def main() -> None:
     if args.load:
         return _load(*args.load)
 
-    from tests.common import CASES
-
-    config = {name: cfg for name, cfg, _ in CASES}[args.config]
+    config = scheme(args.config).config
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as warmup:
         float_mb = _save(config, args.layers, out)
         _save(config, 1, warmup)

@@ -4,7 +4,7 @@ Each candidate is a kernel launcher with a forced config, timed exactly as ``ben
 ops (a CUDA-graph stack of distinct layers, median replay) next to bf16 ``F.linear`` in the same run, and
 checked against its ``aofx.numerics`` reference first (SQNR >= 30 dB, or it is reported as wrong).
 
-    python benchmarks/sweep.py --families int4,fp8wo --out /tmp/sweep.json
+    python -m benchmarks.sweep --families int4,fp8wo --out /tmp/sweep.json
 
 Prints one line per candidate and the best per (family, shape, M); writes every row as JSON.
 """
@@ -19,15 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_layers as bl  # noqa: E402
-
-from aofx import numerics  # noqa: E402
-from aofx.kernels import float8_dynamic_activation_float8_weight as fp8dq  # noqa: E402
-from aofx.kernels import float8_weight_only as fp8wo  # noqa: E402
-from aofx.kernels import int4_weight_only as int4  # noqa: E402
-from aofx.kernels import int8_dynamic_activation_int8_weight as int8dq  # noqa: E402
-from aofx.kernels import int8_weight_only as int8wo  # noqa: E402
+from aofx import numerics
+from aofx.kernels import float8_dynamic_activation_float8_weight as fp8dq
+from aofx.kernels import float8_weight_only as fp8wo
+from aofx.kernels import int4_weight_only as int4
+from aofx.kernels import int8_dynamic_activation_int8_weight as int8dq
+from aofx.kernels import int8_weight_only as int8wo
+from benchmarks import bench_layers as bl
 
 KC = int8wo.KernelConfig
 

@@ -1,7 +1,7 @@
 """The README's benchmark tables, generated from the results JSON.
 
     python -m benchmarks.tables                  # both tables, from benchmarks/results/
-    python benchmarks/tables.py --check README.md  # exit 1 unless README.md holds both tables as printed
+    python -m benchmarks.tables --check README.md  # exit 1 unless README.md holds both tables as printed
 
 Layer table (``bench_layers.py`` rows): one row per (config, N x K) on the scored shapes, one column per
 M. Each cell is aofx's speedup over bf16 cuBLAS measured in the same run, aofx's time per layer in

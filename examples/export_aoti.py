@@ -1,6 +1,6 @@
 """Deploy a quantized model: torch.export -> save/load -> AOTInductor package -> run it without aofx.
 
-    python examples/export_aoti.py [--device cpu|cuda] [--config int4wo-128|int8wo|int8dq|fp8wo|fp8dq-row]
+    python examples/export_aoti.py [--device cpu|cuda] [--config ID]   # ID: an id of aofx.schemes.SCHEMES
 
 The package is loaded with ``torch._inductor.aoti_load_package`` in a fresh Python process that
 never imports aofx, and run at several batch sizes along the exported dynamic dimension; its
@@ -19,14 +19,8 @@ import torch
 from torch import nn
 
 import aofx
+from aofx.schemes import SCHEMES, scheme
 
-CONFIGS = {
-    "int4wo-128": aofx.Int4WeightOnlyConfig(group_size=128),
-    "int8wo": aofx.Int8WeightOnlyConfig(),
-    "int8dq": aofx.Int8DynamicActivationInt8WeightConfig(),
-    "fp8wo": aofx.Float8WeightOnlyConfig(),
-    "fp8dq-row": aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerRow()),
-}
 BATCHES = (1, 3, 17, 64)
 
 # Runs in the fresh process: load the package, run it on each input, save the outputs.
@@ -92,7 +86,7 @@ def run_in_fresh_process(path: str, inputs: list, workdir: str) -> tuple:
 def main(device: str, config_name: str, workdir: str) -> None:
     base = build_model(device)
     model = copy.deepcopy(base)
-    aofx.quantize_(model, CONFIGS[config_name])
+    aofx.quantize_(model, scheme(config_name).config)
     x = torch.randn(8, 256, device=device, dtype=torch.bfloat16)
 
     ep = package(model, x, os.path.join(workdir, "quantized.pt2"))
@@ -122,7 +116,7 @@ def main(device: str, config_name: str, workdir: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--config", default="int4wo-128", choices=sorted(CONFIGS))
+    parser.add_argument("--config", default="int4wo-128", choices=[s.id for s in SCHEMES])
     parser.add_argument("--workdir", default=None, help="keep the packages here (default: a temp dir)")
     args = parser.parse_args()
     if args.workdir:

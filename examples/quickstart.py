@@ -12,14 +12,10 @@ from torch import nn
 
 import aofx
 from aofx.numerics import sqnr
+from aofx.schemes import scheme
 
-CONFIGS = {
-    "int4wo-128": aofx.Int4WeightOnlyConfig(group_size=128),
-    "int8wo": aofx.Int8WeightOnlyConfig(),
-    "int8dq": aofx.Int8DynamicActivationInt8WeightConfig(),
-    "fp8wo": aofx.Float8WeightOnlyConfig(),
-    "fp8dq-row": aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerRow()),
-}
+# One row per config class, named by its id in aofx.schemes.SCHEMES (the README shows this table).
+CONFIGS = {name: scheme(name).config for name in ("int4wo-128", "int8wo", "int8dq", "fp8wo", "fp8dq-row")}
 
 
 class MLP(nn.Module):

@@ -6,19 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-import aofx
+from aofx.schemes import SCHEMES
 
-# (id, config, SQNR floor in dB: the single-layer floors of docs/design.md, "Numerics")
-CASES = [
-    ("int4wo-32", aofx.Int4WeightOnlyConfig(group_size=32), 19.5),
-    ("int4wo-128", aofx.Int4WeightOnlyConfig(group_size=128), 19.5),
-    ("int8wo", aofx.Int8WeightOnlyConfig(), 40.0),
-    ("int8wo-g64", aofx.Int8WeightOnlyConfig(group_size=64), 40.0),
-    ("int8dq", aofx.Int8DynamicActivationInt8WeightConfig(), 37.0),
-    ("fp8wo", aofx.Float8WeightOnlyConfig(), 31.0),
-    ("fp8dq-tensor", aofx.Float8DynamicActivationFloat8WeightConfig(), 28.0),
-    ("fp8dq-row", aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerRow()), 28.0),
-]
+# (id, config, SQNR floor in dB): the rows of aofx.schemes.SCHEMES, as tuples
+CASES = [(s.id, s.config, s.floor_db) for s in SCHEMES]
 CONFIGS = [pytest.param(cfg, id=name) for name, cfg, _ in CASES]
 CONFIGS_WITH_FLOOR = [pytest.param(cfg, floor, id=name) for name, cfg, floor in CASES]
 

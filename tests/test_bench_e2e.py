@@ -1,15 +1,11 @@
 """The end-to-end benchmark's decoder (``benchmarks/bench_e2e.py``) at a tiny size, on CPU: quantized,
 it decodes the same tokens eagerly and under ``torch.compile(fullgraph=True)``, and its KV cache works."""
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import bench_e2e  # noqa: E402
-
-import aofx  # noqa: E402
+import aofx
+from aofx.schemes import scheme
+from benchmarks import bench_e2e
 
 
 def _decode(step, steps):
@@ -24,7 +20,7 @@ def test_quantized_decoder_compiles_and_decodes():
     torch.manual_seed(0)
     model = bench_e2e.Decoder(dim=128, layers=2, heads=4, kv_heads=2, hidden=256, vocab=512, max_seq=16)
     model = model.to(torch.bfloat16)
-    aofx.quantize_(model, bench_e2e.CONFIGS["int8wo"])
+    aofx.quantize_(model, scheme("int8wo").config)
     assert "Int8WeightOnlyConfig" in repr(model.blocks[0].wq) and "Int8WeightOnlyConfig" in repr(model.output)
     eager = _decode(model, 4)
     assert model.blocks[0].k_cache[:, :, :4].abs().sum(-1).gt(0).all()  # one cache row written per step
