@@ -121,9 +121,7 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
         for name, w in unit.weights.items():
             param = unit.module._parameters[name]
             if id(param) not in packed_by_param:
-                weight = param.detach().t() if w.transposed else param.detach()  # (N, K)
-                packed_by_param[id(param)] = w.rewrite.quantize(weight if device is None else weight.to(device),
-                                                                w.config)
+                packed_by_param[id(param)] = w.pack(param, device)
             packed[(id(unit.module), name)] = packed_by_param[id(param)]
     # 5. install
     for unit in units:

@@ -84,6 +84,12 @@ class QuantizedWeight:
     def target(self, packed_nodes: list) -> Target:
         return Target(self.rewrite, self.config, packed_nodes, self.transposed)
 
+    def pack(self, value: torch.Tensor, device=None) -> dict:
+        """Quantize a float weight stored as the layer stores it; contiguous packed tensors."""
+        weight = value.detach().t() if self.transposed else value.detach()  # (N, K)
+        weight = weight.contiguous() if device is None else weight.to(device).contiguous()
+        return {k: t.contiguous() for k, t in self.rewrite.quantize(weight, self.config).items()}
+
 
 # Captured graphs of standard linear layers hold no shape or value of their own layer (nn.Linear's, at
 # least), so layers with the same key share one graph, in this process and after unpickling.
@@ -314,11 +320,10 @@ def requantize(module: nn.Module, name: str, value) -> None:
     if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
         raise TypeError(f"{type(module).__name__}.{name} is quantized ({describe(w.config)}); it can only be "
                         f"set to a 2-D floating-point tensor, got {type(value).__name__}")
-    weight = value.detach().t() if w.transposed else value.detach()  # (N, K)
-    reason = w.rewrite.skip_reason(weight, w.config)
+    reason = w.rewrite.skip_reason(value.t() if w.transposed else value, w.config)
     if reason:
         raise ValueError(f"cannot quantize the new {type(module).__name__}.{name}: {reason}")
-    new = w.rewrite.quantize(weight, w.config)
+    new = w.pack(value)
     for buffer, tensor in zip(w.buffer_names(), new.values()):
         module._buffers[buffer] = tensor
     state = module._aofx
