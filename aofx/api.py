@@ -359,28 +359,26 @@ def _capture(units: list, skipped: list) -> list:
             kept.append(unit)
             by_fqn[unit.fqn] = unit
             continue
-        if unit.key is not None or unit.inputs is None:
-            (w,) = unit.weights.values() if len(unit.weights) == 1 else (None,)
-            if w is None:
-                skipped.append((unit.fqn, "no example inputs reached this module"))
-                continue
-            k = w.shape[0] if w.transposed else w.shape[1]
-            weight = unit.module._parameters[w.name]
-            args, kwargs = (torch.zeros(2, k, dtype=w.dtype, device=weight.device),), {}
-        else:
-            args, kwargs = unit.inputs
         # Planned weights of this unit and of planned units below it, by fqn relative to the unit.
         planned = {name: (w, "") for name, w in unit.weights.items()}
         for fqn, other in by_fqn.items():
             if other is not unit and fqn.startswith(unit.fqn + "." if unit.fqn else ""):
                 rel = fqn[len(unit.fqn) + 1:] if unit.fqn else fqn
                 planned.update({f"{rel}.{n}": (w, f"{rel}.") for n, w in other.weights.items()})
-        try:
-            capture = export_unit(unit.module, args, kwargs)
-        except Exception as e:  # noqa: BLE001  (export's errors are many; the first line says which)
-            skipped.append((unit.fqn, f"torch.export could not capture it: {type(e).__name__}: "
-                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"))
+        capture, errors = None, []
+        for args, kwargs in _examples(unit):
+            try:
+                capture = export_unit(unit.module, args, kwargs)
+                break
+            except Exception as e:  # noqa: BLE001  (export's errors are many; the first line says which)
+                errors.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        if capture is None:
+            why = "; then ".join(errors) or "no example inputs reached this module"
+            skipped.append((unit.fqn, f"torch.export could not capture it: {why}"))
             continue
+        if errors:
+            warnings.warn(f"aofx.quantize_: {unit.fqn} could not be captured with its recorded inputs ({errors[0]}); "
+                          "it was captured alone as a linear layer instead", UserWarning, stacklevel=3)
         leftover = rewrite_capture(capture, planned)
         mine = [fqn for fqn in leftover if fqn in unit.weights]
         if mine:
@@ -393,6 +391,19 @@ def _capture(units: list, skipped: list) -> list:
         kept.append(unit)
         by_fqn[unit.fqn] = unit
     return sorted(kept, key=units.index)
+
+
+def _examples(unit: _Unit) -> list:
+    """Inputs to capture a unit with: the recorded ones (not for a standard linear, whose graph is
+    shared), then, for a one-weight linear layer, two rows of zeros (M stays dynamic)."""
+    out = [unit.inputs] if unit.inputs is not None and unit.key is None else []
+    if len(unit.weights) == 1:
+        (w,) = unit.weights.values()
+        if linear_like(unit.module) is not None:
+            weight = unit.module._parameters[w.name]
+            k = w.shape[0] if w.transposed else w.shape[1]
+            out.append(((torch.zeros(2, k, dtype=w.dtype, device=weight.device),), {}))
+    return out
 
 
 def quantized_configs(model: nn.Module) -> dict:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import functools
 
+import sympy
 import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils._sympy.numbers import int_oo
 
 from aofx.passes._graph import add_placeholder, placeholders
 
@@ -60,10 +62,21 @@ def resolve(owner: torch.nn.Module, fqn: str):
     return functools.reduce(getattr, fqn.split("."), owner)
 
 
+def _size_range(size) -> tuple:
+    """``(lowest, highest or None, symbol or None)`` that export allows for one input dimension."""
+    if isinstance(size, int):
+        return size, size, None
+    expr = size.node.expr
+    bounds = size.node.shape_env.bound_sympy(expr)
+    lower = int(bounds.lower) if bounds.lower not in (-int_oo, -sympy.oo) else 0
+    upper = None if bounds.upper in (int_oo, sympy.oo) else int(bounds.upper)
+    return lower, upper, (str(expr) if getattr(expr, "is_Symbol", False) else None)
+
+
 def _guard(example):
-    """What a later input must match: ``(dtype, sizes with None where dynamic)`` or the constant."""
+    """What a later input must match: ``(dtype, per-dimension ranges)`` or the constant itself."""
     if isinstance(example, torch.Tensor):
-        return example.dtype, tuple(s if isinstance(s, int) else None for s in example.shape)
+        return example.dtype, tuple(_size_range(s) for s in example.shape)
     return example
 
 
@@ -127,13 +140,15 @@ class CapturedGraph:
         self.gm.graph.lint()
         self.gm.recompile()
 
-    def accepts(self, leaves: list, spec, training: tuple | None = None) -> bool:
+    def accepts(self, leaves: list, spec, training: tuple | None = None, any_rows: bool = False) -> bool:
         """Whether inputs with these pytree ``leaves`` and ``spec`` (and, when given, the unit's
-        train/eval flags) satisfy the capture's guards."""
+        train/eval flags) satisfy the capture's guards. ``any_rows``: the graph is a standard
+        linear's, valid for every number of rows, so only its static sizes are checked."""
         if spec != self.spec or len(leaves) != len(self.guards):
             return False
         if training is not None and training != self.training:
             return False
+        symbols = {}
         for guard, value in zip(self.guards, leaves):
             if isinstance(value, torch.Tensor):
                 if not isinstance(guard, tuple) or len(guard) != 2 or not isinstance(guard[0], torch.dtype):
@@ -141,8 +156,13 @@ class CapturedGraph:
                 dtype, sizes = guard
                 if value.dtype != dtype or value.dim() != len(sizes):
                     return False
-                if any(s is not None and s != v for s, v in zip(sizes, value.shape)):
-                    return False
+                for (lower, upper, symbol), v in zip(sizes, value.shape):
+                    if lower == upper:
+                        if v != lower:
+                            return False
+                    elif not any_rows and (v < lower or (upper is not None and v > upper)
+                                           or symbols.setdefault(symbol, v) != v):
+                        return False
             elif type(value) is not type(guard) or value != guard:
                 return False
         return True

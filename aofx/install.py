@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -103,9 +104,10 @@ class LayerState:
         self.weights = weights  # name -> QuantizedWeight
         self.captures = captures  # CapturedGraph list, tried in order
         self.shared_key = shared_key
+        self.uncapturable = False  # an eager capture failed: misses run the original forward
 
     def __getstate__(self):
-        return {"weights": self.weights, "captures": [], "shared_key": self.shared_key}
+        return {"weights": self.weights, "captures": [], "shared_key": self.shared_key, "uncapturable": False}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -195,12 +197,19 @@ class QuantizedModule:
             leaves, spec = pytree.tree_flatten((args, kwargs))
             training = modes(self)
         for capture in state.captures:
-            if capture.accepts(leaves, spec, training):
+            if capture.accepts(leaves, spec, training, any_rows=state.shared_key is not None):
                 out = capture.run(self, leaves)
                 return out.reshape(*x.shape[:-1], out.shape[-1]) if state.shared_key is not None else out
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or state.uncapturable:
             return self._aofx_base.forward(self, *args, **kwargs)  # weights dequantized on read
-        capture = capture_quantized(self, *pytree.tree_unflatten(leaves, spec))
+        try:
+            capture = capture_quantized(self, *pytree.tree_unflatten(leaves, spec))
+        except Exception as e:  # noqa: BLE001  (export's errors are many)
+            state.uncapturable = True
+            warnings.warn(f"aofx: {type(self).__name__} could not be captured for these inputs "
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                          "it runs its original forward with the weight dequantized from now on", UserWarning)
+            return self._aofx_base.forward(self, *args, **kwargs)
         state.captures.append(capture)
         if state.shared_key is not None:
             _SHARED.setdefault(state.shared_key, capture)

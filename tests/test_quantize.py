@@ -1,5 +1,6 @@
 """quantize_ end to end on CPU: the model invariants (docs/design.md), the capture traps, compile and export."""
 
+import copy
 import io
 import warnings
 
@@ -223,3 +224,22 @@ def test_sequential_unit_with_digit_children():
     assert {"w_qdata", "0.qdata", "2.qdata"} <= set(model.state_dict())
     assert sqnr(ref, model(x)) > 35  # batch 3 after a batch-1 example: a second capture
     assert len(model._aofx.captures) == 2
+
+
+class BatchBranch(nn.Linear):
+    """Its forward branches on the batch size, so export narrows the batch range it is valid for."""
+
+    def forward(self, x):
+        return super().forward(x) * (2 if x.shape[0] > 2 else 1)
+
+
+def test_guards_keep_the_range_export_assumed():
+    torch.manual_seed(0)
+    model = nn.Sequential(BatchBranch(64, 64))
+    float_model = copy.deepcopy(model)
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig(), example_inputs=(torch.randn(5, 64),))
+    for batch in (5, 2, 1, 7):
+        x = torch.randn(batch, 64)
+        db = sqnr(float_model(x), model(x))
+        assert db > 35, f"batch {batch}: {db:.1f} dB (a graph captured for batch > 2 used outside its range?)"
+    assert len(model[0]._aofx.captures) == 3  # batch > 2, batch 2 and batch 1 each got a graph
