@@ -16,12 +16,10 @@ import warnings
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from aofx import passes  # noqa: F401  (registers the built-in passes)
-from aofx.capture import export_unit
+from aofx.capture import Seen, export_unit, run_examples
 from aofx.configs import AOBaseConfig, FqnToConfig, describe
 from aofx.install import (QuantizedModule, QuantizedWeight, _SHARED, install, linear_like, rewrite_capture,
                           shared_key, standard_linear)
@@ -105,7 +103,7 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
     start = time.perf_counter()
 
     # 1. plan and 2. validate: no mutation; errors name the layer
-    seen = _run_examples(model, example_inputs) if example_inputs is not None else None
+    seen = run_examples(model, example_inputs) if example_inputs is not None else None
     handled, units, skipped = _plan(model, config, filter_fn, seen)
     # 3. handlers (user configs), then capture each unit; a unit that cannot be captured is skipped
     for fqn, module, cfg in handled:
@@ -148,53 +146,6 @@ def _as_config(config) -> AOBaseConfig:
                     f"or a callable; got {config!r}")
 
 
-# ---------------------------------------------------------------- example_inputs
-
-class _LinearWeights(TorchFunctionMode):
-    """Records the weights passed to ``F.linear``."""
-
-    def __init__(self):
-        super().__init__()
-        self.weights = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            self.weights.append(args[1] if len(args) > 1 else kwargs["weight"])
-        return func(*args, **kwargs)
-
-
-@dataclasses.dataclass
-class _Seen:
-    linear: set  # ids of parameters used as F.linear weights
-    sliced: set  # ids of parameters whose slices were F.linear weights (stacked MoE experts)
-    inputs: dict  # id(module) -> (args, kwargs) of its first call
-
-
-def _run_examples(model: nn.Module, example_inputs) -> _Seen:
-    """Run ``model`` once on ``example_inputs`` and record who uses F.linear, and with what inputs."""
-    args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else \
-        (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,), {})
-    inputs = {}
-
-    def record(module, a, k):
-        inputs.setdefault(id(module), (a, k))
-
-    owners = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
-    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in owners]
-    spy = _LinearWeights()
-    try:
-        with torch.no_grad(), spy:
-            model(*args, **kwargs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    params = {id(p) for p in model.parameters()}
-    linear = {id(w) for w in spy.weights if id(w) in params}
-    sliced = {id(w._base) for w in spy.weights if w._base is not None and id(w._base) in params}
-    return _Seen(linear, sliced, inputs)
-
-
 # ---------------------------------------------------------------- planning
 
 def _lookup(config: FqnToConfig, fqns: list) -> tuple:
@@ -224,7 +175,7 @@ def _unmatched_keys(model: nn.Module, config: FqnToConfig) -> list:
     return unmatched
 
 
-def _expert_params(module: nn.Module, seen: Optional[_Seen]) -> list:
+def _expert_params(module: nn.Module, seen: Optional[Seen]) -> list:
     """Stacked (3-D) MoE expert weights: (experts, out, in) tensors sliced per expert."""
     n = getattr(module, "num_experts", None)
     return [(name, p) for name, p in module.named_parameters(recurse=False)

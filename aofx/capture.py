@@ -1,6 +1,7 @@
 """``torch.export`` capture of one module, and running the rewritten graph against its live state.
 
-A capture unit is one module: a selected ``nn.Linear`` (or ``Conv1D``), or a module that owns a
+``run_examples`` runs a model once on ``example_inputs`` and records which parameters ``F.linear``
+receives and each module's first inputs. A capture unit is one module: a selected ``nn.Linear`` (or ``Conv1D``), or a module that owns a
 weight used through ``F.linear``. ``export_unit`` exports its ``forward`` (hooks excluded: the
 module's own ``__call__`` runs them) in training IR, every tensor dimension ``Dim.AUTO``. The lifted
 graph takes every parameter, buffer and constant as a placeholder; after the passes,
@@ -17,16 +18,66 @@ do; the caller captures again, or falls back, when no graph accepts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import sympy
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.overrides import TorchFunctionMode
 from torch.utils._sympy.numbers import int_oo
 
 from aofx.passes._graph import add_placeholder, placeholders
+
+
+# ---------------------------------------------------------------- example_inputs: who calls F.linear
+
+class _LinearWeights(TorchFunctionMode):
+    """Records the weights passed to ``F.linear``."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            self.weights.append(args[1] if len(args) > 1 else kwargs["weight"])
+        return func(*args, **kwargs)
+
+
+@dataclasses.dataclass
+class Seen:
+    linear: set  # ids of parameters used as F.linear weights
+    sliced: set  # ids of parameters whose slices were F.linear weights (stacked MoE experts)
+    inputs: dict  # id(module) -> (args, kwargs) of its first call
+
+
+def run_examples(model: torch.nn.Module, example_inputs) -> Seen:
+    """Run ``model`` once on ``example_inputs`` and record who uses F.linear, and with what inputs."""
+    args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else \
+        (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,), {})
+    inputs = {}
+
+    def record(module, a, k):
+        inputs.setdefault(id(module), (a, k))
+
+    owners = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in owners]
+    spy = _LinearWeights()
+    try:
+        with torch.no_grad(), spy:
+            model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    params = {id(p) for p in model.parameters()}
+    linear = {id(w) for w in spy.weights if id(w) in params}
+    sliced = {id(w._base) for w in spy.weights if w._base is not None and id(w._base) in params}
+    return Seen(linear, sliced, inputs)
 
 
 class _Flat(torch.nn.Module):

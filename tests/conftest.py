@@ -1,4 +1,4 @@
-"""Test setup: the `cuda` and `interpret` markers.
+"""Test setup: the `cuda` and `interpret` markers, and the `fresh_dynamo` fixture.
 
 Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter; the variable must be
 set before any kernel module is imported, which is why it is set here.
@@ -23,3 +23,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if "interpret" in item.keywords and not INTERPRETING:
             item.add_marker(no_interp)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean torch._dynamo state before and after a compile test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
