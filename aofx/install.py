@@ -92,8 +92,8 @@ class QuantizedWeight:
         return {k: t.contiguous() for k, t in self.rewrite.quantize(weight, self.config).items()}
 
 
-# Captured graphs of standard linear layers hold no shape or value of their own layer (nn.Linear's, at
-# least), so layers with the same key share one graph, in this process and after unpickling.
+# Captured graphs of standard linear layers hold no value of their own layer, so layers of one class,
+# config, bias presence, dtype and shape share one graph, in this process and after unpickling.
 _SHARED: dict = {}
 
 
@@ -124,9 +124,8 @@ def shared_key(module: nn.Module, weights: dict):
     if not standard_linear(module):
         return None
     (w,) = weights.values()
-    cls = original_class(module)
-    shape = None if cls.forward is nn.Linear.forward else w.shape  # Conv1D's view bakes N in
-    return (cls, describe(w.config), module.bias is not None, w.dtype, shape)
+    # The shape too: the graph's guards hold K (and Conv1D's view bakes N in).
+    return (original_class(module), describe(w.config), module.bias is not None, w.dtype, w.shape)
 
 
 # ---------------------------------------------------------------- capture + rewrite
@@ -252,6 +251,7 @@ class QuantizedModule:
             probe = fn(torch.empty(0, dtype=w.dtype))
             if probe.is_floating_point():
                 w.dtype = probe.dtype
+        refresh_shared(self)
         return self
 
     def __reduce_ex__(self, protocol):
@@ -338,5 +338,21 @@ def requantize(module: nn.Module, name: str, value) -> None:
     state = module._aofx
     if tuple(value.shape) != w.shape or value.dtype != w.dtype:
         w.shape, w.dtype = tuple(value.shape), value.dtype
-        state.shared_key = shared_key(module, state.weights)
-        state.captures = [_SHARED[state.shared_key]] if state.shared_key in _SHARED else []
+        if state.shared_key is None:
+            state.captures = []  # captured again on the next call
+        refresh_shared(module)
+
+
+def refresh_shared(module: nn.Module) -> None:
+    """After a standard linear's dtype or shape changed: take (or make, eagerly) the shared graph of
+    its new key, so that the next call, even under torch.compile, finds a graph that accepts it."""
+    state = module._aofx
+    key = shared_key(module, state.weights)
+    if key is None or key == state.shared_key:
+        return
+    if key not in _SHARED:
+        (w,) = state.weights.values()
+        device = module._buffers[w.buffer_names()[0]].device
+        rows = torch.zeros(2, w.shape[0] if w.transposed else w.shape[1], dtype=w.dtype, device=device)  # (M, K)
+        _SHARED[key] = capture_quantized(module, (rows,), {})
+    state.shared_key, state.captures = key, [_SHARED[key]]

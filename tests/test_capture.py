@@ -359,3 +359,27 @@ def test_forward_hooks_registered_before_quantize_run_once(cfg):
         model(x if n != 2 else randn(2, 3, 256, seed=2))
         assert calls == {"up": n, "scaled": n, "pre": n}
     assert sqnr(ref(x), model(x)) > 10  # the doubling hook applies (without it: about 6 dB)
+
+
+# ---------------------------------------------------------------- graphs shared between layers
+
+def _aofx_ops(model, x) -> int:
+    ep = torch.export.export(model, (x,))
+    return sum(str(n.target).startswith("aofx.") for n in ep.graph.nodes)
+
+
+def test_shared_graphs_only_serve_their_own_shape():
+    cfg = aofx.Int8WeightOnlyConfig()
+    first = nn.Sequential(nn.Linear(128, 64, dtype=BF16))
+    aofx.quantize_(first, cfg)
+    second = nn.Sequential(nn.Linear(256, 64, dtype=BF16), nn.Linear(64, 64, dtype=BF16))
+    aofx.quantize_(second, cfg)
+    # export straight after quantize_: every layer must find a graph, none may fall back to dequantizing
+    assert _aofx_ops(second, randn(3, 256)) == 2
+
+
+def test_dtype_change_takes_a_graph_for_the_new_dtype():
+    model = nn.Sequential(nn.Linear(64, 64, dtype=BF16), nn.ReLU(), nn.Linear(64, 32, dtype=BF16))
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    model.half()
+    assert _aofx_ops(model, randn(3, 64, dtype=torch.float16)) == 2
