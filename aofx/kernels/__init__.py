@@ -24,11 +24,12 @@ def bucket_m(m) -> int:
 
 
 # Weight-only schemes at large M: a Triton kernel dequantizes the whole weight to x's dtype (memory bound,
-# one read of the codes and one write), then one cuBLAS GEMM (``F.linear``) does the compute-bound work.
-# Measured on H100 at M = 1024 (benchmarks/sweep.py, 14336x4096 and 4096x14336, each pair in one run): int4
-# 213 / 208 us against 350 / 386 us for the dequant-in-the-main-loop Triton GEMM, int8 230 / 224 us against
-# 269 / 227 us. The copy is a temporary of N x K elements, so weights whose copy would exceed this many bytes
-# keep the in-loop kernel.
+# one read of the codes and one write), then one cuBLAS GEMM (``F.linear``) does the compute-bound work,
+# faster there than the Triton GEMMs that dequantize inside their main loop. The copy is a temporary of
+# N x K elements, so weights whose copy would exceed this many bytes keep the in-loop kernel.
+# Evidence: `python -m benchmarks.sweep --families int4,int8wo,fp8wo --m 256,512,1024` (at M = 1024 the
+# "default" rows are dequant and the "mm" rows in-loop tiles; M = 256 and 512 bracket the switch); the data
+# belongs in benchmarks/results/tuning/ once a sweep has been run there.
 DEQUANTIZE_MAX_BYTES = 256 << 20
 
 

@@ -18,15 +18,12 @@ one launch; otherwise its per-token kernel writes xq (an exact IEEE ``x / s_x``)
 that file's M buckets, ``swap_ab`` and K splits. Per tensor (M > 1):
 ``amax_partials`` writes 256 partial maxima of |x| (exact; no memset or atomics), every program of the
 per-token kernel reduces them to max |x| and quantizes its rows with it; at M = 1 the tensor's amax is
-the row's. (torch's ``vector_norm`` in place of the partials kernel measured 43.1 / 38.7 us against
-30.5 / 32.4 at M = 16, 40.4 / 44.5 against 34.2 / 38.6 at M = 128, 14336x4096 / 4096x14336; a scratch
-driver on benchmarks/sweep.py, one run.)
+the row's. (The partials kernel replaces torch's ``vector_norm``, which was slower at M = 16 and 128.)
 
 Hopper fp8 wgmma accumulates in reduced precision over all of K (Triton's default on sm_90, like
 torch._scaled_mm's use_fast_accum); ``test_cuda_fast_accum_sqnr`` holds it above 40 dB against the
-fp32-accumulated reference. Measured on H100 (``benchmarks/sweep.py``, 14336x4096 / 4096x14336, per
-row) against this file's earlier fp8-only kernels: M=1 27.8 / 28.7 us (was 36.0 / 50.6), M=16
-28.9 / 31.2 (35.7 / 62.2), M=128 32.1 / 44.1 (38.7 / 63.5), M=1024 108.9 / 108.2 (119.6 / 133.8).
+fp32-accumulated reference. The configs are the int8 dynamic file's, tuned for both code types there; their
+evidence: ``python -m benchmarks.sweep --families fp8dq`` (with a ``scaled_mm`` row from M = 128 on).
 """
 
 from __future__ import annotations

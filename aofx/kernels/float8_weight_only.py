@@ -13,10 +13,8 @@ tensor-core tiles with the converted weight as wgmma's register A operand (``swa
 splits where the tiles alone cannot fill the GPU, and at large M the weight dequantized to x.dtype
 once, then cuBLAS (the ``dequant`` path). With bf16 x the M <= 16 tiles convert e4m3 -> bf16 with a
 bit trick in inline PTX (``int8_weight_only._E4M3_TO_BF16_ASM``) instead of the hardware conversions.
-Measured on H100 against this file's own earlier kernels (``benchmarks/sweep.py``, 14336x4096 /
-4096x14336, before that bit trick): M=16 30.3 / 31.6 us (was 35.6 / 51.5), M=128
-46.7 / 51.6 us (was 58.2 / 72.2), M=1 25.7 / 25.7 us (was 25.2 / 30.4); M=1024 with ``dequant``
-224 / 220 us (the in-loop tiles took 280 / 223 in the same run).
+The config table and its reasons are in ``int8_weight_only.py``; the timings for these codes come from
+``python -m benchmarks.sweep --families fp8wo``.
 """
 
 from __future__ import annotations

@@ -275,11 +275,9 @@ def _int4_mm_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # The group's scale and zero (2-byte loads, too narrow for cp.async, so not in Triton's pipeline) are
-    # loaded one step ahead into registers, not in the step that uses them (measured 7-12% faster at
-    # M = 64-128; see the config notes). Clamped into K: the last step re-reads, and an empty split
-    # reads, a valid group. Read as int32 words (as the gemv does) and pipelined with the tiles, they
-    # were slower at every M from 16 to 256: 32.4 / 29.3 us at M = 16, 61.6 / 64.3 at M = 128, against
-    # 30.3 / 27.8 and 55.1 / 53.1 this way (14336x4096 / 4096x14336, one run).
+    # loaded one step ahead into registers, not in the step that uses them, so the step does not wait on
+    # them. Clamped into K: the last step re-reads, and an empty split reads, a valid group. (Read as int32
+    # words and pipelined with the tiles, as the gemv does, they were slower here at every M from 16 to 256.)
     g_next = tl.minimum(k_start, K - BLOCK_K) // GROUP_SIZE
     s_next = tl.load(s_rows + g_next * stride_sg)  # (BN,)
     z_next = tl.load(z_rows + g_next * stride_sg)
@@ -407,39 +405,19 @@ class Int4Config:
 
 
 # (largest M of the bucket, config); the first bucket with M <= bound wins, the last covers the rest.
-# Measured on H100 (benchmarks/bench_layers.py stacks, 14336x4096 and 4096x14336, group 128):
-#   M=1 gemv (benchmarks/sweep.py, two runs, within 0.1 us of each other; 14336x4096 / 4096x14336 /
-#       4096x4096 / 1024x4096), with the scales and zeros pipelined as int32 words and 4 shifts a word:
-#       8 rows x 512 codes, 2 warps, 3 stages: 19.0 / 21.0 / 8.0 / 5.8 us; 4 rows x 1024 codes, 2 warps,
-#       4 stages: 20.5 / 18.2-18.3 / 7.7 / 4.1, so it takes the layers with fewer than 1024 row tiles of 8.
-#       The kernel before (2-byte scale loads waiting in every step, 8 shifts a word) with its configs,
-#       4 rows x 512 codes (2 warps, 4 stages) and 4 x 1024 (4 warps, 3 stages): 21.0 / 21.0 / 8.3 / 4.4.
-#       Also tried: 4 x 512 with 1 warp (19.3 / 18.3 / 7.5 / 4.7), 16 x 512 (19.1 / 21.8), 8-16 x 1024
-#       with 4 warps (19.6-19.7 / 18.7-19.1). A stream-K gemv (an earlier kernel, fp32 atomics into a
-#       zero-filled workspace): 22.7-22.8 / 23.5-23.7 / 10.1-10.2 / 6.5 us; split K 2-4: 26.9-30.2 us.
-#       The floor: a plain streaming read of the same packed weight (a Triton XOR-reduce of int32
-#       words, 512-2048 words x 4-16 steps a program, no x, scales or stores) took 14.9-15.9 us on
-#       both scored shapes (scratch driver, one run; the gemv 19.0 / 18.2 us in that run).
-#   mm, with the PTX dequantization (a scratch driver on benchmarks/sweep.py's harness, one run; the
-#   byte-tile fp32 kernel it replaced in brackets, same run): M=16 16x128x128 swap_ab, 8 warps, 3 stages:
-#       30.0 / 27.9 us (32.7 / 30.1); 16x64x128 4 warps: 28.8 / 44.9 (its split K 4 on 4096x14336);
-#       16x256x128: 38.2 / 39.0. Permuting K so that a packed pair needs no repacking (fewer instructions,
-#       x permuted in registers) was slower: 37.1 / 39.2 us.
-#   mm, scale and zero loaded one step ahead (scratch driver, one run; the same config loading them in
-#       their own step in brackets): M=64 43.7 / 38.3 us (45.7 / 42.3), M=128 54.4 / 53.0 (58.6 / 60.1),
-#       M=16 30.3 / 27.9 (29.8 / 28.0). The numbers below are from before this change.
-#   M=64 64x128x64 swap_ab, 4 warps, 4 stages: 45.7 / 42.1 us against 74.1 / 76.5 for 64x256x64 8 warps
-#       (the bucket's config before); 64x128x128 4 warps 3 stages: 45.8 / 45.8.
-#   M=128 128x128x64 without swap, 8 warps, 4 stages: 59.0 / 59.8 us (60.6 / 60.2); 128x128x128: 67.5 / 66.6;
-#       128x256x64: 80.3 / 83.7; 64x128x128 swap_ab 4 warps: 71.0 / 74.2. 128x128x64 swap_ab with 8 warps
-#       took 53.4 / 52.1 us but returned wrong results (SQNR -43 to -26 dB, varying from call to call) on
-#       14336x4096 with split K 2 in every call, on 4096x14336 with split 8 in some, and also with a
-#       split-K workspace in place of the atomics; with 4 warps and on smaller shapes it was right. No
-#       table uses it.
-#   M>256 dequant (benchmarks/sweep.py, 14336x4096 / 4096x14336): M=1024 213 / 208 us, M=512 147 / 137 us,
-#       against 350 / 386 and 166 / 378 for mm 256x128x64 (an earlier run); at M=256 the M<=256 bucket's mm
-#       stays ahead, 90 / 104 against 113 / 124. Dequant tiles of 8-64 rows x 128-512 codes, 2-8 warps:
-#       within 2% of each other (the copy alone: ~60 us, 2.4 TB/s).
+#   M <= 2: the CUDA-core gemv, 8 rows x 512 codes (GEMV_WIDE below for narrow layers). One program walks
+#       all of K: stream-K (atomics into a workspace) and K splits were slower, and no other row or warp count
+#       was clearly faster.
+#   M <= 64: 16- or 64-row tiles with swap_ab, so the dequantized weight tile is the MMA's A operand and
+#       x's few rows the narrow side; select_config splits K to fill the GPU. (Permuting K so that a packed
+#       pair needs no repacking was slower.)
+#   M <= 256: 128x128x64 without swap_ab, 8 warps: larger K or N tiles, and 64x128 swap_ab tiles, were slower.
+#       With swap_ab and split K it returns wrong results: test_known_bugs.py::test_int4_mm_swap_ab_128x128x64_split_k.
+#   larger: dequant, then cuBLAS (kernels.DEQUANTIZE_MAX_BYTES); at M = 256 the mm bucket is still ahead. The
+#       copy is a memory-bound stream, so its tile shape matters little.
+# Evidence: `python -m benchmarks.sweep --families int4` times each bucket's config ("default") beside
+# sweep.py's candidates (gemv tiles at M = 1, mm tiles per bucket); the data belongs in
+# benchmarks/results/tuning/ once a sweep has been run there.
 CONFIGS = (
     (2, Int4Config("gemv", block_n=8, block_k=512, num_warps=2, num_stages=3)),
     (16, Int4Config("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_warps=8, num_stages=3)),

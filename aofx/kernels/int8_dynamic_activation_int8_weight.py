@@ -12,8 +12,8 @@ the epilogue, then cast. ``round`` is round-half-to-even like ``torch.round`` (t
 divided by s_x exactly as an IEEE division (``tl.div_rn``) does, so the codes are bit-identical to the
 reference's. (Multiplying by ``1 / s_x`` alone would flip codes by 1 in a few percent of rows: x = amax / 2
 and similar exact ties are common with bf16/fp16 inputs.) The per-token kernel gets the IEEE quotient from
-that product plus one fma correction (``_divide``), cheaper than the division (K = 14336, M = 128: 4.9 us
-against 6.8 us a call). s_x = amax / 127 is an IEEE division, as in ``numerics.safe_scale``.
+that product plus one fma correction (``_divide``), cheaper than the division. s_x = amax / 127 is an IEEE
+division, as in ``numerics.safe_scale``.
 
 Kernel paths (``KernelConfig.path``):
   ``fused_gemv`` (M = 1 where 4-row programs number >= 128; with e4m3 codes, rows of <= 4096 codes only):
@@ -22,7 +22,7 @@ Kernel paths (``KernelConfig.path``):
            (so the same codes), and multiplies on the CUDA cores: int8 codes as int32 words with one
            ``dp4a`` per word pair when K % 4 == 0 (exact int32 sums), e4m3 codes in fp32. A row of up to
            BLOCK_K codes stays in registers; longer rows go in chunks (x re-read from L2, weights a chunk
-           ahead). It saves the per-token kernel's launch (about 2 us in a CUDA graph).
+           ahead). It saves the per-token kernel's launch.
   ``gemv`` (M = 1 otherwise): the per-token kernel below writes xq and s_x, then ``int8_weight_only``'s
            CUDA-core GEMV (its config and its row kernel) reads the codes (``x_codes``): exact int8 x int8
            products, summed exactly, scaled in the epilogue. With K % 4 == 0 it reads x and the weight rows
@@ -41,11 +41,9 @@ Kernel paths (``KernelConfig.path``):
            with int8 (``_INT8_LARGE``). Up to M = 256, a shape that still has fewer than 128 tiles splits K (up to
            ~256 programs).
   ``fused``: the activation quantization is fused into the GEMM prologue. Each program loops over K for
-           the amax of its BLOCK_M rows, then quantizes x tiles on the fly (``_divide``). Measured slower
-           at M = 16 (scratch driver, one run, int8 and e4m3 alike): 14336x4096 31.0-32.2 us over four tiles
-           against 28.4 for ``quantized``, 4096x14336 43-141 us against 30.2-31.0; every program redoes the
-           amax over all of K and the quantization of its x tiles. (With an IEEE division per element, M = 1
-           on 14336x4096 took 107 us against 29.)
+           the amax of its BLOCK_M rows, then quantizes x tiles on the fly (``_divide``: an IEEE division
+           per element would be far slower). Slower than ``quantized`` at M = 16, int8 and e4m3 alike,
+           because every program redoes the amax over all of K and the quantization of its x tiles.
 Split K stores fp32 partials into a (split_k, M, N) workspace that the launcher sums and casts.
 
 The fp8 dynamic scheme (``float8_dynamic_activation_float8_weight.py``) runs these kernels with e4m3 weights:
@@ -345,11 +343,12 @@ def _quantize_gemv_kernel(
 # ---------------------------------------------------------------- config tables
 
 # (max M, config), first match wins; block_n / block_k / split_k / swap_ab are refined per shape in
-# select_config. Measured on H100 (4-layer CUDA-graph stacks): from M = 2 on, quantizing x once in its own
-# kernel beats the fused prologue (see the module docstring).
-# M = 1024 (benchmarks/sweep.py, one run): 256 x 128 x 128 with swap_ab, 3 stages: int8 134 / 130 us, e4m3
-# 109 / 109 us (14336x4096 / 4096x14336), as fast as or faster than 128 x 256 x 128 in every case (int8 codes
-# now take _INT8_LARGE there, below).
+# select_config. From M = 2 on, quantizing x once in its own kernel beats the fused prologue (see the module
+# docstring). M > 256 (e4m3 codes; int8 codes take _INT8_LARGE below): 256 x 128 x 128 with swap_ab, 3 stages,
+# at least as fast as 128 x 256 x 128.
+# Evidence for these tables: `python -m benchmarks.sweep --families int8dq,fp8dq` times each default config
+# beside sweep.py's candidate grid (the per-token kernel and gemv at M = 1, "quantized" tiles at M >= 64); the
+# data belongs in benchmarks/results/tuning/ once a sweep has been run there.
 _TABLE = (
     (16, KernelConfig("quantized", block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)),
     (128, KernelConfig("quantized", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)),
@@ -358,31 +357,23 @@ _TABLE = (
 )
 # M > 256 with int8 codes: Triton's pipeliner keeps only fp32-accumulator wgmma in flight across K steps (an
 # int32 accumulator gets a wait for its wgmma in every step, seen in the TTGIR), so int8 tiles run best two to
-# an SM, one's wgmma overlapping the other's wait: 128 x 128 x 128, 4 warps, 3 stages (96 KB). Sweep driver on
-# benchmarks/sweep.py, one run, 14336x4096 / 4096x14336 / 4096x4096 / 1024x4096: M = 1024 113.5 / 116.7 / 35.0
-# / 26.9 us against 135.9 / 130.0 / 40.6 / 36.7 for the 256 x 128 table entry; M = 512 62.6 / 90.7 / 28.2 / 25.2
-# against 71.9 / 114.4 / 36.5 / 34.8. (ncu, M = 1024, 14336x4096: the 256 x 128 kernel at 48% SM throughput
-# with int8, 66% with e4m3, whose wgmma is asynchronous; e4m3 keeps the table's entry, 107.3 / 107.0 us
-# against 115.8 / 112.2 for 128 x 128 x 128.)
+# an SM, one's wgmma overlapping the other's wait: 128 x 128 x 128, 4 warps, 3 stages (96 KB), faster than
+# the table's 256 x 128 entry at M = 512 and 1024 on every shape. e4m3 accumulates in fp32, whose wgmma stays
+# asynchronous, so it keeps the table's entry, which is faster for it.
 _INT8_LARGE = KernelConfig("quantized", block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=3)
-# 17 <= M <= 128 when 64 x 128 tiles are too few: 64 x 64 x 256, 6 stages of 32 KB (others measured in the
-# same sweep, 4096x14336 int8: 64 x 64 x 128 6 stages 41.4 us, 64 x 64 x 512 3 stages 39.4, 8 warps 38.3; a
-# later sweep, M = 128: 6 stages 33.9 us int8 / 33.5 e4m3 against 35.1 / 34.0 with 5)
+# 17 <= M <= 128 when 64 x 128 tiles are too few: 64 x 64 x 256, 6 stages of 32 KB: narrower, deeper-pipelined
+# tiles fill the GPU without a K split (shorter or longer K tiles, 8 warps or 5 stages were slower)
 _NARROW = KernelConfig("quantized", block_m=64, block_n=64, block_k=256, num_warps=4, num_stages=6)
-# M <= 16: from this K on, 512-wide K tiles, 5 stages (4096x14336: 30.0 us int8 / 30.9 e4m3 against 30.3 /
-# 31.2 with 4, one sweep run)
+# M <= 16: from this K on, 512-wide K tiles (as int8_weight_only._LONG_K), 5 stages (a little faster than 4)
 _LONG_K = 8192
 _LONG_K_STAGES = 5
 _MIN_SPLIT_PROGRAMS = 256
 _GEMV_WORDS_MAX_BLOCK_K = 8192  # M = 1, dp4a words: codes a step, at most (see select_config)
 # M = 1 in one launch (_quantize_gemv_kernel): 4 weight rows a program, 4 warps; rows up to
 # _FUSED_GEMV_ONE_CHUNK_MAX_K codes are one chunk (x stays in registers), longer int8 rows go in chunks of
-# block_k codes (x re-read from L2). Scratch drivers on bench_layers.time_stack, H100, per-token kernel +
-# row kernel in the same runs: int8 14336x4096 / 4096x4096 / 1024x4096 23.5 / 8.7 / 3.8 us against 24.6 /
-# 10.0 / 5.4, e4m3 24.2 / 9.2 / 4.2 against 25.4 / 10.7 / 5.8 (1, 2 or 8 rows, or 8 warps: 23.8-52.2 us on
-# 14336x4096); int8 4096x14336 in chunks of 512 24.9 us against 26.0 (chunks of 1024 26.5, 2048 26.4;
-# three repeats each). Long e4m3 rows keep the two kernels (4096x14336: 10 tiles 26.8-31.3 us, one 72.5,
-# against 27.1).
+# block_k codes (x re-read from L2). One launch beats the per-token kernel + row kernel on every shape tried
+# (1, 2 or 8 rows, 8 warps, or chunks of 1024-2048 codes were slower); long e4m3 rows keep the two kernels,
+# which no fused tile clearly beat there.
 _FUSED_GEMV = KernelConfig("fused_gemv", block_m=1, block_n=4, block_k=512, num_warps=4, num_stages=1)
 _FUSED_GEMV_ONE_CHUNK_MAX_K = 4096
 ONE_ROW_PATHS = ("fused_gemv", "gemv")  # the M = 1 paths: the row's own amax is the tensor's
@@ -393,7 +384,7 @@ _AMAX_STAGES = 8
 _AMAX_SMEM_BYTES = 64 * 1024  # fewer stages for taller tiles (a forced fused config with BLOCK_M = 64)
 _QUANT_BLOCK_K = 2048  # per-token kernel: one program per row, K in chunks of this (two passes over x)
 _QUANT_ONE_PASS_MAX_K = 16384  # up to this K a row stays in registers (<= 64 fp32 per thread at 8 warps)
-_QUANT_NUM_WARPS = 8  # doubled for one-pass rows longer than 4096 (measured: 28 us against 32 us, M=1024 K=14336)
+_QUANT_NUM_WARPS = 8  # doubled for one-pass rows longer than 4096 (half the registers a thread; faster)
 _QUANT_FEW_ROWS = 16  # up to this M, each row is quantized by K / _QUANT_BLOCK_K programs (one tile each),
 _QUANT_FEW_ROWS_ONE_PASS_MAX_K = 4096  # unless the row is this short: then one program holds it (one pass)
 _QUANT_STAGES = 4  # software pipeline of the amax pass (when the row does not fit one tile)
@@ -413,8 +404,8 @@ def select_config(M: int, N: int, K: int, fp8: bool = False) -> KernelConfig:
             return dataclasses.replace(_FUSED_GEMV, block_k=block_k)
         cfg = int8wo.select_config(M, N, K)
         if not fp8 and K % 4 == 0 and cfg.block_k > _GEMV_WORDS_MAX_BLOCK_K:
-            # dp4a words: steps of at most 2048 words, not int8 weight-only's one long step (4096x14336: two
-            # steps of 8192 codes took 26.2 us in two sweep runs, one step of 16384 26.7 in one of them)
+            # dp4a words: steps of at most 2048 words, not int8 weight-only's one long step (slower with words
+            # on 4096x14336)
             cfg = dataclasses.replace(cfg, block_k=_GEMV_WORDS_MAX_BLOCK_K,
                                       split_k=split_k_for(N, triton.cdiv(K, _GEMV_WORDS_MAX_BLOCK_K)))
         return cfg
@@ -428,16 +419,16 @@ def select_config(M: int, N: int, K: int, fp8: bool = False) -> KernelConfig:
             block_n //= 2
         if K >= _LONG_K:
             block_k, stages = 512, _LONG_K_STAGES
-        # y.T = W @ xq.T puts the weight rows on wgmma's 64-row side (measured 2-4% faster when N allows it).
+        # y.T = W @ xq.T puts the weight rows on wgmma's 64-row side (a little faster when N allows it).
         swap_ab = block_n >= 64
         split_k = split_k_for(triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     elif M <= 256 and triton.cdiv(M, cfg.block_m) * triton.cdiv(N, block_n) < _MIN_PROGRAMS:
         if M <= 128 and triton.cdiv(M, 64) * triton.cdiv(N, _NARROW.block_n) >= _MIN_PROGRAMS:
             # Few tiles (N = 4096: 64 at M = 128): narrower, deeper-pipelined tiles fill the GPU unsplit
-            # (4096x14336: int8 37.1 us, e4m3 36.2, against 45.2 / 44.9 for 64 x 128 split 4; sweep.py).
+            # (faster than 64 x 128 tiles split 4 ways on 4096x14336).
             return _NARROW
-        # Otherwise split K, up to ~2 programs per SM (measured 47 us at split 4 against 55 us unsplit,
-        # 4096x14336 at M = 128, before the narrow tiles).
+        # Otherwise split K, up to ~2 programs per SM (_MIN_SPLIT_PROGRAMS): idle SMs cost more than the
+        # reduction kernel.
         split_k = split_k_for(triton.cdiv(M, cfg.block_m) * triton.cdiv(N, block_n), triton.cdiv(K, block_k),
                               min_programs=_MIN_SPLIT_PROGRAMS)
     return dataclasses.replace(cfg, block_n=block_n, block_k=block_k, split_k=split_k, swap_ab=swap_ab,

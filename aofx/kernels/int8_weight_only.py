@@ -33,7 +33,7 @@ Kernel paths and M buckets (``select_config``):
   ``mm`` converts int8 -> x.dtype inside the K loop (e4m3 -> bf16 without swap_ab: ``_E4M3_TO_BF16_ASM``)
   and uses ``tl.dot`` (fp32 accumulate). With ``swap_ab``
   it computes y.T = W @ x.T, so the converted weight tile is wgmma's A operand, read from registers; as the B
-  operand it would make a round trip through shared memory (measured 1.2-1.6x slower from M = 128 on).
+  operand it would make a round trip through shared memory, which is slower from M = 128 on.
   Per-row scales go in the epilogue; per-group scales are applied to the weight tile inside the K loop
   (BLOCK_K divides group_size, so a tile lies in one group), which rounds ``q * s`` to x.dtype
   exactly as the reference's dequantization does.
@@ -94,9 +94,8 @@ def _code_to_f32(q):
 # it exactly (e4m3 subnormals are bf16 subnormals, which bf16 arithmetic keeps). Ten PTX (eight SASS)
 # integer/FMA-pipe instructions per 4 codes, in place of the hardware e4m3 -> f16 -> bf16 conversions.
 # The NaN codes 0x7f / 0xff become +-480 (quantized weights never hold NaN). Used by ``mm`` without swap_ab
-# (the M <= 16 tiles): fp8 weight-only M = 16, 14336x4096 / 4096x14336, 28.9 / 28.7 us against 30.3 / 31.6
-# with the hardware conversions; with swap_ab (M = 128 tiles) it measured 47.5 / 53.2 against 46.9 / 51.1
-# (scratch driver on benchmarks/sweep.py, one run).
+# (the M <= 16 tiles), where it beats the hardware conversions; with swap_ab (the M >= 17 tiles) it was not
+# faster, so those keep the conversions.
 # One line: Inductor's copy of the kernel source (torch 2.11) cannot hold a newline in a global string.
 _E4M3_TO_BF16_ASM = tl.constexpr(" ".join((
     "{", ".reg .b32 p<2>, m<2>, k;",
@@ -218,7 +217,7 @@ def _gemv_rows_kernel(
     # dimensions and strides (x and qdata are contiguous along K; y is a contiguous (1, N) row)
     N, stride_wn, stride_sn,
     # K is a compile-time constant: the K loop's trip count is known, so it is unrolled and every load is
-    # issued up front (with a run-time K, the same tiles measured 26.1-26.4 us against 23.4, 14336x4096 int8)
+    # issued up front (a run-time K makes the same tiles slower)
     K: tl.constexpr,
     # meta-parameters
     HAS_BIAS: tl.constexpr, X_CODES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -344,54 +343,40 @@ def _dequantize_kernel(
 # ---------------------------------------------------------------- config tables
 
 # (max M, config) per bucket, first match wins. block_n / block_k / split_k are refined per shape in
-# select_config. Measured on H100 (4-layer CUDA-graph stacks, 14336x4096 and 4096x14336): from M = 128 on,
-# swap_ab (the converted weight tile as wgmma's register A operand) beats the x @ W.T orientation by 1.2-1.6x.
-# M = 16 (benchmarks/sweep.py, one run, int8 / e4m3 weight-only and dynamic): 14 tiles of 16 x 32-128 x
-# 128-1024, 2-8 warps, 3-8 stages, swap_ab or not, were at best 0-3% faster than the selected configs.
+# select_config. From M = 17 on, swap_ab: the converted weight tile is wgmma's A operand, read from registers
+# (as B it would round-trip through shared memory). M <= 16 is memory bound: once select_config gives enough
+# programs, the tile shape barely matters (no other 16-row tile was meaningfully faster).
+# Evidence for this table and the gemv / dequant configs below: `python -m benchmarks.sweep --families
+# int8wo,fp8wo` times each default config beside sweep.py's candidate grid (gemv tiles at M = 1, mm tiles at
+# M >= 64, K splits from split_k_for); the data belongs in benchmarks/results/tuning/ once a sweep has been
+# run there.
 _MM_TABLE = (
     (16, KernelConfig("mm", block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)),
     (128, KernelConfig("mm", block_m=128, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
     (256, KernelConfig("mm", block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3, swap_ab=True)),
     (None, KernelConfig("mm", block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3, swap_ab=True)),
 )
-# gemv with per-group scales (per-row scales until _GEMV_ROWS below; the measurements here are per row):
-# 2 warps own 8 rows x 512 codes (16-byte cp.async per thread per row), 4 stages of 4 KB: small
-# programs, many per SM, so that the weight reads of many rows are in flight at once (best of 10 measured).
-# Measured against it (int8wo M=1, 14336x4096 / 4096x14336, two runs; this config took 25.9-26.0 / 25.4-25.6 us in
-# both): 8-64 rows x 256-1024 codes, 2-8 warps: 25.8-39.1 us; a persistent variant (whole row tiles per program,
-# one flat cp.async loop over (tile, K step), 4-16 programs per SM): 26.5-37.5 us. ncu: 74% of DRAM bandwidth,
-# over half of the warp stall samples waiting on cp.async. The dynamic schemes at M = 1 (per-token kernel,
-# then this gemv on the codes, fp32 products, before int8 codes took dp4a words, first with a 1-row config
-# of their own, now _GEMV_ROWS; sweep driver, two runs, 14336x4096 / 4096x14336 / 4096x4096 / 1024x4096):
-# int8 29.0 / 29.3-29.4 / 11.9 / 7.6 us against 28.7 / 29.9 / 12.8 / 10.6 for the 16-row tensor-core kernel;
-# e4m3 27.7-27.8 / 28.8 / 11.4 / 7.2 against 28.5-28.6 / 29.3 / 10.5-10.6 / 6.0 for a gemv that computed the
-# amax in every program and multiplied by 1 / s_x (faster on the small layers, but not exact). With one-pass
-# quantization (each row in one program's registers) the int8 / e4m3 times were the same or up to 1.6 us slower.
+# gemv with per-group scales (per-row scales take _GEMV_ROWS below): 2 warps own 8 rows x 512 codes (16-byte
+# cp.async per thread per row), 4 stages of 4 KB: small programs, many per SM, so that the weight reads of many
+# rows are in flight at once. Other tiles (8-64 rows x 256-1024 codes, 2-8 warps) and a persistent variant were
+# not faster.
 _GEMV = KernelConfig("gemv", block_m=1, block_n=8, block_k=512, num_warps=2, num_stages=4)
 # gemv with per-row scales: one weight row x 2048 codes a step, 4 warps, no software pipeline, run by
-# _gemv_rows_kernel (K a compile-time constant, so the loop is unrolled). 4-layer CUDA-graph stacks, one run,
-# against _GEMV (scratch driver on bench_layers.time_stack, 14336x4096 / 4096x14336 / 4096x4096 / 1024x4096): int8wo
-# 23.4 / 25.5 / 9.9 / 5.4 us against 25.7 / 25.5 / 11.3 / 5.9; e4m3 weight-only 23.9 / 24.9 / 10.0 / 5.1
-# against 25.4 / 25.3 / 11.2 / 5.8; fp8 dynamic (per-token kernel included) 25.7 / 27.7 / 12.1 / 7.3 against
-# 27.9 / 28.6 / 13.5 / 8.1. (Torch-compiled torchao int8wo, whose Inductor reduction kernel has this shape,
-# took 24.3 / 25.2 us in the same harness.) Of 1-4 rows x 1024-4096 codes, 2-8 warps, this was best or
-# within 0.3 us on every shape and scheme. The int8 dynamic scheme's dp4a words take it too (int8dq, 14336x4096 /
-# 4096x14336 / 4096x4096 / 1024x4096, per-token kernel included: 25.1 / 26.6 / 10.4 / 5.8 us against 25.4 /
-# 27.0 / 10.6 / 6.0 for the pipelined gemv on the same words; scratch driver on benchmarks/sweep.py, one run).
+# _gemv_rows_kernel (K a compile-time constant, so the loop is unrolled and all its loads are issued at once).
+# As fast as or faster than _GEMV for int8 and e4m3 weights and for the dynamic schemes' codes (dp4a words
+# included); of 1-4 rows x 1024-4096 codes and 2-8 warps, it was the best or close to it on every shape and
+# scheme.
 _GEMV_ROWS = KernelConfig("gemv", block_m=1, block_n=1, block_k=2048, num_warps=4, num_stages=1)
 # Rows longer than _GEMV_ROWS.block_k * 4 and at most this long are one masked step of next_power_of_2(K)
-# codes. K = 14336 (4096x14336, same driver, one run): int8wo 24.4 us against 25.4 for 7 steps of 2048, e4m3
-# weight-only 24.3 against 25.0, fp8 dynamic 27.2 against 27.7; steps of 4096 or 8192 (the last one partly
-# masked) were slower, 25.5-35.6 us. At K = 4096 one step was not faster (int8wo 4096x4096: 9.4 against 9.0).
+# codes: at K = 14336 one step beats seven of 2048 (and steps of 4096 or 8192); at K = 4096 it does not, hence
+# the lower bound.
 _ROWS_ONE_STEP_MAX_K = 16384
-# gemv where 8-row tiles are fewer than 2 * _MIN_PROGRAMS (N < 2048): 4 rows x 1024 codes (1024x4096, sweep
-# driver, two runs: int8wo 4.5 / 4.5 us against 5.0 / 5.0, int8 dynamic 6.9 / 6.9 against 7.6 / 7.6, fp8
-# dynamic 6.7 / 6.6 against 7.2 / 7.2; on 4096x4096 it lost, 9.7 against 9.3 us)
+# gemv where 8-row tiles are fewer than 2 * _MIN_PROGRAMS (N < 2048): 4 rows x 1024 codes, twice the programs
+# for small layers (faster on 1024x4096; on 4096x4096 _GEMV wins, hence the bound)
 _GEMV_NARROW = KernelConfig("gemv", block_m=1, block_n=4, block_k=1024, num_warps=2, num_stages=4)
-# dequant (benchmarks/sweep.py, one run, int8 / e4m3, 14336x4096 and 4096x14336): M=1024 230 / 224 us and
-# 224 / 220 us against 269 / 227 and 280 / 223 for the mm 256 x 128 bucket; M=512 158 / 152 and 155 / 148
-# against 124 / 216 and 123 / 213 (only 64 tiles of 256 x 128 at N = 4096); M=256 mm stays ahead (86-93 us
-# against 119-133). Tiles of 8-64 rows x 256-1024 codes, 2-8 warps: within 14%; the copy alone ~70 us.
+# dequant (kernels.DEQUANTIZE_MAX_BYTES): beats the in-loop mm tiles at M > 512, and at M > 256 where the
+# 256 x 128 tiles are fewer than _MIN_PROGRAMS (N = 4096) and leave SMs idle; at M = 256 mm stays ahead. The
+# copy is a memory-bound stream, so its tile shape matters little.
 _DEQUANT = KernelConfig("dequant", block_m=1, block_n=16, block_k=256, num_warps=2)
 _LONG_K = 8192  # M <= 16: from this K on, 512-wide K tiles (fewer, longer programs need more bytes per stage)
 
@@ -399,9 +384,8 @@ _LONG_K = 8192  # M <= 16: from this K on, 512-wide K tiles (fewer, longer progr
 _MIN_PROGRAMS = 128
 _SMS = 132  # H100 SXM
 # M <= 16, K < _LONG_K, per-row scales: 128-row weight tiles where they make one wave of 104-132 programs, one
-# per SM (14336x4096, scratch driver on benchmarks/sweep.py, one run: int8wo 27.6 us against 28.7 for the
-# 224 64-row tiles, e4m3 28.0 against 29.0). Other N keep the narrowing rule below (int8wo 4096x14336: 32-row
-# tiles, 128 programs, 28.3 us; 64 rows 41.1, 128 rows 53.3).
+# per SM (a little faster than twice as many 64-row tiles). Other N keep the narrowing rule below, which is
+# much faster there than wide tiles.
 _WIDE_M16_BLOCK_N = 128
 _WIDE_M16_PROGRAMS = 104
 _SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (sm_90 allows 227 KB)
@@ -442,7 +426,7 @@ def select_config(M: int, N: int, K: int, group_size: int = 0) -> KernelConfig:
     if M <= 16:
         wide = K < _LONG_K and not group_size and _WIDE_M16_PROGRAMS <= triton.cdiv(N, _WIDE_M16_BLOCK_N) <= _SMS
         if wide:
-            block_n = _WIDE_M16_BLOCK_N  # one wave of wide tiles, K unsplit (split 2: 35.8 us against 27.7)
+            block_n = _WIDE_M16_BLOCK_N  # one wave of wide tiles, K unsplit (a K split is slower here)
         else:
             # Memory bound: narrow the weight tile before splitting K, so no reduction kernel is needed.
             while block_n > 32 and triton.cdiv(N, block_n) < _MIN_PROGRAMS:
@@ -454,7 +438,7 @@ def select_config(M: int, N: int, K: int, group_size: int = 0) -> KernelConfig:
         split_k = 1 if wide else split_k_for(triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     elif M <= 256 and triton.cdiv(M, cfg.block_m) * triton.cdiv(N, block_n) < _MIN_PROGRAMS and not group_size:
         # Few tiles (N = 4096: 64 programs at M = 128) leave SMs idle for a whole long K loop: split K,
-        # with the larger 128 x 128 tile (measured 51.8 us against 73 us for 128 x 64 split 2, 4096x14336).
+        # with the larger 128 x 128 tile (faster than splitting the 128 x 64 tiles).
         cfg, block_n = _MM_TABLE[2][1], _MM_TABLE[2][1].block_n
         split_k = split_k_for(triton.cdiv(M, cfg.block_m) * triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     else:
