@@ -412,7 +412,7 @@ class Int4Config:
 #       x's few rows the narrow side; select_config splits K to fill the GPU. (Permuting K so that a packed
 #       pair needs no repacking was slower.)
 #   M <= 256: 128x128x64 without swap_ab, 8 warps: larger K or N tiles, and 64x128 swap_ab tiles, were slower.
-#       With swap_ab and split K it returns wrong results: test_known_bugs.py::test_int4_mm_swap_ab_128x128x64_split_k.
+#       With swap_ab and split K it returned wrong results: test_known_bugs.py::test_int4_mm_swap_ab_128x128x64_split_k.
 #   larger: dequant, then cuBLAS (kernels.DEQUANTIZE_MAX_BYTES); at M = 256 the mm bucket is still ahead. The
 #       copy is a memory-bound stream, so its tile shape matters little.
 # Evidence: `python -m benchmarks.sweep --families int4` times each bucket's config ("default") beside

@@ -25,7 +25,7 @@ SQNR_FLOOR_DB = 30.0
 INT4_SWAP_AB_128 = int4.Int4Config("mm", block_m=128, block_n=128, block_k=64, swap_ab=True, num_warps=8,
                                    num_stages=4)
 INT4_SWAP_AB_128_BUG = (
-    "int4 mm 128x128x64 swap_ab with 8 warps returns wrong results on H100 (SQNR -43 to -26 dB, varying from "
+    "int4 mm 128x128x64 swap_ab with 8 warps returned wrong results on H100 (SQNR -43 to -26 dB, varying from "
     "call to call): 14336x4096 with split K 2 in every call, 4096x14336 with split 8 in some; also with a "
     "split-K workspace in place of the atomics; right with 4 warps and on smaller shapes")
 
