@@ -17,7 +17,8 @@ weight is packed:
   (``.to(dtype)``, ``.half()``, ``.float()``) never casts packed codes or scales. It changes the
   dtype the layer computes in, as it does for a float layer.
 * pickling (``torch.save``, ``pickle``, ``copy.deepcopy``) rebuilds the generated class from the
-  original one; captured graphs are not pickled but captured again on first use.
+  original one. Captured graphs are not pickled: a standard linear takes (or captures, while
+  unpickling) the shared graph of its key; other units capture again on their first eager call.
 * ``extra_repr`` adds the scheme.
 
 The packed tensors are buffers named ``<prefix><key>`` (``qdata``, ``scale``, ``zero``), where the
@@ -253,6 +254,15 @@ class QuantizedModule:
                 w.dtype = probe.dtype
         refresh_shared(self)
         return self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        layer = self.__dict__["_aofx"]
+        if layer.shared_key is not None and not layer.captures:
+            # Unpickled in a process that has no graph for this key: capture it now, eagerly, so a
+            # torch.compile or torch.export right after loading finds it.
+            layer.shared_key = None
+            refresh_shared(self)
 
     def __reduce_ex__(self, protocol):
         state = dict(self.__dict__)

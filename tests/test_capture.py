@@ -4,6 +4,7 @@ selection and hooks. CPU only."""
 
 import copy
 import dataclasses
+import pickle
 import warnings
 
 import pytest
@@ -383,3 +384,18 @@ def test_dtype_change_takes_a_graph_for_the_new_dtype():
     aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
     model.half()
     assert _aofx_ops(model, randn(3, 64, dtype=torch.float16)) == 2
+
+
+def test_unpickled_model_exports_with_aofx_ops_in_a_fresh_process():
+    from aofx import install
+
+    model = nn.Sequential(nn.Linear(64, 64, dtype=BF16), nn.ReLU(), nn.Linear(64, 32, dtype=BF16))
+    aofx.quantize_(model, aofx.Int4WeightOnlyConfig(group_size=32))
+    blob = pickle.dumps(model)
+    saved = dict(install._SHARED)
+    install._SHARED.clear()  # as in a new process: no shared graph yet
+    try:
+        loaded = pickle.loads(blob)
+        assert _aofx_ops(loaded, randn(3, 64)) == 2  # no layer fell back to dequantizing
+    finally:
+        install._SHARED.update(saved)
