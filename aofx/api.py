@@ -20,9 +20,9 @@ from torch import nn
 
 from aofx import passes  # noqa: F401  (registers the built-in passes)
 from aofx.capture import Seen, export_unit, run_examples
-from aofx.configs import AOBaseConfig, FqnToConfig, describe
+from aofx.configs import AOBaseConfig, FqnToConfig
 from aofx.install import (QuantizedModule, QuantizedWeight, _SHARED, install, linear_like, rewrite_capture,
-                          shared_key, standard_linear)
+                          shared_key)
 from aofx.registry import check_registered, find_handler, find_pass
 
 log = logging.getLogger("aofx")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from torch import nn
 
 from aofx.api import quantize_, quantized_configs
