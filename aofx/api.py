@@ -346,14 +346,12 @@ def _capture(units: list, skipped: list) -> list:
 
 def _examples(unit: _Unit) -> list:
     """Inputs to capture a unit with: the recorded ones (not for a standard linear, whose graph is
-    shared), then, for a one-weight linear layer, two rows of zeros (M stays dynamic)."""
+    shared), then, for a one-weight linear layer, two rows of zeros."""
     out = [unit.inputs] if unit.inputs is not None and unit.key is None else []
     if len(unit.weights) == 1:
         (w,) = unit.weights.values()
         if linear_like(unit.module) is not None:
-            weight = unit.module._parameters[w.name]
-            k = w.shape[0] if w.transposed else w.shape[1]
-            out.append(((torch.zeros(2, k, dtype=w.dtype, device=weight.device),), {}))
+            out.append(((w.example_rows(unit.module._parameters[w.name].device),), {}))
     return out
 
 

@@ -1,8 +1,8 @@
 """``torch.export`` capture of one module, and running the rewritten graph against its live state.
 
 ``run_examples`` runs a model once on ``example_inputs`` and records which parameters ``F.linear``
-receives and each module's first inputs. A capture unit is one module: a selected ``nn.Linear`` (or ``Conv1D``), or a module that owns a
-weight used through ``F.linear``. ``export_unit`` exports its ``forward`` (hooks excluded: the
+receives and each module's first inputs. A capture unit is one module: a selected ``nn.Linear``
+(or ``Conv1D``), or a module that owns a weight used through ``F.linear``. ``export_unit`` exports its ``forward`` (hooks excluded: the
 module's own ``__call__`` runs them) in training IR, every tensor dimension ``Dim.AUTO``. The lifted
 graph takes every parameter, buffer and constant as a placeholder; after the passes,
 ``CapturedGraph`` runs it at each call with the unit's current tensors, read by fqn, so ``.to()``,
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import sympy
 import torch
@@ -124,10 +125,15 @@ def _size_range(size) -> tuple:
     return lower, upper, (str(expr) if getattr(expr, "is_Symbol", False) else None)
 
 
+class _TensorGuard(NamedTuple):
+    dtype: torch.dtype
+    sizes: tuple  # per dimension: (lowest, highest or None, symbol or None)
+
+
 def _guard(example):
-    """What a later input must match: ``(dtype, per-dimension ranges)`` or the constant itself."""
+    """What a later input must match: a ``_TensorGuard``, or the constant itself."""
     if isinstance(example, torch.Tensor):
-        return example.dtype, tuple(_size_range(s) for s in example.shape)
+        return _TensorGuard(example.dtype, tuple(_size_range(s) for s in example.shape))
     return example
 
 
@@ -202,12 +208,9 @@ class CapturedGraph:
         symbols = {}
         for guard, value in zip(self.guards, leaves):
             if isinstance(value, torch.Tensor):
-                if not isinstance(guard, tuple) or len(guard) != 2 or not isinstance(guard[0], torch.dtype):
+                if not isinstance(guard, _TensorGuard) or value.dtype != guard.dtype or value.dim() != len(guard.sizes):
                     return False
-                dtype, sizes = guard
-                if value.dtype != dtype or value.dim() != len(sizes):
-                    return False
-                for (lower, upper, symbol), v in zip(sizes, value.shape):
+                for (lower, upper, symbol), v in zip(guard.sizes, value.shape):
                     if lower == upper:
                         if v != lower:
                             return False

@@ -86,6 +86,11 @@ class QuantizedWeight:
     def target(self, packed_nodes: list) -> Target:
         return Target(self.rewrite, self.config, packed_nodes, self.transposed)
 
+    def example_rows(self, device) -> torch.Tensor:
+        """Two rows of zeros (M, K) to capture a linear layer with: M stays dynamic (a size-1
+        example dimension would be specialized)."""
+        return torch.zeros(2, self.shape[0] if self.transposed else self.shape[1], dtype=self.dtype, device=device)
+
     def pack(self, value: torch.Tensor, device=None) -> dict:
         """Quantize a float weight stored as the layer stores it; contiguous packed tensors."""
         weight = value.detach().t() if self.transposed else value.detach()  # (N, K)
@@ -109,11 +114,6 @@ class LayerState:
 
     def __getstate__(self):
         return {"weights": self.weights, "captures": [], "shared_key": self.shared_key, "uncapturable": False}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if self.shared_key is not None and self.shared_key in _SHARED:
-            self.captures = [_SHARED[self.shared_key]]
 
     @property
     def scheme(self) -> str:
@@ -258,9 +258,9 @@ class QuantizedModule:
     def __setstate__(self, state):
         super().__setstate__(state)
         layer = self.__dict__["_aofx"]
-        if layer.shared_key is not None and not layer.captures:
-            # Unpickled in a process that has no graph for this key: capture it now, eagerly, so a
-            # torch.compile or torch.export right after loading finds it.
+        if layer.shared_key is not None:
+            # Take this process's graph for the key, or capture it now, eagerly, so a torch.compile
+            # or torch.export right after loading finds one.
             layer.shared_key = None
             refresh_shared(self)
 
@@ -362,7 +362,6 @@ def refresh_shared(module: nn.Module) -> None:
         return
     if key not in _SHARED:
         (w,) = state.weights.values()
-        device = module._buffers[w.buffer_names()[0]].device
-        rows = torch.zeros(2, w.shape[0] if w.transposed else w.shape[1], dtype=w.dtype, device=device)  # (M, K)
+        rows = w.example_rows(module._buffers[w.buffer_names()[0]].device)
         _SHARED[key] = capture_quantized(module, (rows,), {})
     state.shared_key, state.captures = key, [_SHARED[key]]
