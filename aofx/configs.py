@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from aofx.numerics import INT4_GROUP_SIZES
+from aofx.numerics import GROUP_SIZES
 
 
 class AOBaseConfig(abc.ABC):
@@ -43,12 +43,12 @@ Granularity = Union[PerTensor, PerRow]
 def _check_group_size(config, group_size, allow_none: bool) -> None:
     if group_size is None and allow_none:
         return
-    allowed = ", ".join(map(str, INT4_GROUP_SIZES)) + (" or None (per channel)" if allow_none else "")
+    allowed = ", ".join(map(str, GROUP_SIZES)) + (" or None (per channel)" if allow_none else "")
     # 128.0 == 128 and True == 1: only an integer that is not a bool is a group size
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral)):
         raise TypeError(f"{type(config).__name__}: group_size={group_size!r} ({type(group_size).__name__}) "
                         f"is not an int; use {allowed}")
-    if group_size not in INT4_GROUP_SIZES:
+    if group_size not in GROUP_SIZES:
         raise ValueError(f"{type(config).__name__}: group_size={group_size!r} is not supported; use {allowed}")
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 TINY = torch.finfo(torch.float32).tiny
 BF16_MAX = torch.finfo(torch.bfloat16).max
-INT4_GROUP_SIZES = (32, 64, 128, 256)
+GROUP_SIZES = (32, 64, 128, 256)  # the legal group sizes of every grouped scheme (configs and kernels check them)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 
 

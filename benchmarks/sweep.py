@@ -4,9 +4,12 @@ Each candidate is a kernel launcher with a forced config, timed exactly as ``ben
 ops (a CUDA-graph stack of distinct layers, median replay) next to bf16 ``F.linear`` in the same run, and
 checked against its ``aofx.numerics`` reference first (SQNR >= 30 dB, or it is reported as wrong).
 
-    python -m benchmarks.sweep --families int4,fp8wo --out /tmp/sweep.json
+    python -m benchmarks.sweep                          # every family: benchmarks/results/tuning/<family>.json
+    python -m benchmarks.sweep --families int4:1+16 --shapes 4096x14336 --out-dir /tmp/tuning
 
-Prints one line per candidate and the best per (family, shape, M); writes every row as JSON.
+Prints one line per candidate and the best per (family, shape, M); writes every row of a family as a JSON list
+to ``<out-dir>/<family>.json`` (rows carry the GPU's name). The config tables in ``aofx/kernels/<scheme>.py``
+point to these files: a table's entry is the "default" row, the other rows are what it was chosen over.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from aofx.kernels import float8_weight_only as fp8wo
 from aofx.kernels import int4_weight_only as int4
 from aofx.kernels import int8_dynamic_activation_int8_weight as int8dq
 from aofx.kernels import int8_weight_only as int8wo
+from aofx.kernels.common import KernelConfig, split_k_for
 from benchmarks import bench_layers as bl
 
-KC = int8wo.KernelConfig
+KC = KernelConfig
 
 
 def _int4(M, N, K):
-    c = int4.Int4Config
+    c = KernelConfig
     cands = {"default": int4.select_config(M, N, K, 128)}
     if M == 1:
         for bn, bk, w, st in ((4, 512, 2, 4), (4, 1024, 4, 3), (4, 1024, 2, 4), (4, 512, 1, 4), (8, 512, 2, 3),
@@ -47,9 +51,9 @@ def _int4(M, N, K):
                                        (128, 128, 128, 8, 3, False)):
             cands[f"mm {bm}x{bn}x{bk} w{w} s{st} swap{int(swap)}"] = c(
                 "mm", block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, swap_ab=swap)
-    stored = lambda w: numerics.quantize_int4(w, 128)  # noqa: E731
-    call = lambda cfg: lambda x, q, s, z: int4.linear(x, q, s, z, 128, config=cfg)  # noqa: E731
-    ref = lambda x, q, s, z: numerics.int4_weight_only_linear(x, q, s, z, 128)  # noqa: E731
+    stored = lambda w: numerics.quantize_int4(w, 128)
+    call = lambda cfg: lambda x, q, s, z: int4.linear(x, q, s, z, config=cfg)
+    ref = lambda x, q, s, z: numerics.int4_weight_only_linear(x, q, s, z, 128)
     return stored, ref, {k: call(v) for k, v in cands.items()}
 
 
@@ -75,12 +79,13 @@ def _mm_grid(M, path):
 
 def _split_auto(cfg, N, K, M):
     import dataclasses
+
     import triton
     tiles = triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m)
     min_programs = 128 if cfg.path == "gemv" else 256
     if cfg.path != "gemv" and M > 256:
         return cfg
-    return dataclasses.replace(cfg, split_k=int8wo.split_k_for(tiles, triton.cdiv(K, cfg.block_k), min_programs))
+    return dataclasses.replace(cfg, split_k=split_k_for(tiles, triton.cdiv(K, cfg.block_k), min_programs))
 
 
 def _weight_only(per_row_fp8):
@@ -107,7 +112,7 @@ def _dynamic(fp8):
         if fp8 and M >= 128:
             cands["scaled_mm"] = _scaled_mm
         if fp8:
-            ref = lambda x, q, s: numerics.float8_dynamic_activation_float8_weight_linear(x, q, s, True)  # noqa: E731
+            ref = lambda x, q, s: numerics.float8_dynamic_activation_float8_weight_linear(x, q, s, True)
             return (lambda w: numerics.quantize_float8(w, per_row=True)), ref, cands
         return numerics.quantize_int8, numerics.int8_dynamic_activation_int8_weight_linear, cands
     return family
@@ -164,15 +169,19 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--min-stack-mb", type=float, default=100.0)
     p.add_argument("--rep-ms", type=float, default=30.0)
-    p.add_argument("--out", type=Path, default=Path("sweep.json"))
+    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/tuning"))
     args = p.parse_args(argv)
-    rows = []
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name()
     for spec in args.families.split(","):
         family, _, ms = spec.partition(":")  # "int4:1+16" limits the Ms of one family
         ms = [int(m) for m in ms.split("+")] if ms else args.m
+        rows = []
         for N, K in args.shapes:
             sweep_shape(family, N, K, ms, args, rows)
-            args.out.write_text(json.dumps(rows, indent=1))
+            for row in rows:
+                row["gpu"] = gpu
+            (args.out_dir / f"{family}.json").write_text(json.dumps(rows, indent=1))
     return 0
 
 

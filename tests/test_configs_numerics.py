@@ -141,7 +141,7 @@ def test_float_group_size_is_a_type_error(cls):
 
 
 def test_int_group_sizes_still_accepted():
-    for gs in numerics.INT4_GROUP_SIZES:
+    for gs in numerics.GROUP_SIZES:
         assert Int4WeightOnlyConfig(group_size=gs).group_size == gs
         assert type(Int8WeightOnlyConfig(group_size=gs).group_size) is int
     assert Int8WeightOnlyConfig(group_size=None).group_size is None

@@ -67,13 +67,19 @@ def test_kernel_string_constants_fit_one_line():
     string literal; on torch 2.11 a newline in one (an inline-PTX string) breaks that source's syntax."""
     import triton.language as tl
 
-    from aofx.kernels import (float8_dynamic_activation_float8_weight, float8_weight_only, int4_weight_only,
-                              int8_dynamic_activation_int8_weight, int8_weight_only)
+    from aofx.kernels import dequant, gemv, mm, ptx, quantize
     found = {}
-    for module in (int4_weight_only, int8_weight_only, int8_dynamic_activation_int8_weight,
-                   float8_weight_only, float8_dynamic_activation_float8_weight):
+    for module in (gemv, mm, quantize, dequant, ptx):
         for name, value in vars(module).items():
             if isinstance(value, tl.constexpr) and isinstance(value.value, str):
                 found[f"{module.__name__}.{name}"] = value.value
     assert len(found) >= 2  # the int4 dequantization and the e4m3 conversion
     assert not [name for name, text in found.items() if "\n" in text]
+
+
+def test_int4_group_size_must_match_the_scale():
+    # the kernels read the group size from the scale's shape; the op's argument may not contradict it
+    x = torch.randn(3, 64, generator=seeded(7)).bfloat16()
+    qdata, scale, zero = numerics.quantize_int4(torch.randn(16, 64, generator=seeded(8)) * 0.02, 32)
+    with pytest.raises(ValueError, match="group_size=64 does not match K=64"):
+        torch.ops.aofx.int4_weight_only_linear(x, qdata, scale, zero, 64, None)

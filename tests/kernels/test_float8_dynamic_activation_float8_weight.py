@@ -22,7 +22,8 @@ import torch
 from aofx import numerics
 from aofx.kernels import float8_dynamic_activation_float8_weight as kernels
 from aofx.kernels import int8_dynamic_activation_int8_weight as int8dq
-from aofx.kernels.int8_weight_only import KernelConfig as Cfg
+from aofx.kernels import quantize
+from aofx.kernels.common import KernelConfig as Cfg
 
 # Every path with interpreter-sized blocks; "swizzle" has several row and column blocks per group.
 GEMV_CONFIGS = [  # M = 1 only
@@ -179,7 +180,7 @@ def test_interp_amax_partials(m, k, hot):
     x = make_x(m, k, torch.bfloat16)
     x[hot] = -3 * x.abs().max()
     partials = int8dq.amax_partials(x)
-    assert partials.shape == (int8dq._AMAX_PARTIALS,) and partials.dtype == torch.float32
+    assert partials.shape == (quantize.AMAX_PARTIALS,) and partials.dtype == torch.float32
     assert partials.max() == x.abs().max().float()
     _, sx = int8dq.quantize_per_token(x, fp8=True, amax=partials)
     assert torch.equal(sx, torch.full((m,), (x.abs().max().float() / numerics.FP8_MAX).item()))

@@ -13,7 +13,7 @@ import torch
 from aofx import numerics
 from aofx.kernels import float8_weight_only as kernels
 from aofx.kernels import int8_weight_only
-from aofx.kernels.int8_weight_only import KernelConfig as Cfg
+from aofx.kernels.common import KernelConfig as Cfg
 
 # Every path the fp8 launcher reaches (the int8 weight-only kernels with e4m3 codes), with blocks small
 # enough for the interpreter. "mm-swizzle" has several row and column blocks per group so the grouped

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from aofx import numerics
 from aofx.kernels import int4_weight_only as int4
+from aofx.kernels.common import KernelConfig
 
 TOL = {  # dtype: (rtol, atol as a fraction of ref.std())
     torch.float16: (2e-3, 4e-3),
@@ -68,11 +69,11 @@ DEQUANT = int4.CONFIGS[-1][1]
 def test_every_bucket_config(cfg, split_k):
     # N=40 and M=5 are not multiples of any block; K=256 with group 64 gives 4 groups.
     case = make_case(5, 40, 256, 64, torch.float16)
-    if cfg.kernel != "mm" and split_k > 1:  # only mm splits K; gemv and dequant reject it
+    if cfg.path != "mm" and split_k > 1:  # only mm splits K; gemv and dequant reject it
         with pytest.raises(ValueError, match="split_k is for 'mm'"):
-            forced(cfg, split_k=split_k)
+            int4.linear(*case[:4], case[4], config=forced(cfg, split_k=split_k))
         return
-    out = int4.linear(*case[:4], 64, case[4], config=forced(cfg, split_k=split_k))
+    out = int4.linear(*case[:4], case[4], config=forced(cfg, split_k=split_k))
     check(out, *case[:4], 64, case[4])
 
 
@@ -80,16 +81,16 @@ def test_every_bucket_config(cfg, split_k):
 @pytest.mark.parametrize("M", [1, 2, 3, 16, 17])
 def test_default_selection(M):
     case = make_case(M, 24, 128, 32, torch.float16)
-    check(int4.linear(*case[:4], 32, case[4]), *case[:4], 32, case[4])
+    check(int4.linear(*case[:4], case[4]), *case[:4], 32, case[4])
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+@pytest.mark.parametrize("group_size", numerics.GROUP_SIZES)
 @pytest.mark.parametrize("kernel", ["gemv", "mm", "dequant"])
 def test_group_sizes(group_size, kernel):
     cfg = {"gemv": GEMV, "mm": MM16, "dequant": DEQUANT}[kernel]
     case = make_case(3, 33, 256, group_size, torch.float16, bias=False)
-    out = int4.linear(*case[:4], group_size, None, config=forced(cfg, block_n=16))
+    out = int4.linear(*case[:4], None, config=forced(cfg, block_n=16))
     check(out, *case[:4], group_size, None)
 
 
@@ -99,8 +100,8 @@ def test_gemv_steps(block_k):
     # 5 groups of 32 in steps of 1, 2, 4 or 8 groups: the last step ends on K or hangs over it (masked);
     # 42 rows: the last row tile of 4 is partial; two x rows
     case = make_case(2, 42, 160, 32, torch.float16)
-    cfg = int4.Int4Config("gemv", block_n=4, block_k=block_k, num_warps=2, num_stages=2)
-    check(int4.linear(*case[:4], 32, case[4], config=cfg), *case[:4], 32, case[4])
+    cfg = KernelConfig("gemv", block_n=4, block_k=block_k, num_warps=2, num_stages=2)
+    check(int4.linear(*case[:4], case[4], config=cfg), *case[:4], 32, case[4])
 
 
 @pytest.mark.interpret
@@ -109,15 +110,15 @@ def test_gemv_steps(block_k):
 def test_mm_uneven_split_k(split_k, swap_ab):
     # 3 K steps of 64 over 2, 3 or 5 splits: uneven and empty splits; bias added once.
     case = make_case(17, 40, 192, 64, torch.float16)
-    cfg = int4.Int4Config("mm", block_m=16, block_n=32, block_k=64, split_k=split_k, swap_ab=swap_ab)
-    check(int4.linear(*case[:4], 64, case[4], config=cfg), *case[:4], 64, case[4])
+    cfg = KernelConfig("mm", block_m=16, block_n=32, block_k=64, split_k=split_k, swap_ab=swap_ab)
+    check(int4.linear(*case[:4], case[4], config=cfg), *case[:4], 64, case[4])
 
 
 @pytest.mark.interpret
 def test_gemv_bfloat16():
     # the gemv path has no tl.dot, so bf16 is exact under the interpreter too
     case = make_case(1, 40, 256, 128, torch.bfloat16)
-    check(int4.linear(*case[:4], 128, case[4], config=GEMV), *case[:4], 128, case[4])
+    check(int4.linear(*case[:4], case[4], config=GEMV), *case[:4], 128, case[4])
 
 
 @pytest.mark.interpret
@@ -132,8 +133,8 @@ def test_gemv_scale_words(groups, scale_layout):
         wide = torch.zeros(2, 36, groups + 1, dtype=torch.bfloat16)
         wide[0, :, 1:], wide[1, :, 1:] = scale, zero
         scale, zero = wide[0, :, 1:], wide[1, :, 1:]  # storage offsets 1 and 36 * (groups + 1) + 1
-    cfg = int4.Int4Config("gemv", block_n=4, block_k=128, num_warps=2, num_stages=2)
-    check(int4.linear(x, qdata, scale, zero, 32, bias, config=cfg), x, qdata, scale, zero, 32, bias)
+    cfg = KernelConfig("gemv", block_n=4, block_k=128, num_warps=2, num_stages=2)
+    check(int4.linear(x, qdata, scale, zero, bias, config=cfg), x, qdata, scale, zero, 32, bias)
 
 
 @pytest.mark.interpret
@@ -145,7 +146,7 @@ def test_qdata_off_word_bounds(kernel):
     wide[:, 1:65] = qdata
     view = wide[:, 1:65]  # row stride 67 bytes, offset 1
     cfg = GEMV if kernel == "gemv" else MM16
-    check(int4.linear(x, view, scale, zero, 64, bias, config=cfg), x, qdata, scale, zero, 64, bias)
+    check(int4.linear(x, view, scale, zero, bias, config=cfg), x, qdata, scale, zero, 64, bias)
 
 
 @pytest.mark.interpret
@@ -160,30 +161,33 @@ def test_non_contiguous_x(layout, kernel):
         x = torch.randn(3, 200, generator=g).half()[:, 40:168]  # (3, 128), stride (200, 1), offset
     assert not x.is_contiguous()
     cfg = GEMV if kernel == "gemv" else MM16
-    check(int4.linear(x, qdata, scale, zero, 64, bias, config=cfg), x, qdata, scale, zero, 64, bias)
+    check(int4.linear(x, qdata, scale, zero, bias, config=cfg), x, qdata, scale, zero, 64, bias)
 
 
 @pytest.mark.interpret
 def test_empty_m():
     _, qdata, scale, zero, bias = make_case(1, 40, 128, 64, torch.float16)
-    out = int4.linear(torch.empty(0, 128, dtype=torch.float16), qdata, scale, zero, 64, bias)
+    out = int4.linear(torch.empty(0, 128, dtype=torch.float16), qdata, scale, zero, bias)
     assert out.shape == (0, 40) and out.dtype == torch.float16
 
 
 def test_rejects_bad_inputs():
     x, qdata, scale, zero, bias = make_case(2, 16, 128, 64, torch.float16)
     with pytest.raises(TypeError, match="bfloat16 or float16"):
-        int4.linear(x.float(), qdata, scale, zero, 64, bias)
+        int4.linear(x.float(), qdata, scale, zero, bias)
+    three = torch.cat([scale, scale[:, :1]], 1)  # 3 groups do not divide K = 128
     with pytest.raises(ValueError, match="group_size"):
-        int4.linear(x, qdata, scale, zero, 48, bias)
+        int4.linear(x, qdata, three, three, bias)
     with pytest.raises(ValueError, match="scale"):
-        int4.linear(x, qdata, scale[:, :1], zero, 64, bias)
-    with pytest.raises(ValueError, match="K//2"):
-        int4.linear(x[:, :64], qdata, scale, zero, 64, bias)
+        int4.linear(x, qdata, scale[:, 0], zero[:, 0], bias)
+    with pytest.raises(ValueError, match="zero"):
+        int4.linear(x, qdata, scale, zero[:, :1], bias)
+    with pytest.raises(ValueError, match=r"expected \(N, 32\)"):
+        int4.linear(x[:, :64], qdata, scale, zero, bias)
     with pytest.raises(ValueError, match="bias"):
-        int4.linear(x, qdata, scale, zero, 64, bias[:8])
+        int4.linear(x, qdata, scale, zero, bias[:8])
     with pytest.raises(ValueError, match="power of two"):
-        int4.Int4Config("mm", block_n=96, block_k=64)
+        KernelConfig("mm", block_n=96, block_k=64)
 
 
 def test_select_config_buckets(monkeypatch):
@@ -191,10 +195,10 @@ def test_select_config_buckets(monkeypatch):
     assert int4.select_config(1, N, K, 128) == GEMV
     assert int4.select_config(2, 4096, K, 128) == int4.GEMV_WIDE  # 512 row tiles of 8
     small = int4.select_config(16, N, K, 128)
-    assert (small.kernel, small.block_m) == ("mm", 16)
+    assert (small.path, small.block_m) == ("mm", 16)
     assert int4.select_config(17, N, K, 128).block_m == 64
-    assert int4.select_config(256, N, K, 128).kernel == "mm"
-    assert int4.select_config(257, N, K, 128).kernel == "dequant"
+    assert int4.select_config(256, N, K, 128).path == "mm"
+    assert int4.select_config(257, N, K, 128).path == "dequant"
     # the dequant tile never crosses the end of K (a multiple of the group size only)
     assert int4.select_config(1024, 1000, 768, 128).block_k == 256
     assert int4.select_config(1024, 1000, 32 * 7, 32).block_k == 32
@@ -218,15 +222,15 @@ SHAPES = [(4096, 4096), (1000, 768), (14336, 4096)]
 @pytest.mark.parametrize("M", [0, 1, 3, 16, 17, 64, 129, 1024])
 def test_cuda_default(M, N, K, dtype):
     case = make_case(M, N, K, 128, dtype, device="cuda")
-    check(int4.linear(*case[:4], 128, case[4]), *case[:4], 128, case[4])
+    check(int4.linear(*case[:4], case[4]), *case[:4], 128, case[4])
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("group_size", int4.GROUP_SIZES)
+@pytest.mark.parametrize("group_size", numerics.GROUP_SIZES)
 @pytest.mark.parametrize("M", [1, 16, 64, 300])
 def test_cuda_group_sizes(M, group_size):
     case = make_case(M, 1000, 768, group_size, torch.bfloat16, bias=False, device="cuda")
-    check(int4.linear(*case[:4], group_size, None), *case[:4], group_size, None)
+    check(int4.linear(*case[:4], None), *case[:4], group_size, None)
 
 
 @pytest.mark.cuda
@@ -234,7 +238,7 @@ def test_cuda_group_sizes(M, group_size):
 @pytest.mark.parametrize("M", [1, 16, 129])
 def test_cuda_every_bucket_config(cfg, M):
     case = make_case(M, 4096, 4096, 128, torch.bfloat16, device="cuda")
-    check(int4.linear(*case[:4], 128, case[4], config=cfg), *case[:4], 128, case[4])
+    check(int4.linear(*case[:4], case[4], config=cfg), *case[:4], 128, case[4])
 
 
 @pytest.mark.cuda
@@ -242,4 +246,4 @@ def test_cuda_non_contiguous_x():
     _, qdata, scale, zero, bias = make_case(1, 1000, 768, 128, torch.bfloat16, device="cuda")
     base = torch.randn(768, 40, device="cuda", dtype=torch.bfloat16)
     for x in (base.t(), base.t()[::3], torch.randn(16, 1000, device="cuda", dtype=torch.bfloat16)[:, 100:868]):
-        check(int4.linear(x, qdata, scale, zero, 128, bias), x, qdata, scale, zero, 128, bias)
+        check(int4.linear(x, qdata, scale, zero, bias), x, qdata, scale, zero, 128, bias)

@@ -16,7 +16,8 @@ import torch
 from aofx import numerics
 from aofx.kernels import int8_dynamic_activation_int8_weight as kernels
 from aofx.kernels import int8_weight_only as int8wo
-from aofx.kernels.int8_dynamic_activation_int8_weight import KernelConfig
+from aofx.kernels import mm, quantize
+from aofx.kernels.common import KernelConfig
 
 RTOL = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
@@ -111,7 +112,7 @@ def test_rows_with_very_different_ranges_interpret():
 def test_fused_prologue_spans_several_tiles_interpret(monkeypatch):
     """The amax prologue walks K in its own tiles (256 wide on GPU): shrink them so K=200 needs 4, and put
     each row's largest value in a different tile, the last one partial."""
-    monkeypatch.setattr(kernels, "_AMAX_BLOCK_K", 64)
+    monkeypatch.setattr(mm, "_AMAX_BLOCK_K", 64)
     x, qdata, scale, b = _inputs(4, 40, 200, torch.float16, "cpu")
     for row, col in enumerate((5, 70, 150, 199)):
         x[row, col] = 8.0
@@ -124,9 +125,9 @@ def test_quantize_per_token_bit_exact_interpret(block_k, rows, monkeypatch):
     """One program per row, in one pass over x when the row fits one tile, else two; few rows of a long
     K: each row split over K / BLOCK_K programs."""
     if block_k:
-        monkeypatch.setattr(kernels, "_QUANT_BLOCK_K", block_k)
-        monkeypatch.setattr(kernels, "_QUANT_ONE_PASS_MAX_K", block_k)
-        monkeypatch.setattr(kernels, "_QUANT_FEW_ROWS_ONE_PASS_MAX_K", block_k)
+        monkeypatch.setattr(quantize, "_QUANT_BLOCK_K", block_k)
+        monkeypatch.setattr(quantize, "_QUANT_ONE_PASS_MAX_K", block_k)
+        monkeypatch.setattr(quantize, "_QUANT_FEW_ROWS_ONE_PASS_MAX_K", block_k)
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float16, torch.bfloat16):  # no tl.dot here, so bf16 is fine under the interpreter
         x = (torch.randn(rows, 300, generator=g) * torch.logspace(-3, 3, rows)[:, None]).to(dtype)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from aofx import numerics
 from aofx.kernels import int8_weight_only as kernels
-from aofx.kernels.int8_weight_only import KernelConfig
+from aofx.kernels.common import KernelConfig
 
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

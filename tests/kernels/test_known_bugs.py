@@ -14,6 +14,7 @@ import torch
 
 from aofx import numerics
 from aofx.kernels import int4_weight_only as int4
+from aofx.kernels.common import KernelConfig
 
 # A kernel's output against its aofx.numerics reference: right results are far above this, and a layout,
 # scale or race bug far below (the check of benchmarks/bench_layers.py and benchmarks/sweep.py, CHECK_SQNR_DB).
@@ -22,8 +23,7 @@ SQNR_FLOOR_DB = 30.0
 # ---------------------------------------------------------------- int4 mm, 128x128x64 swap_ab with split K
 
 # The M <= 256 bucket's tile (128x128x64, 8 warps, 4 stages) with swap_ab, which the table does not use.
-INT4_SWAP_AB_128 = int4.Int4Config("mm", block_m=128, block_n=128, block_k=64, swap_ab=True, num_warps=8,
-                                   num_stages=4)
+INT4_SWAP_AB_128 = KernelConfig("mm", block_m=128, block_n=128, block_k=64, swap_ab=True, num_warps=8, num_stages=4)
 INT4_SWAP_AB_128_BUG = (
     "int4 mm 128x128x64 swap_ab with 8 warps returned wrong results on H100 (SQNR -43 to -26 dB, varying from "
     "call to call): 14336x4096 with split K 2 in every call, 4096x14336 with split 8 in some; also with a "
@@ -42,7 +42,7 @@ def _int4_case(M, N, K, group_size, dtype, device, seed=0):
 def _int4_sqnr(x, qdata, scale, zero, group_size, split_k):
     """SQNR (dB) of the forced swap_ab config with ``split_k`` against ``numerics.int4_weight_only_linear``."""
     cfg = dataclasses.replace(INT4_SWAP_AB_128, split_k=split_k)
-    out = int4.linear(x, qdata, scale, zero, group_size, config=cfg)
+    out = int4.linear(x, qdata, scale, zero, config=cfg)
     ref = numerics.int4_weight_only_linear(x, qdata, scale, zero, group_size)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     return numerics.sqnr(ref.float(), out.float())
