@@ -109,8 +109,11 @@ def _dynamic(fp8):
         for label, cfg in (_gemv_grid() if M == 1 else _mm_grid(M, "quantized")):
             cfg = _split_auto(cfg, N, K, M)
             cands[label] = lambda x, q, s, cfg=cfg: int8dq.launch("sweep", x, q, s, None, cfg)
-        if fp8 and M >= 128:
-            cands["scaled_mm"] = _scaled_mm
+        if fp8 and M > 1:  # the Triton table's entry, where the default may be torch._scaled_mm
+            tri = fp8dq.select_config(M, N, K, library=False)
+            cands["triton table"] = lambda x, q, s, cfg=tri: fp8dq.linear(x, q, s, True, config=cfg)
+        if not fp8 and M >= 64:
+            cands["int_mm"] = _int_mm
         if fp8:
             ref = lambda x, q, s: numerics.float8_dynamic_activation_float8_weight_linear(x, q, s, True)
             return (lambda w: numerics.quantize_float8(w, per_row=True)), ref, cands
@@ -118,9 +121,11 @@ def _dynamic(fp8):
     return family
 
 
-def _scaled_mm(x, q, s):
-    xq, sx = int8dq.quantize_per_token(x, fp8=True)
-    return torch._scaled_mm(xq, q.t(), scale_a=sx[:, None], scale_b=s[None, :], out_dtype=x.dtype)
+def _int_mm(x, q, s):
+    """int8 dynamic through the library GEMM: the Triton per-token quantization, ``torch._int_mm``, then the
+    scales in one elementwise pass (what an int8dq ``_int_mm`` path would cost)."""
+    xq, sx = int8dq.quantize_per_token(x)
+    return (torch._int_mm(xq, q.t()).float() * sx[:, None] * s[None, :]).to(x.dtype)
 
 
 FAMILIES = {"int4": _int4, "fp8wo": _weight_only(True), "int8wo": _weight_only(False),

@@ -16,7 +16,7 @@ from aofx.numerics import GROUP_SIZES
 
 X_DTYPES = (torch.bfloat16, torch.float16)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-PATHS = ("gemv", "mm", "dequant", "quantized", "fused", "fused_gemv")
+PATHS = ("gemv", "mm", "dequant", "quantized", "fused", "fused_gemv", "scaled_mm")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,8 @@ amax per row (per token) or over all of x, ``xq = e4m3(clamp(x / s_x, -448, 448)
 (fp32 accumulate) and ``y = acc * s_x * s_w (+ bias)`` in fp32 in the epilogue, cast to x.dtype.
 
 This is the int8 dynamic scheme with e4m3 codes and 448 for 127, so it runs that scheme's paths and table
-(``int8_dynamic_activation_int8_weight.select_config(..., fp8=True)``). Per tensor (M > 1),
+(``int8_dynamic_activation_int8_weight.select_config(..., fp8=True)``); from M = 65 on, with bf16 x and
+N, K multiples of 16, that table's ``scaled_mm`` path runs ``torch._scaled_mm``. Per tensor (M > 1),
 ``quantize.amax_partials`` writes 256 partial maxima of |x| and every program of the per-token kernel
 reduces them to max |x|; at M = 1 the tensor's amax is the row's. Hopper fp8 wgmma accumulates in reduced
 precision over K (Triton's default on sm_90, like ``torch._scaled_mm``'s fast accumulation);
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from aofx.kernels import int8_dynamic_activation_int8_weight as int8dq
+from aofx.kernels import mm
 from aofx.kernels.common import (
     KernelConfig,
     bucket_m,
@@ -35,9 +37,10 @@ from aofx.kernels.quantize import amax_partials
 __all__ = ["linear", "select_config"]
 
 
-def select_config(M: int, N: int, K: int, device: torch.device | None = None) -> KernelConfig:
-    """The int8 dynamic scheme's config for (M, N, K) on e4m3 codes."""
-    return int8dq.select_config(M, N, K, fp8=True, device=device)
+def select_config(M: int, N: int, K: int, device: torch.device | None = None, library: bool = True) -> KernelConfig:
+    """The int8 dynamic scheme's config for (M, N, K) on e4m3 codes; ``library``: the call fits
+    ``torch._scaled_mm`` (``mm.scaled_mm_fits``)."""
+    return int8dq.select_config(M, N, K, fp8=True, device=device, library=library)
 
 
 def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, activation_per_row: bool,
@@ -53,7 +56,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, activation
     done = empty_result(x, M, N, K, bias)
     if done is not None:
         return done
-    cfg = config if config is not None else select_config(bucket_m(M), N, K, x.device)
+    cfg = config if config is not None else select_config(bucket_m(M), N, K, x.device, mm.scaled_mm_fits(x, qdata))
     # per tensor: partial maxima of |x| (one kernel), whose max every row is then quantized with (an M = 1
     # path has one row, whose own amax that is)
     per_row = activation_per_row or cfg.path in int8dq.ONE_ROW_PATHS

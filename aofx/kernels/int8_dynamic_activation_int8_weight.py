@@ -20,6 +20,8 @@ Paths (``KernelConfig.path``; the fp8 dynamic scheme runs this table with e4m3 c
                   BLOCK_N >= 64. M <= 128: 64 x 128, or 64 x 64 x 256 with 6 stages where 64 x 128 gives
                   fewer than 128 tiles; M <= 256: 128 x 128; larger: 256 x 128 x 128 ``swap_ab`` with e4m3,
                   128 x 128 x 128 with 4 warps with int8. Up to M = 256, fewer than 128 tiles split K.
+  ``scaled_mm``   e4m3 codes, bf16 x, M > 64, N and K multiples of 16: ``quantize_per_token``, then
+                  ``torch._scaled_mm`` (``mm.scaled_mm``), faster there than the Triton fp8 GEMM.
   ``fused``       forced configs only: the quantization in the GEMM prologue. Slower than ``quantized`` at
                   M = 16, because every program redoes the amax over all of K.
 Tuning evidence: benchmarks/results/tuning/, written by `python -m benchmarks.sweep --families int8dq,fp8dq`.
@@ -70,11 +72,16 @@ _GEMV_WORDS_MAX_BLOCK_K = 8192  # M = 1 on dp4a words: codes a step, at most
 _FUSED_GEMV = KernelConfig("fused_gemv", block_m=1, block_n=4, block_k=512, num_warps=4, num_stages=1)
 _FUSED_GEMV_ONE_CHUNK_MAX_K = 4096
 ONE_ROW_PATHS = ("fused_gemv", "gemv")  # the M = 1 paths: the row's own amax is the tensor's
+_SCALED_MM = KernelConfig("scaled_mm")
+_SCALED_MM_MIN_M = 65  # e4m3 from this M on: torch._scaled_mm (where mm.scaled_mm_fits)
 
 
-def select_config(M: int, N: int, K: int, fp8: bool = False, device: torch.device | None = None) -> KernelConfig:
+def select_config(M: int, N: int, K: int, fp8: bool = False, device: torch.device | None = None,
+                  library: bool = False) -> KernelConfig:
     """The config for one call. M selects the bucket; N, K (static under compile) refine it. ``fp8``: e4m3
-    codes (the fp8 dynamic scheme)."""
+    codes (the fp8 dynamic scheme); ``library``: the call fits ``torch._scaled_mm`` (``mm.scaled_mm_fits``)."""
+    if fp8 and library and M >= _SCALED_MM_MIN_M:
+        return _SCALED_MM
     if M == 1:
         one_chunk = K <= _FUSED_GEMV_ONE_CHUNK_MAX_K
         if (one_chunk or not fp8) and triton.cdiv(N, _FUSED_GEMV.block_n) >= _MIN_PROGRAMS:
@@ -142,5 +149,10 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> 
         return gemv.codes_gemv(x, qdata, scale, bias, cfg, x_codes=x_codes)
     if cfg.path in ("quantized", "fused"):
         return mm.quantized_mm(x, qdata, scale, bias, cfg, x_amax)
+    if cfg.path == "scaled_mm":
+        if not mm.scaled_mm_fits(x, qdata):
+            raise ValueError(f"{name}: the scaled_mm path needs e4m3 codes, bf16 x and N, K multiples of 16; got "
+                             f"{qdata.dtype} {tuple(qdata.shape)}, x {x.dtype}")
+        return mm.scaled_mm(x, qdata, scale, bias, x_amax)
     raise ValueError(f"{name}: path {cfg.path!r} is not one of this scheme's: 'fused_gemv', 'gemv', 'quantized', "
-                     "'fused'")
+                     "'fused', 'scaled_mm'")

@@ -15,6 +15,9 @@
   ``torch._scaled_mm``'s fast accumulation) on codes that ``quantize.quantize_per_token`` wrote, or, with
   ``QUANTIZE_X`` (the ``fused`` path), quantized in the prologue. ``y = (acc * s_x) * s_w (+ bias)``.
 
+``scaled_mm`` is the library alternative for e4m3 at large M: the Triton per-token quantization, then
+``torch._scaled_mm`` (cuBLASLt / CUTLASS fp8 with the scales in its epilogue; AOTInductor has a C shim).
+
 With ``swap_ab`` a kernel computes ``y.T = W @ x.T``: the weight tile is wgmma's A operand, read from
 registers after its conversion (as B it would round-trip through shared memory), and x's few rows are the
 narrow side. Every kernel uses the grouped tile order (``common.grid_order``), masks x rows past M (no
@@ -41,7 +44,7 @@ from aofx.kernels.common import (
 from aofx.kernels.ptx import E4M3_TO_BF16, INT4_TO_BF16
 from aofx.kernels.quantize import divide, quantize_codes, quantize_per_token, row_scale
 
-__all__ = ["codes_mm", "int4_mm", "quantized_mm"]
+__all__ = ["codes_mm", "int4_mm", "quantized_mm", "scaled_mm"]
 
 _ONE_BITS = 0x3F800000  # fp32 1.0
 # fused prologue: x tiles of BLOCK_M x _AMAX_BLOCK_K, _AMAX_STAGES deep (16 x 256 bf16: 8 KB a stage, 7 in
@@ -358,3 +361,25 @@ def quantized_mm(x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> torch
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return split_k_result(out, x.dtype)
+
+
+def scaled_mm_fits(x, qdata) -> bool:
+    """Whether ``scaled_mm`` takes this call: e4m3 codes, bf16 x (the row-wise scaled GEMM writes bf16), and
+    N and K multiples of 16 (the library GEMMs' alignment)."""
+    N, K = qdata.shape
+    return qdata.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16 and N % 16 == 0 and K % 16 == 0
+
+
+def scaled_mm(x, qdata, scale, bias, x_amax=None) -> torch.Tensor:
+    """x (M, K) bf16 quantized to e4m3 per row (or with one amax: ``x_amax``), then ``torch._scaled_mm`` with
+    fp32 scales: one each when x and the weight are both per tensor, else s_x (M, 1) and s_w (1, N). Fast
+    accumulation, like the Triton fp8 GEMM's on Hopper. Returns (M, N) bf16."""
+    N = qdata.shape[0]
+    xq, sx = quantize_per_token(x, True, x_amax)
+    if x_amax is not None and scale.dim() == 0:
+        scale_a, scale_b = sx[:1], scale.reshape(1)
+    else:
+        scale_a = sx[:, None]
+        scale_b = (scale if scale.dim() else scale.reshape(1).expand(N)).reshape(1, N).contiguous()
+    return torch._scaled_mm(xq, qdata.t(), scale_a=scale_a, scale_b=scale_b,
+                            bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype, use_fast_accum=True)
