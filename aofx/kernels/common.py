@@ -54,60 +54,18 @@ class KernelConfig:
 
 # ---------------------------------------------------------------- the M a selection sees
 
-_BUCKETS: list[int] = []  # while an exported graph's branch for one M bucket is traced: that bucket's largest M
-
-
-def _m_range(m: torch.SymInt) -> tuple[int, int]:
-    r = m.node.shape_env.bound_sympy(m.node.expr)
-    hi = 2**31 - 1 if r.upper in (int_oo, sympy.oo) else int(r.upper)
-    return int(r.lower), hi
-
-
 def bucket_m(m) -> int:
     """The M a config selection should branch on.
 
     Eagerly and under ``torch.compile`` this is M itself: a branch on a symbolic M becomes a guard,
-    so compile specializes per bucket and recompiles when M crosses one. While exporting (AOTInductor
-    lowering an exported program), a guard would narrow the exported dynamic range instead, so each
-    scheme's ``linear`` runs under ``by_m``, which traces one branch per bucket; inside a branch this is
-    the bucket's largest M (configs chosen there are correct for every smaller M). Outside one it is the
-    largest M the exported range allows.
+    so compile specializes per bucket and recompiles when M crosses one. Under ``torch.export`` and
+    AOTInductor a guard would instead narrow the exported dynamic range, so there the selection sees
+    the largest M the range allows; the large-M configs are correct for every M.
     """
     if not isinstance(m, torch.SymInt) or not torch.compiler.is_exporting():
         return m
-    return _BUCKETS[-1] if _BUCKETS else _m_range(m)[1]
-
-
-def _in_bucket(bound: int, fn, operands):
-    _BUCKETS.append(bound)
-    try:
-        return fn(*operands)
-    finally:
-        _BUCKETS.pop()
-
-
-def by_m(m, bounds: tuple[int, ...], fn, *operands: torch.Tensor) -> torch.Tensor:
-    """``fn(*operands)``, with its config selections made for the M bucket that ``m`` (x's rows) falls in.
-
-    With a concrete M (eager) or under ``torch.compile`` (which specializes on M) this is one call. While
-    exporting, with M symbolic, it is a chain of ``torch.cond`` on ``M <= bound`` for each of ``bounds``
-    (ascending) inside the exported range, each branch traced under its bucket (``bucket_m``): an
-    AOTInductor package then picks the bucket's kernels at run time, as compile does per shape. M <= 1
-    is tested on a tensor: AOTInductor assumes a dynamic size is at least 2 and would fold ``M <= 1`` away.
-    """
-    if not isinstance(m, torch.SymInt) or not torch.compiler.is_exporting() or _BUCKETS:
-        return fn(*operands)
-    lo, hi = _m_range(m)
-    return _chain(m, [b for b in bounds if lo <= b < hi], hi, fn, operands)
-
-
-def _chain(m, bounds, hi, fn, operands):
-    if not bounds:
-        return _in_bucket(hi, fn, operands)
-    bound, rest = bounds[0], bounds[1:]
-    pred = torch.scalar_tensor(m, dtype=torch.int64) <= bound if bound <= 1 else m <= bound
-    return torch.cond(pred, lambda *ops: _in_bucket(bound, fn, ops), lambda *ops: _chain(m, rest, hi, fn, ops),
-                      tuple(operands))
+    upper = m.node.shape_env.bound_sympy(m.node.expr).upper
+    return 2**31 - 1 if upper in (int_oo, sympy.oo) else int(upper)
 
 
 # Weight-only schemes at large M: a Triton kernel dequantizes the whole weight to x's dtype (memory bound,
@@ -121,10 +79,10 @@ DEQUANTIZE_MAX_BYTES = 256 << 20
 def dequantize_first(N: int, K: int) -> bool:
     """Whether a large-M weight-only call may dequantize its (N, K) weight to a temporary and run cuBLAS.
 
-    Not when the copy would exceed DEQUANTIZE_MAX_BYTES, and not while exporting outside a ``by_m`` bucket:
-    one choice would then serve every M of the range, and at small M the copy costs more than the GEMM.
+    Not while exporting: an exported graph serves every M of its range with one choice (``bucket_m``), and at
+    small M the copy costs more than the GEMM it saves. Not when the copy would exceed DEQUANTIZE_MAX_BYTES.
     """
-    return N * K * 2 <= DEQUANTIZE_MAX_BYTES and (bool(_BUCKETS) or not torch.compiler.is_exporting())
+    return N * K * 2 <= DEQUANTIZE_MAX_BYTES and not torch.compiler.is_exporting()
 
 
 # ---------------------------------------------------------------- the split-K policy

@@ -28,7 +28,6 @@ from aofx.kernels import mm
 from aofx.kernels.common import (
     KernelConfig,
     bucket_m,
-    by_m,
     check_linear_args,
     check_scale,
     empty_result,
@@ -57,14 +56,8 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, activation
     done = empty_result(x, M, N, K, bias)
     if done is not None:
         return done
-    library = mm.scaled_mm_fits(x, qdata)
-
-    def run(x, qdata, scale, *bias):
-        cfg = config if config is not None else select_config(bucket_m(x.shape[0]), N, K, x.device, library)
-        # per tensor: partial maxima of |x| (one kernel), whose max every row is then quantized with (an M = 1
-        # path has one row, whose own amax that is)
-        per_row = activation_per_row or cfg.path in int8dq.ONE_ROW_PATHS
-        return int8dq.launch(name, x, qdata, scale, bias[0] if bias else None, cfg,
-                             x_amax=None if per_row else amax_partials(x))
-
-    return by_m(M, int8dq.M_BOUNDS if config is None else (), run, x, qdata, scale, *([] if bias is None else [bias]))
+    cfg = config if config is not None else select_config(bucket_m(M), N, K, x.device, mm.scaled_mm_fits(x, qdata))
+    # per tensor: partial maxima of |x| (one kernel), whose max every row is then quantized with (an M = 1
+    # path has one row, whose own amax that is)
+    per_row = activation_per_row or cfg.path in int8dq.ONE_ROW_PATHS
+    return int8dq.launch(name, x, qdata, scale, bias, cfg, x_amax=None if per_row else amax_partials(x))

@@ -21,7 +21,6 @@ from aofx.kernels import int8_weight_only as int8wo
 from aofx.kernels.common import (
     KernelConfig,
     bucket_m,
-    by_m,
     check_linear_args,
     check_scale,
     empty_result,
@@ -47,9 +46,5 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     done = empty_result(x, M, N, K, bias)
     if done is not None:
         return done
-
-    def run(x, qdata, scale, *bias):
-        cfg = config if config is not None else select_config(bucket_m(x.shape[0]), N, K, x.device)
-        return int8wo.launch(name, x, qdata, scale, bias[0] if bias else None, cfg)
-
-    return by_m(M, int8wo.M_BOUNDS if config is None else (), run, x, qdata, scale, *([] if bias is None else [bias]))
+    cfg = config if config is not None else select_config(bucket_m(M), N, K, x.device)
+    return int8wo.launch(name, x, qdata, scale, bias, cfg)

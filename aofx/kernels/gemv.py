@@ -372,7 +372,7 @@ def codes_gemv(x, qdata, scale, bias, cfg: KernelConfig, group_size: int = 0, x_
     b_arg = bias.contiguous() if has_bias else scale  # any tensor: never read without HAS_BIAS
     stride_sn = scale.stride(0) if scale.dim() else 0  # a per-tensor scale is every row's scale
     split = cfg.split_k
-    out = split_k_output(x, x.shape[0], N, split)  # x.shape[0] is 1; as a size it keeps M's symbol
+    out = split_k_output(x, 1, N, split)
     x_arg, sx_arg = x_codes if x_codes is not None else (x, scale)  # sx_arg is read only with codes
     w_arg, k_arg, block_k = qdata, K, cfg.block_k
     # int8 x int8 codes: both sides as int32 words of 4 codes, one dp4a per word (K counted in words)
@@ -434,7 +434,7 @@ def quantize_gemv(x, qdata, scale, bias, cfg: KernelConfig) -> torch.Tensor:
     N = qdata.shape[0]
     words = qdata.dtype == torch.int8 and K % 4 == 0 and cfg.block_k % 4 == 0
     w = int32_words(qdata) if words else qdata
-    y = torch.empty((x.shape[0], N), device=x.device, dtype=x.dtype)  # (1, N), M's symbol kept
+    y = torch.empty((1, N), device=x.device, dtype=x.dtype)
     torch.library.wrap_triton(_quantize_gemv_kernel)[(triton.cdiv(N, cfg.block_n),)](
         x, w, scale, bias.contiguous() if bias is not None else scale, y,
         N, w.stride(0), scale.stride(0) if scale.dim() else 0,

@@ -34,7 +34,6 @@ from aofx.kernels import dequant, gemv, mm
 from aofx.kernels.common import (
     KernelConfig,
     bucket_m,
-    by_m,
     check_linear_args,
     check_scale,
     dequantize_first,
@@ -63,7 +62,6 @@ GEMV_WIDE = KernelConfig("gemv", block_n=4, block_k=1024, num_warps=2, num_stage
 _GEMV_WIDE_BELOW = 1024
 # the largest bucket where ``dequant`` is not used (common.dequantize_first)
 MM_LARGE = KernelConfig("mm", block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3)
-M_BOUNDS = (2, 16, 64, 256)  # the largest M of each bucket above, for by_m (exported programs)
 _MIN_STEPS_PER_SPLIT = 4  # K steps each split keeps, so a program amortizes its prologue and epilogue
 
 
@@ -113,20 +111,12 @@ def linear(x, qdata, scale, zero, bias=None, *, config: KernelConfig | None = No
         bias = bias.contiguous()
     if x.stride(1) != 1:
         x = x.contiguous()
-    if config is not None and config.split_k > 1 and config.path != "mm":
-        raise ValueError(f"{name}: split_k is for 'mm', got split_k={config.split_k} for {config.path!r}")
-
-    def run(x, qdata, scale, zero, *bias):
-        if config is None:
-            cfg = select_config(bucket_m(x.shape[0]), N, K, group_size, x.device)
-        else:
-            cfg = _fit(config, K, group_size)
-        return _launch(name, x, qdata, scale, zero, bias[0] if bias else None, cfg, group_size)
-
-    return by_m(M, M_BOUNDS if config is None else (), run, x, qdata, scale, zero, *([] if bias is None else [bias]))
-
-
-def _launch(name: str, x, qdata, scale, zero, bias, cfg: KernelConfig, group_size: int) -> torch.Tensor:
+    if config is None:
+        cfg = select_config(bucket_m(M), N, K, group_size, x.device)
+    else:
+        cfg = _fit(config, K, group_size)
+    if cfg.split_k > 1 and cfg.path != "mm":
+        raise ValueError(f"{name}: split_k is for 'mm', got split_k={cfg.split_k} for {cfg.path!r}")
     if cfg.path == "gemv":
         return gemv.int4_gemv(x, qdata, scale, zero, bias, cfg, group_size)
     if cfg.path == "mm":

@@ -39,7 +39,6 @@ from aofx.kernels import int8_weight_only as int8wo
 from aofx.kernels.common import (
     KernelConfig,
     bucket_m,
-    by_m,
     check_linear_args,
     check_scale,
     empty_result,
@@ -75,7 +74,6 @@ _FUSED_GEMV_ONE_CHUNK_MAX_K = 4096
 ONE_ROW_PATHS = ("fused_gemv", "gemv")  # the M = 1 paths: the row's own amax is the tensor's
 _SCALED_MM = KernelConfig("scaled_mm")
 _SCALED_MM_MIN_M = 65  # e4m3 from this M on: torch._scaled_mm (where mm.scaled_mm_fits)
-M_BOUNDS = (1, 16, 64, 128, 256)  # the largest M of each bucket above, for by_m (exported programs)
 
 
 def select_config(M: int, N: int, K: int, fp8: bool = False, device: torch.device | None = None,
@@ -128,12 +126,8 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     done = empty_result(x, M, N, K, bias)
     if done is not None:
         return done
-
-    def run(x, qdata, scale, *bias):
-        cfg = config if config is not None else select_config(bucket_m(x.shape[0]), N, K, device=x.device)
-        return launch(name, x, qdata, scale, bias[0] if bias else None, cfg)
-
-    return by_m(M, M_BOUNDS if config is None else (), run, x, qdata, scale, *([] if bias is None else [bias]))
+    cfg = config if config is not None else select_config(bucket_m(M), N, K, device=x.device)
+    return launch(name, x, qdata, scale, bias, cfg)
 
 
 def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> torch.Tensor:
@@ -143,7 +137,7 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> 
     Shared with the fp8 dynamic scheme."""
     if x.stride(1) != 1:
         x = x.contiguous()
-    if cfg.path in ONE_ROW_PATHS and isinstance(x.shape[0], int) and x.shape[0] != 1:  # (symbolic: by_m's M = 1)
+    if cfg.path in ONE_ROW_PATHS and x.shape[0] != 1:
         raise ValueError(f"{name}: the {cfg.path} path needs M == 1, got M={x.shape[0]}")
     if x_amax is not None and cfg.path == "fused":
         raise ValueError(f"{name}: a per-tensor activation scale needs the 'quantized', 'gemv' or 'fused_gemv' "

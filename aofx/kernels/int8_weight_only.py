@@ -34,7 +34,6 @@ from aofx.kernels import dequant, gemv, mm
 from aofx.kernels.common import (
     KernelConfig,
     bucket_m,
-    by_m,
     check_linear_args,
     check_scale,
     dequantize_first,
@@ -71,7 +70,6 @@ _MIN_PROGRAMS = 128  # about one program per SM: below this, small-M configs nar
 _WIDE_M16_BLOCK_N = 128
 _WIDE_M16_PROGRAMS = 104
 _SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (sm_90 allows 227 KB)
-M_BOUNDS = (1, 16, 128, 256, 512)  # the largest M of each bucket above, for by_m (exported programs)
 
 
 def select_config(M: int, N: int, K: int, group_size: int = 0, device: torch.device | None = None) -> KernelConfig:
@@ -139,12 +137,8 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     if done is not None:
         return done
     scale = scale.reshape(N) if group_size == 0 else scale.contiguous()
-
-    def run(x, qdata, scale, *bias):
-        cfg = config if config is not None else select_config(bucket_m(x.shape[0]), N, K, group_size, x.device)
-        return launch(name, x, qdata, scale, bias[0] if bias else None, cfg, group_size)
-
-    return by_m(M, M_BOUNDS if config is None else (), run, x, qdata, scale, *([] if bias is None else [bias]))
+    cfg = config if config is not None else select_config(bucket_m(M), N, K, group_size, x.device)
+    return launch(name, x, qdata, scale, bias, cfg, group_size)
 
 
 def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int = 0) -> torch.Tensor:
@@ -152,7 +146,7 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
     (N, K // group_size), bias (N,) or None. Shared with the fp8 weight-only scheme."""
     if x.stride(1) != 1:
         x = x.contiguous()
-    if cfg.path == "gemv" and isinstance(x.shape[0], int) and x.shape[0] != 1:  # (symbolic: by_m's M = 1 bucket)
+    if cfg.path == "gemv" and x.shape[0] != 1:
         raise ValueError(f"{name}: the gemv path needs M == 1, got M={x.shape[0]}")
     if group_size and cfg.path != "dequant" and (
             cfg.block_k % group_size if cfg.path == "gemv" else group_size % cfg.block_k):
