@@ -21,7 +21,7 @@ from torch import nn
 import aofx
 from aofx.schemes import SCHEMES, scheme
 
-BATCHES = (1, 3, 17, 64)
+BATCHES = (1, 3, 17, 64, 1024)
 
 # Runs in the fresh process: load the package, run it on each input, save the outputs.
 LOADER = """

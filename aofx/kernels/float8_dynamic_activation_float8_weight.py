@@ -10,7 +10,7 @@ amax per row (per token) or over all of x, ``xq = e4m3(clamp(x / s_x, -448, 448)
 (fp32 accumulate) and ``y = acc * s_x * s_w (+ bias)`` in fp32 in the epilogue, cast to x.dtype.
 
 This is the int8 dynamic scheme with e4m3 codes and 448 for 127, so it runs that scheme's paths and table
-(``int8_dynamic_activation_int8_weight.select_config(..., fp8=True)``); from M = 65 on, with bf16 x and
+(``int8_dynamic_activation_int8_weight.select_config(..., fp8=True)``); from M = 129 on, with bf16 x and
 N, K multiples of 16, that table's ``scaled_mm`` path runs ``torch._scaled_mm``. Per tensor (M > 1),
 ``quantize.amax_partials`` writes 256 partial maxima of |x| and every program of the per-token kernel
 reduces them to max |x|; at M = 1 the tensor's amax is the row's. Hopper fp8 wgmma accumulates in reduced

@@ -20,7 +20,7 @@ Paths (``KernelConfig.path``; the fp8 dynamic scheme runs this table with e4m3 c
                   BLOCK_N >= 64. M <= 128: 64 x 128, or 64 x 64 x 256 with 6 stages where 64 x 128 gives
                   fewer than 128 tiles; M <= 256: 128 x 128; larger: 256 x 128 x 128 ``swap_ab`` with e4m3,
                   128 x 128 x 128 with 4 warps with int8. Up to M = 256, fewer than 128 tiles split K.
-  ``scaled_mm``   e4m3 codes, bf16 x, M > 64, N and K multiples of 16: ``quantize_per_token``, then
+  ``scaled_mm``   e4m3 codes, bf16 x, M > 128, N and K multiples of 16: ``quantize_per_token``, then
                   ``torch._scaled_mm`` (``mm.scaled_mm``), faster there than the Triton fp8 GEMM.
   ``fused``       forced configs only: the quantization in the GEMM prologue. Slower than ``quantized`` at
                   M = 16, because every program redoes the amax over all of K.
@@ -73,7 +73,9 @@ _FUSED_GEMV = KernelConfig("fused_gemv", block_m=1, block_n=4, block_k=512, num_
 _FUSED_GEMV_ONE_CHUNK_MAX_K = 4096
 ONE_ROW_PATHS = ("fused_gemv", "gemv")  # the M = 1 paths: the row's own amax is the tensor's
 _SCALED_MM = KernelConfig("scaled_mm")
-_SCALED_MM_MIN_M = 65  # e4m3 from this M on: torch._scaled_mm (where mm.scaled_mm_fits)
+# e4m3 from this M on: torch._scaled_mm (where mm.scaled_mm_fits). At M = 128, row-wise on 4096x14336, it trailed
+# the Triton table (benchmarks/results/h100_deploy.json, compile_us, against h100.json); at M = 1024 it led.
+_SCALED_MM_MIN_M = 129
 
 
 def select_config(M: int, N: int, K: int, fp8: bool = False, device: torch.device | None = None,

@@ -246,9 +246,9 @@ def test_rejects_bad_inputs():
 @pytest.mark.parametrize("forced", [True, False], ids=["forced", "default"])
 @pytest.mark.parametrize("x_per_row,w_per_row", GRANULARITIES)
 def test_interp_scaled_mm(x_per_row, w_per_row, forced):
-    """The torch._scaled_mm path (bf16 x, N and K multiples of 16, M > 64): the Triton quantization, then the
+    """The torch._scaled_mm path (bf16 x, N and K multiples of 16, M > 128): the Triton quantization, then the
     library GEMM with the four scale layouts (it runs on CPU too, so the interpreter checks the launcher)."""
-    m, n, k = 80, 64, 128
+    m, n, k = 130, 64, 128
     qdata, scale = make_weight(n, k, w_per_row)
     x = make_exact_x(m, k, x_per_row, dtype=torch.bfloat16)
     bias = torch.randn(n).bfloat16()
@@ -270,8 +270,8 @@ def test_select_config_buckets():
             assert kernels.select_config(m, n, k, library=False) == int8dq.select_config(m, n, k, fp8=True)
         for m in (2, 16, 17, 64, 128):  # the int8 table, but for int8's own tiles past M = 256
             assert kernels.select_config(m, n, k, library=False) == int8dq.select_config(m, n, k)
-        # where torch._scaled_mm takes the call (bf16 x, aligned N and K), it does from M = 65 on
-        assert [kernels.select_config(m, n, k).path for m in (64, 65, 1024)] == ["quantized", "scaled_mm", "scaled_mm"]
+        # where torch._scaled_mm takes the call (bf16 x, aligned N and K), it does from M = 129 on
+        assert [kernels.select_config(m, n, k).path for m in (128, 129, 1024)] == ["quantized", "scaled_mm", "scaled_mm"]
     assert kernels.select_config(16, 14336, 4096).block_m == 16
     assert kernels.select_config(1024, 14336, 4096, library=False).block_m == 256
     assert int8dq.select_config(1024, 14336, 4096) == int8dq._INT8_LARGE
