@@ -109,6 +109,15 @@ def mixtral():
     return MixtralForCausalLM(cfg).to(torch.bfloat16)
 
 
+def falcon():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    # FalconLinear computes ``x @ self.weight.T`` instead of calling F.linear
+    cfg = FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                       hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=2)
+    return FalconForCausalLM(cfg).to(torch.bfloat16)
+
+
 def bert():
     from transformers import BertConfig, BertModel
 
@@ -176,6 +185,7 @@ SPECS = {
     "gpt2": Spec("gpt2", _seeded(gpt2), _lm_inputs, _logits, is_lm=True),
     "t5": Spec("t5", _seeded(t5), _t5_inputs, _logits, is_lm=True),
     "mixtral": Spec("mixtral", _seeded(mixtral), _lm_inputs, _logits, is_lm=True),
+    "falcon": Spec("falcon", _seeded(falcon), _lm_inputs, _logits, is_lm=True),
     "bert": Spec("bert", _seeded(bert), _bert_inputs, _hidden),
     "flux": Spec("flux", _seeded(flux), _flux_inputs, _sample),
     "unet": Spec("unet", _seeded(unet), _unet_inputs, _sample),

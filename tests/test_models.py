@@ -403,6 +403,23 @@ def test_gpt2_conv1d_is_quantized(zoo, scheme):
 
 
 @pytest.mark.parametrize("scheme", SCHEME_IDS)
+def test_falcon_linear_matmul_is_quantized(zoo, scheme):
+    """FalconLinear's forward is ``x @ self.weight.T``, not F.linear: every one is rewritten, none skipped."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    f = zoo.float("falcon")
+    linears = [fqn for fqn, m in f.model.named_modules() if isinstance(m, FalconLinear)]
+    assert len(linears) == 8  # query_key_value, dense, dense_h_to_4h, dense_4h_to_h in each of 2 blocks
+    model = copy.deepcopy(f.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skip warning would fail here
+        aofx.quantize_(model, SCHEMES[scheme])
+    qmods = dict(model.named_modules())
+    for fqn in linears:
+        assert isinstance(qmods[fqn], FalconLinear) and "qdata" in dict(qmods[fqn].named_buffers()), fqn
+
+
+@pytest.mark.parametrize("scheme", SCHEME_IDS)
 def test_t5_feed_forward_reads_wo_weight(zoo, scheme):
     """T5's feed-forward casts its input to ``self.wo.weight.dtype``: that must be the layer's dtype."""
     q = zoo.quantized("t5", scheme)

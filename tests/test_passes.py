@@ -122,3 +122,55 @@ def forward(self, leaves_0, qdata, scale):
     float8_dynamic_activation_float8_weight_linear_default = torch.ops.aofx.float8_dynamic_activation_float8_weight_linear.default(leaves_0, qdata, scale, True, None);  leaves_0 = qdata = scale = None
     return (float8_dynamic_activation_float8_weight_linear_default,)""")
         self.assertEqual(model.scale.shape, ())
+
+
+class MatmulLinear(nn.Linear):
+    """A Linear subclass whose forward is ``x @ W.T`` (as FalconLinear's), in the spelling ``how`` picks."""
+
+    def __init__(self, how):
+        super().__init__(64, 32, dtype=torch.bfloat16)
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "T":
+            y = x @ self.weight.T
+        elif self.how == "transpose":
+            y = torch.matmul(x, self.weight.transpose(-1, -2))
+        elif self.how == "permute":
+            y = torch.matmul(x, self.weight.permute(1, 0))
+        elif self.how == "mm":
+            y = torch.mm(x.reshape(-1, 64), self.weight.t()).reshape(*x.shape[:-1], 32)
+        else:  # reads the weight a second time: it must stay float
+            y = x @ self.weight.T + self.weight.sum()
+        return y + self.bias
+
+
+class TestMatmulOfTransposedWeight(expecttest.TestCase):
+    def test_rewritten_like_a_linear(self):
+        x = torch.randn(2, 3, 64).bfloat16()
+        for how in ("T", "transpose", "permute", "mm"):
+            layer = MatmulLinear(how)
+            ref = layer(x)
+            aofx.quantize_(layer, aofx.Int8WeightOnlyConfig())
+            counts = _counts(_graph(layer))  # captured with quantize_'s example rows
+            self.assertEqual(counts["aofx.int8_weight_only_linear.default"], 1, how)
+            self.assertEqual(counts["aten.matmul.default"] + counts["aten.mm.default"], 0, how)
+            self.assertFalse({"aten.t.default", "aten.numpy_T.default", "aten.transpose.int",
+                              "aten.permute.default"} & set(counts), how)
+            self.assertGreater(aofx.numerics.sqnr(ref.float(), layer(x).float()), 38.0, how)
+        # the capture for x's 3-D shape (the first one, from quantize_'s example rows, is 2-D)
+        self.assertExpectedInline(_code(layer._aofx.captures[-1].gm), """\
+def forward(self, p_m_bias, leaves_0, qdata, scale):
+    sym_size_int_2 = torch.ops.aten.sym_size.int(leaves_0, 0)
+    sym_size_int_3 = torch.ops.aten.sym_size.int(leaves_0, 1)
+    reshape = torch.ops.aten.reshape.default(leaves_0, [-1, 64]);  leaves_0 = None
+    int8_weight_only_linear_default = torch.ops.aofx.int8_weight_only_linear.default(reshape, qdata, scale, None);  reshape = qdata = scale = None
+    reshape_1 = torch.ops.aten.reshape.default(int8_weight_only_linear_default, [sym_size_int_2, sym_size_int_3, 32]);  int8_weight_only_linear_default = sym_size_int_2 = sym_size_int_3 = None
+    add = torch.ops.aten.add.Tensor(reshape_1, p_m_bias);  reshape_1 = p_m_bias = None
+    return (add,)""")
+
+    def test_weight_read_twice_stays_float(self):
+        layer = MatmulLinear("twice")
+        with self.assertWarnsRegex(UserWarning, "uses weight outside F.linear"):
+            aofx.quantize_(layer, aofx.Int8WeightOnlyConfig())
+        self.assertIs(type(layer), MatmulLinear)

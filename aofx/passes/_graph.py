@@ -6,6 +6,10 @@ The built-in passes all have one shape, ``LinearRewrite``: in export's training 
     before:  linear = aten.linear.default(x, p_weight, p_bias)
     after:   linear = aofx.<scheme>_linear(x, qdata, scale, ..., p_bias)
 
+A weight used as ``x @ W.T`` (``matmul`` or ``mm`` of x and a transpose of W, as custom ``nn.Linear``
+subclasses write it) is a linear without bias and is rewritten the same way; so is Conv1D's
+``addmm(bias, x, W)`` with W stored (in, out).
+
 Invariants: only linears whose weight is a planned target are touched; the new node keeps the old
 node's ``meta`` (``val``, ``stack_trace``, ``nn_module_stack``); the graph still lints.
 
@@ -24,6 +28,22 @@ from torch import fx
 
 LINEAR = torch.ops.aten.linear.default
 ADDMM = torch.ops.aten.addmm.default  # Conv1D: addmm(bias, x, W) with W stored (in, out)
+_PRODUCTS = (torch.ops.aten.matmul.default, torch.ops.aten.mm.default)  # x @ W.T
+
+
+def _transposed_weight(node) -> Optional[fx.Node]:
+    """W when ``node`` swaps the two dims of a 2-D W (``W.T``, ``W.t()``, ``W.transpose(0, 1)``,
+    ``W.permute(1, 0)``), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+        return None
+    aten = torch.ops.aten
+    if node.target in (aten.t.default, aten.numpy_T.default):
+        return node.args[0]
+    if node.target is aten.transpose.int and sorted(d % 2 for d in node.args[1:3]) == [0, 1]:
+        return node.args[0]
+    if node.target is aten.permute.default and [d % 2 for d in node.args[1]] == [1, 0]:
+        return node.args[0]
+    return None
 # Higher-order ops of export's IR whose operands follow their subgraph one-to-one.
 _SUBGRAPH_HOPS = {"wrap_with_set_grad_enabled", "wrap_with_autocast"}
 
@@ -65,20 +85,26 @@ class LinearRewrite:
         ``targets``; returns how many were rewritten."""
         count = 0
         for node in list(gm.graph.nodes):
+            transposed, swap = False, None
             if node.target is LINEAR:
                 x, weight, bias = (list(node.args) + [None])[:3]
             elif node.target is ADDMM and len(node.args) == 3 and not node.kwargs:
-                bias, x, weight = node.args
+                (bias, x, weight), transposed = node.args, True
+            elif node.target in _PRODUCTS and len(node.args) == 2 and not node.kwargs:
+                (x, swap), bias = node.args, None
+                weight = _transposed_weight(swap)
             else:
                 continue
             target = targets.get(weight)
-            if target is None or target.rewrite is not self or target.transposed != (node.target is ADDMM):
+            if target is None or target.rewrite is not self or target.transposed != transposed:
                 continue
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(self.op, self.op_args(x, target.packed, bias, target.config))
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
+            if swap is not None and not swap.users:
+                gm.graph.erase_node(swap)
             count += 1
         return count
 
@@ -106,22 +132,6 @@ def subgraph_calls(gm: fx.GraphModule):
             if isinstance(arg, fx.Node) and arg.op == "get_attr":
                 yield node, getattr(gm, arg.target), i + 1
                 break
-
-
-def linear_weight_inputs(gm: fx.GraphModule) -> set:
-    """The top-level placeholders of ``gm`` used as a linear's weight, in ``gm`` or its subgraphs."""
-    used = set()
-
-    def visit(graph_module, outer):  # outer: this graph's placeholder -> top-level placeholder
-        for node in graph_module.graph.nodes:
-            if node.target is LINEAR and node.args[1] in outer:
-                used.add(outer[node.args[1]])
-        for hop, sub, first in subgraph_calls(graph_module):
-            inner = zip(hop.args[first:], placeholders(sub.graph))
-            visit(sub, {p: outer[a] for a, p in inner if a in outer})
-
-    visit(gm, {n: n for n in placeholders(gm.graph)})
-    return used
 
 
 def thread_targets(gm: fx.GraphModule, targets: dict) -> list:
