@@ -1,12 +1,16 @@
 """The README's benchmark tables, generated from the results JSON.
 
-    python -m benchmarks.tables                  # both tables, from benchmarks/results/
-    python -m benchmarks.tables --check README.md  # exit 1 unless README.md holds both tables as printed
+    python -m benchmarks.tables                  # every table, from benchmarks/results/
+    python -m benchmarks.tables --check README.md  # exit 1 unless README.md holds every table as printed
 
 Layer table (``bench_layers.py`` rows): one row per (config, N x K) on the scored shapes, one column per
 M. Each cell is aofx's speedup over bf16 cuBLAS measured in the same run, aofx's time per layer in
 brackets, then the peers' speedups (``ao`` torchao, ``gl`` gemlite) where the run measured them. A
 ``bf16`` row per shape gives the baseline's time per layer.
+
+Deploy table (``bench_deploy.py`` rows): one row per config, one column per M; each cell is
+``torch.compile``'s time over the AOTInductor package's (1.00: as fast; under 1: the package is slower),
+one number per shape, in the order of the header.
 
 End-to-end table (``bench_e2e.py`` rows): a results file may hold the rows of several calls; each call
 starts with its ``bf16`` row, and every ratio is against the bf16 row of its own call.
@@ -22,6 +26,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYERS_JSON = RESULTS / "h100.json"
 E2E_JSON = RESULTS / "h100_e2e.json"
+DEPLOY_JSON = RESULTS / "h100_deploy.json"
 PEERS = (("torchao", "ao"), ("gemlite", "gl"))
 
 
@@ -84,6 +89,22 @@ def layer_notes(rows: list[dict], scored_only: bool = True) -> list[str]:
     return notes
 
 
+def deploy_table(rows: list[dict]) -> str:
+    """Markdown: compile_us / aoti_us per config and M, one number per shape ("-" where a cell failed)."""
+    ms = sorted({r["M"] for r in rows})
+    shapes = list(dict.fromkeys(_shape(r) for r in rows))
+    cell = {(r["config"], _shape(r), r["M"]): r for r in rows}
+    lines = [f"| config ({' · '.join(shapes)}) | " + " | ".join(f"M={m}" for m in ms) + " |",
+             "|---|" + "---|" * len(ms)]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        cells = []
+        for m in ms:
+            rs = [cell.get((config, shape, m)) for shape in shapes]
+            cells.append(" · ".join(f"{r['compile_us'] / r['aoti_us']:.2f}" if r and r.get("ok") else "-" for r in rs))
+        lines.append(f"| {config} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def e2e_table(rows: list[dict]) -> str:
     """Markdown: tok/s, the ratio to its own call's bf16, and weight size, one line per row."""
     lines = ["| `bench_e2e.py` call | config | tok/s | × bf16 | weights |", "|---|---|---|---|---|"]
@@ -108,21 +129,22 @@ def _calls(rows: list[dict]) -> list[list[dict]]:
     return calls
 
 
-def tables(layers: Path = LAYERS_JSON, e2e: Path = E2E_JSON) -> list[str]:
-    """The generated blocks: layer table, its notes, end-to-end table."""
+def tables(layers: Path = LAYERS_JSON, e2e: Path = E2E_JSON, deploy: Path = DEPLOY_JSON) -> list[str]:
+    """The generated blocks: layer table, its notes, end-to-end table, deploy table."""
     layer_rows = json.loads(layers.read_text())
     return [layer_table(layer_rows), "\n".join(f"- {n}" for n in layer_notes(layer_rows)),
-            e2e_table(json.loads(e2e.read_text()))]
+            e2e_table(json.loads(e2e.read_text())), deploy_table(json.loads(deploy.read_text()))]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=Path, default=LAYERS_JSON, help="bench_layers.py results (JSON)")
     p.add_argument("--e2e", type=Path, default=E2E_JSON, help="bench_e2e.py results (JSON)")
+    p.add_argument("--deploy", type=Path, default=DEPLOY_JSON, help="bench_deploy.py results (JSON)")
     p.add_argument("--check", type=Path, metavar="MARKDOWN",
                    help="exit 1 unless this file contains every generated block verbatim")
     args = p.parse_args(argv)
-    blocks = tables(args.layers, args.e2e)
+    blocks = tables(args.layers, args.e2e, args.deploy)
     if args.check:
         text = args.check.read_text()
         stale = [b.splitlines()[0] for b in blocks if b not in text]
