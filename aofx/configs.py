@@ -40,6 +40,43 @@ class PerRow:
 Granularity = Union[PerTensor, PerRow]
 
 
+def _as_granularity(g):
+    """aofx's PerTensor / PerRow for one of ours or torchao's (matched by class name), else ``g``."""
+    return {"PerTensor": PerTensor, "PerRow": PerRow}.get(type(g).__name__, lambda: g)()
+
+
+# ---------------------------------------------------------------- torchao's other fields
+
+def _compat(default):
+    """A torchao field that aofx accepts for compatibility: left out of ``repr``, equality and saved
+    metadata, since every accepted value gives the same aofx scheme."""
+    return field(default=default, repr=False, compare=False)
+
+
+def _token(value) -> str:
+    """torchao's enum or string field value as a lowercase name ("tinygemm", "symmetric")."""
+    value = getattr(value, "value", value) if isinstance(value, str) or not hasattr(value, "name") else value.name
+    return str(value).lower()
+
+
+def _check_compat(config, name: str, allowed: tuple | None = None, why: str = "") -> None:
+    """``config.<name>`` must be one of ``allowed`` (None: anything); raises ``ValueError`` saying why not."""
+    value = getattr(config, name)
+    if allowed is not None and (value if value is None or isinstance(value, bool) else _token(value)) not in allowed:
+        raise ValueError(f"{type(config).__name__}: {name}={value!r} is not supported by aofx ({why}); "
+                         f"accepted: {', '.join(map(repr, allowed))}")
+
+
+def _check_common(config) -> None:
+    """``set_inductor_config`` (any bool: aofx sets no Inductor flags) and ``version`` (1 or 2: torchao's
+    tensor format; aofx has its own)."""
+    if not isinstance(config.set_inductor_config, bool):
+        raise TypeError(f"{type(config).__name__}: set_inductor_config must be a bool, "
+                        f"got {config.set_inductor_config!r}")
+    if config.version not in (1, 2):
+        raise ValueError(f"{type(config).__name__}: version={config.version!r} is not one of torchao's (1, 2)")
+
+
 def _check_group_size(config, group_size, allow_none: bool) -> None:
     if group_size is None and allow_none:
         return
@@ -60,13 +97,29 @@ class Int4WeightOnlyConfig(AOBaseConfig):
         group_size (int, default 128): input features that share one bf16 scale and zero point;
             one of 32, 64, 128, 256, and it must divide the layer's in_features. A float (128.0)
             or bool is a ``TypeError``, any other int a ``ValueError``.
+
+    torchao's other fields are accepted and change nothing: ``set_inductor_config`` (any bool),
+    ``version`` (1 or 2), ``int4_packing_format`` (plain, preshuffled, plain_int32 or
+    tile_packed_to_4d: aofx has its own layout), ``int4_tile_packed_ntile``, and
+    ``int4_choose_qparams_algorithm`` ("tinygemm" only, which is what aofx computes; "hqq" is a
+    ``ValueError``). They are left out of ``repr``, equality and saved metadata.
     """
 
     group_size: int = 128
+    set_inductor_config: bool = _compat(True)
+    int4_packing_format: Any = _compat("plain")
+    int4_choose_qparams_algorithm: Any = _compat("tinygemm")
+    int4_tile_packed_ntile: int = _compat(8)
+    version: int = _compat(2)
 
     def __post_init__(self):
         _check_group_size(self, self.group_size, allow_none=False)
         self.group_size = int(self.group_size)
+        _check_common(self)
+        _check_compat(self, "int4_packing_format", ("plain", "preshuffled", "plain_int32", "tile_packed_to_4d"),
+                      "a packing format is torchao's kernel layout; aofx packs its own")
+        _check_compat(self, "int4_choose_qparams_algorithm", ("tinygemm",),
+                      "aofx computes tinygemm-style scales and zero points, not HQQ's")
 
 
 @dataclass
@@ -78,23 +131,59 @@ class Int8WeightOnlyConfig(AOBaseConfig):
             gives one scale per group of that many input features and is one of 32, 64, 128, 256
             (it must divide in_features). A float (128.0) or bool is a ``TypeError``, any other int
             a ``ValueError``.
+
+    torchao's other fields: ``granularity`` (``PerRow()``, the default per-channel scheme, or
+    ``PerGroup(n)``, which sets ``group_size=n``; others are a ``ValueError``), ``set_inductor_config``
+    (any bool) and ``version`` (1 or 2) are accepted and left out of ``repr``, equality and metadata.
     """
 
     group_size: Optional[int] = None
+    granularity: Any = _compat(None)
+    set_inductor_config: bool = _compat(True)
+    version: int = _compat(2)
 
     def __post_init__(self):
+        g = self.granularity
+        if type(g).__name__ == "PerGroup" and self.group_size is None:  # torchao's PerGroup(n) is group_size=n
+            self.group_size = g.group_size
+        elif g is not None and type(g).__name__ not in ("PerRow", "PerGroup"):
+            raise ValueError(f"Int8WeightOnlyConfig: granularity={g!r} is not supported; use PerRow() (per "
+                             "channel) or group_size")
         _check_group_size(self, self.group_size, allow_none=True)
         if self.group_size is not None:
             self.group_size = int(self.group_size)
+        self.granularity = None
+        _check_common(self)
 
 
 @dataclass
 class Int8DynamicActivationInt8WeightConfig(AOBaseConfig):
     """int8 activations quantized per token at run time x int8 weights per output channel.
 
-    No fields: activations are symmetric per token (``amax / 127``), weights symmetric per output
-    channel (``amax / 127.5``), both with fp32 scales.
+    Activations are symmetric per token (``amax / 127``), weights symmetric per output channel
+    (``amax / 127.5``), both with fp32 scales. aofx has no fields of its own here; torchao's are accepted
+    where they name this scheme and left out of ``repr``, equality and metadata:
+    ``act_mapping_type`` (symmetric only), ``granularity`` (``PerRow()`` or None), ``weight_only_decode``
+    and ``reduce_range`` (False only), ``set_inductor_config`` (any bool), ``version`` (1 or 2). Any other
+    value is a ``ValueError``: it would be another scheme.
     """
+
+    act_mapping_type: Any = _compat("symmetric")
+    weight_only_decode: bool = _compat(False)
+    granularity: Any = _compat(None)
+    set_inductor_config: bool = _compat(True)
+    version: int = _compat(2)
+    reduce_range: Optional[bool] = _compat(False)
+
+    def __post_init__(self):
+        _check_common(self)
+        _check_compat(self, "act_mapping_type", ("symmetric",), "activations are quantized symmetrically")
+        _check_compat(self, "weight_only_decode", (False,), "decode runs the same dynamic scheme")
+        _check_compat(self, "reduce_range", (False, None), "the full int8 range is used")
+        if self.granularity is not None and type(self.granularity).__name__ != "PerRow":
+            raise ValueError(f"Int8DynamicActivationInt8WeightConfig: granularity={self.granularity!r} is not "
+                             "supported; activations are per token and weights per channel (PerRow())")
+        self.granularity = None
 
 
 @dataclass
@@ -104,14 +193,25 @@ class Float8WeightOnlyConfig(AOBaseConfig):
     Fields:
         weight_dtype (torch.dtype, default torch.float8_e4m3fn): the only allowed value is
             ``torch.float8_e4m3fn``.
+
+    torchao's ``set_inductor_config`` (any bool), ``version`` (1 or 2) and ``granularity`` (``PerRow()``
+    or None) are accepted and left out of ``repr``, equality and metadata.
     """
 
     weight_dtype: torch.dtype = torch.float8_e4m3fn
+    set_inductor_config: bool = _compat(True)
+    version: int = _compat(2)
+    granularity: Any = _compat(None)
 
     def __post_init__(self):
         if self.weight_dtype != torch.float8_e4m3fn:
             raise ValueError(f"Float8WeightOnlyConfig: weight_dtype={self.weight_dtype} is not supported; "
                              "use torch.float8_e4m3fn")
+        _check_common(self)
+        if self.granularity is not None and type(self.granularity).__name__ != "PerRow":
+            raise ValueError(f"Float8WeightOnlyConfig: granularity={self.granularity!r} is not supported; "
+                             "weights have one scale per output channel (PerRow())")
+        self.granularity = None
 
 
 def _granularity_pair(granularity) -> tuple:
@@ -119,6 +219,7 @@ def _granularity_pair(granularity) -> tuple:
     if granularity is None:
         return (PerTensor(), PerTensor())
     pair = tuple(granularity) if isinstance(granularity, (tuple, list)) else (granularity,) * 2
+    pair = tuple(_as_granularity(g) for g in pair)
     if len(pair) != 2 or not all(isinstance(g, (PerTensor, PerRow)) for g in pair):
         raise TypeError("Float8DynamicActivationFloat8WeightConfig: granularity must be None, PerTensor(), PerRow() "
                         f"or an (activation, weight) pair of them; got {granularity!r}")
@@ -137,12 +238,26 @@ class Float8DynamicActivationFloat8WeightConfig(AOBaseConfig):
             ``(activation, weight)`` tuple, so ``granularity=PerRow()`` equals
             ``granularity=(PerRow(), PerRow())`` and ``None`` equals ``PerTensor()``.
             ``PerTensor``: one scale for the activation / the weight; ``PerRow``: one per token /
-            per output channel.
+            per output channel. torchao's own ``PerTensor``/``PerRow`` objects are accepted too.
+
+    torchao's other fields are accepted where they name this scheme and left out of ``repr``, equality and
+    metadata: ``packing_format`` ("plain" only), ``activation_value_lb`` / ``activation_value_ub`` (None
+    only: a clamped scale is another scheme), and, as kernel choices that aofx makes itself,
+    ``mm_config``, ``kernel_preference`` and ``alg_id``; ``set_inductor_config`` (any bool), ``version``
+    (1 or 2).
     """
 
     activation_dtype: torch.dtype = torch.float8_e4m3fn
     weight_dtype: torch.dtype = torch.float8_e4m3fn
     granularity: Any = None
+    packing_format: Any = _compat("plain")
+    mm_config: Any = _compat(None)
+    activation_value_lb: Optional[float] = _compat(None)
+    activation_value_ub: Optional[float] = _compat(None)
+    kernel_preference: Any = _compat("auto")
+    set_inductor_config: bool = _compat(True)
+    version: int = _compat(2)
+    alg_id: int = _compat(0)
 
     def __post_init__(self):
         for name in ("activation_dtype", "weight_dtype"):
@@ -150,6 +265,10 @@ class Float8DynamicActivationFloat8WeightConfig(AOBaseConfig):
                 raise ValueError(f"Float8DynamicActivationFloat8WeightConfig: {name}={getattr(self, name)} "
                                  "is not supported; use torch.float8_e4m3fn")
         self.granularity = _granularity_pair(self.granularity)
+        _check_common(self)
+        _check_compat(self, "packing_format", ("plain",), "the weight is a plain e4m3 tensor")
+        for name in ("activation_value_lb", "activation_value_ub"):
+            _check_compat(self, name, (None,), "the activation scale comes from amax alone")
 
     @property
     def granularities(self) -> tuple[Granularity, Granularity]:
@@ -232,7 +351,7 @@ float8_dynamic_activation_float8_weight = Float8DynamicActivationFloat8WeightCon
 
 def describe(config: AOBaseConfig) -> str:
     """Short text for ``repr``: the scheme name and its fields."""
-    fields = ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)) \
+    fields = ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config) if f.repr) \
         if dataclasses.is_dataclass(config) else ""
     return f"{type(config).__name__}({fields})"
 
@@ -257,6 +376,8 @@ def config_to_dict(config: AOBaseConfig) -> dict:
         raise ValueError(f"config_to_dict: {name} is not serializable; supported: {', '.join(_SERIALIZABLE)}")
     out = {"type": name}
     for f in dataclasses.fields(config):
+        if not f.compare:  # torchao's fields that change nothing in aofx
+            continue
         value = getattr(config, f.name)
         if isinstance(value, torch.dtype):
             value = str(value).removeprefix("torch.")

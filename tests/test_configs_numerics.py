@@ -161,11 +161,12 @@ ALLOWED = {"group_size": ["32, 64, 128, 256"], "weight_dtype": ["torch.float8_e4
 def test_docstring_documents_every_field_default_and_allowed_values(cls):
     doc = inspect.getdoc(cls)
     assert doc and doc != inspect.getdoc(AOBaseConfig)
-    fields = dataclasses.fields(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.repr]  # aofx's own; torchao's others are below
     if not fields:
-        assert "No fields" in doc
-    for f in fields:
+        assert "no fields of its own" in doc
+    for f in dataclasses.fields(cls):
         assert f.name in doc, f"{cls.__name__}: field {f.name} undocumented"
+    for f in fields:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         default_text = {dict: "empty"}.get(type(default), repr(default) if default is not None else "None")
         assert f"default {default_text}" in doc, f"{cls.__name__}.{f.name}: default {default_text} undocumented"
@@ -383,3 +384,50 @@ def test_int8_codes_are_the_formula_for_ordinary_weights(std):
     wg = w.reshape(16, 4, 64)
     assert torch.equal(s, (wg.abs().amax(-1) / 127.5).clamp(min=TINY))
     assert torch.equal(q, (wg / s[..., None]).round().clamp(-128, 127).to(torch.int8).reshape(16, 256))
+
+
+@pytest.mark.parametrize("make, field_name", [
+    (lambda: Int4WeightOnlyConfig(group_size=128, int4_choose_qparams_algorithm="hqq"), "int4_choose_qparams_algorithm"),
+    (lambda: Int4WeightOnlyConfig(int4_packing_format="marlin_sparse"), "int4_packing_format"),
+    (lambda: Int8WeightOnlyConfig(granularity=PerTensor()), "granularity"),
+    (lambda: Int8DynamicActivationInt8WeightConfig(act_mapping_type="asymmetric"), "act_mapping_type"),
+    (lambda: Int8DynamicActivationInt8WeightConfig(weight_only_decode=True), "weight_only_decode"),
+    (lambda: Float8WeightOnlyConfig(granularity=PerTensor()), "granularity"),
+    (lambda: Float8DynamicActivationFloat8WeightConfig(activation_value_ub=1200.0), "activation_value_ub"),
+    (lambda: Float8DynamicActivationFloat8WeightConfig(version=3), "version"),
+])
+def test_torchao_fields_that_would_change_the_scheme_raise(make, field_name):
+    with pytest.raises(ValueError, match=field_name):
+        make()
+
+
+def test_torchao_fields_that_change_nothing_are_accepted_and_invisible():
+    """torchao's layout, kernel and Inductor knobs: accepted, equal to the default config, absent from repr
+    and from the saved dict (so saved files and shared graphs do not depend on them)."""
+    class Enum:  # stands in for torchao's enums: ``.name`` and ``.value``
+        def __init__(self, name, value):
+            self.name, self.value = name, value
+
+    cases = [
+        (Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d", version=1,
+                              int4_choose_qparams_algorithm=Enum("TINYGEMM", "tinygemm"), set_inductor_config=False),
+         Int4WeightOnlyConfig(group_size=64)),
+        (Int8WeightOnlyConfig(granularity=PerRow(), set_inductor_config=False), Int8WeightOnlyConfig()),
+        (Int8DynamicActivationInt8WeightConfig(act_mapping_type=Enum("SYMMETRIC", 1), granularity=PerRow(),
+                                               reduce_range=False), Int8DynamicActivationInt8WeightConfig()),
+        (Float8WeightOnlyConfig(granularity=PerRow(), version=2), Float8WeightOnlyConfig()),
+        (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), kernel_preference="torch", mm_config=None,
+                                                   packing_format="plain", alg_id=1),
+         Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())),
+    ]
+    for given, plain in cases:
+        assert given == plain and repr(given) == repr(plain)
+        assert config_to_dict(given) == config_to_dict(plain)
+
+
+def test_torchao_group_granularity_sets_group_size():
+    class PerGroup:  # torchao's PerGroup(group_size)
+        def __init__(self, group_size):
+            self.group_size = group_size
+
+    assert Int8WeightOnlyConfig(granularity=PerGroup(64)) == Int8WeightOnlyConfig(group_size=64)
