@@ -54,9 +54,8 @@ def _compat(default):
 
 
 def _token(value) -> str:
-    """torchao's enum or string field value as a lowercase name ("tinygemm", "symmetric")."""
-    value = getattr(value, "value", value) if isinstance(value, str) or not hasattr(value, "name") else value.name
-    return str(value).lower()
+    """torchao's enum member (by its name) or string as a lowercase name ("tinygemm", "symmetric")."""
+    return str(getattr(value, "name", value)).lower()
 
 
 def _check_compat(config, name: str, allowed: tuple | None = None, why: str = "") -> None:
@@ -75,6 +74,13 @@ def _check_common(config) -> None:
                         f"got {config.set_inductor_config!r}")
     if config.version not in (1, 2):
         raise ValueError(f"{type(config).__name__}: version={config.version!r} is not one of torchao's (1, 2)")
+
+
+def _per_row_only(config, why: str) -> None:
+    """torchao's ``granularity`` field of a per-channel scheme: ``PerRow()`` or None, then dropped."""
+    if config.granularity is not None and type(config.granularity).__name__ != "PerRow":
+        raise ValueError(f"{type(config).__name__}: granularity={config.granularity!r} is not supported; {why}")
+    config.granularity = None
 
 
 def _check_group_size(config, group_size, allow_none: bool) -> None:
@@ -144,15 +150,14 @@ class Int8WeightOnlyConfig(AOBaseConfig):
 
     def __post_init__(self):
         g = self.granularity
-        if type(g).__name__ == "PerGroup" and self.group_size is None:  # torchao's PerGroup(n) is group_size=n
-            self.group_size = g.group_size
-        elif g is not None and type(g).__name__ not in ("PerRow", "PerGroup"):
-            raise ValueError(f"Int8WeightOnlyConfig: granularity={g!r} is not supported; use PerRow() (per "
-                             "channel) or group_size")
+        if type(g).__name__ == "PerGroup":  # torchao's PerGroup(n) is group_size=n
+            if self.group_size not in (None, g.group_size):
+                raise ValueError(f"Int8WeightOnlyConfig: group_size={self.group_size!r} contradicts granularity={g!r}")
+            self.group_size, self.granularity = g.group_size, None
+        _per_row_only(self, "use PerRow() (per channel) or group_size")
         _check_group_size(self, self.group_size, allow_none=True)
         if self.group_size is not None:
             self.group_size = int(self.group_size)
-        self.granularity = None
         _check_common(self)
 
 
@@ -180,10 +185,7 @@ class Int8DynamicActivationInt8WeightConfig(AOBaseConfig):
         _check_compat(self, "act_mapping_type", ("symmetric",), "activations are quantized symmetrically")
         _check_compat(self, "weight_only_decode", (False,), "decode runs the same dynamic scheme")
         _check_compat(self, "reduce_range", (False, None), "the full int8 range is used")
-        if self.granularity is not None and type(self.granularity).__name__ != "PerRow":
-            raise ValueError(f"Int8DynamicActivationInt8WeightConfig: granularity={self.granularity!r} is not "
-                             "supported; activations are per token and weights per channel (PerRow())")
-        self.granularity = None
+        _per_row_only(self, "activations are per token and weights per channel (PerRow())")
 
 
 @dataclass
@@ -208,10 +210,7 @@ class Float8WeightOnlyConfig(AOBaseConfig):
             raise ValueError(f"Float8WeightOnlyConfig: weight_dtype={self.weight_dtype} is not supported; "
                              "use torch.float8_e4m3fn")
         _check_common(self)
-        if self.granularity is not None and type(self.granularity).__name__ != "PerRow":
-            raise ValueError(f"Float8WeightOnlyConfig: granularity={self.granularity!r} is not supported; "
-                             "weights have one scale per output channel (PerRow())")
-        self.granularity = None
+        _per_row_only(self, "weights have one scale per output channel (PerRow())")
 
 
 def _granularity_pair(granularity) -> tuple:

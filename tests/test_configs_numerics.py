@@ -431,3 +431,5 @@ def test_torchao_group_granularity_sets_group_size():
             self.group_size = group_size
 
     assert Int8WeightOnlyConfig(granularity=PerGroup(64)) == Int8WeightOnlyConfig(group_size=64)
+    with pytest.raises(ValueError, match="contradicts"):
+        Int8WeightOnlyConfig(group_size=32, granularity=PerGroup(64))
