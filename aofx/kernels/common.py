@@ -88,8 +88,8 @@ def dequantize_first(N: int, K: int) -> bool:
 # ---------------------------------------------------------------- the split-K policy
 
 # K is split only to fill the GPU, never to balance waves: a split costs an fp32 workspace and one more
-# kernel that sums it. The sum runs in a fixed order, so results are deterministic (fp32 atomics would
-# not be, and scattered atomics cost more than a plain store plus one reduction).
+# kernel that sums it and casts. The sum runs in a fixed order, so results are deterministic (fp32 atomics
+# would not be).
 MAX_SPLIT_K = 16
 
 
@@ -109,9 +109,30 @@ def split_k_output(x: torch.Tensor, M: int, N: int, split: int) -> torch.Tensor:
     return torch.empty((M, N), device=x.device, dtype=x.dtype)
 
 
+_SUM_BLOCK = 1024
+
+
+@triton.jit
+def _sum_splits_kernel(ws_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def split_k_result(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(M, N) in ``dtype``: a split-K workspace summed over its splits in a fixed order."""
-    return out.sum(0).to(dtype) if out.dim() == 3 else out
+    """(M, N) in ``dtype``: a split-K workspace summed over its splits in a fixed order and cast, in one
+    kernel (a sum then a cast would be two, with an fp32 (M, N) between them)."""
+    if out.dim() != 3:
+        return out
+    split, M, N = out.shape
+    y = torch.empty((M, N), device=out.device, dtype=dtype)
+    # M * N > 0: the launchers return empty results before launching
+    torch.library.wrap_triton(_sum_splits_kernel)[(triton.cdiv(M * N, _SUM_BLOCK),)](
+        out, y, M * N, SPLIT_K=split, BLOCK=_SUM_BLOCK)
+    return y
 
 
 @functools.cache
