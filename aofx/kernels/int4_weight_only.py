@@ -49,7 +49,7 @@ __all__ = ["CONFIGS", "linear", "select_config"]
 #   M <= 2: one program walks all of K (stream-K and K splits were slower).
 #   M <= 64: swap_ab tiles, x's few rows the narrow side; select_config splits K to fill the GPU.
 #   M <= 256: 128 x 128 x 64 without swap_ab, 8 warps (swap_ab with a K split was once wrong here:
-#       tests/kernels/test_known_bugs.py keeps that config under test).
+#       tests/kernels/test_regressions.py keeps that config under test).
 CONFIGS = (
     (2, KernelConfig("gemv", block_n=8, block_k=512, num_warps=2, num_stages=3)),
     (16, KernelConfig("mm", block_m=16, block_n=128, block_k=128, swap_ab=True, num_warps=8, num_stages=3)),

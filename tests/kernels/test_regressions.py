@@ -1,10 +1,8 @@
-"""Known wrong-result kernel configs, kept as tests (``xfail`` with the reason) instead of comments.
+"""Kernel configs that once returned wrong results, kept as regression tests instead of comments.
 
 No default table selects these configs; each test forces one through its launcher's ``config=`` argument
-on a shape where it was seen to fail. A fix shows up as XPASS: then drop the ``xfail`` and, if the
-config is worth having, let the tables use it. Each GPU test has an interpreter twin that runs the same
-forced config on small CPU tensors, so the call itself is known to be well-formed and the logic right;
-the ``xfail`` only accepts an ``AssertionError`` (wrong numbers), never a broken call.
+on the shape where it failed. Each GPU test has an interpreter twin that runs the same forced config on
+small CPU tensors, so the call itself is known to be well-formed and the logic right.
 """
 
 import dataclasses
@@ -24,10 +22,10 @@ SQNR_FLOOR_DB = 30.0
 
 # The M <= 256 bucket's tile (128x128x64, 8 warps, 4 stages) with swap_ab, which the table does not use.
 INT4_SWAP_AB_128 = KernelConfig("mm", block_m=128, block_n=128, block_k=64, swap_ab=True, num_warps=8, num_stages=4)
-INT4_SWAP_AB_128_BUG = (
-    "int4 mm 128x128x64 swap_ab with 8 warps returned wrong results on H100 (SQNR -43 to -26 dB, varying from "
-    "call to call): 14336x4096 with split K 2 in every call, 4096x14336 with split 8 in some; also with a "
-    "split-K workspace in place of the atomics; right with 4 warps and on smaller shapes")
+# Before the kernels were regrouped by algorithm (one epilogue, common.store_tile, for every tensor-core
+# kernel), this config returned wrong results on the H100: SQNR -43 to -26 dB, varying from call to call,
+# 14336x4096 with split K 2 in every call and 4096x14336 with split 8 in some; right with 4 warps and on
+# smaller shapes. The regrouped kernel passes; the old kernel's fault was not isolated.
 
 
 def _int4_case(M, N, K, group_size, dtype, device, seed=0):
@@ -49,7 +47,6 @@ def _int4_sqnr(x, qdata, scale, zero, group_size, split_k):
 
 
 @pytest.mark.cuda
-@pytest.mark.xfail(reason=INT4_SWAP_AB_128_BUG, raises=AssertionError, strict=False)
 @pytest.mark.parametrize("N,K,split_k", [(14336, 4096, 2), (4096, 14336, 8)],
                          ids=["14336x4096-split2", "4096x14336-split8"])
 def test_int4_mm_swap_ab_128x128x64_split_k(N, K, split_k):
@@ -65,8 +62,7 @@ def test_int4_mm_swap_ab_128x128x64_split_k(N, K, split_k):
 @pytest.mark.parametrize("split_k", [2, 8])
 def test_int4_mm_swap_ab_128x128x64_split_k_interpreter(split_k):
     # The same forced config on CPU tensors (fp16: the interpreter's tl.dot): two column tiles, the second
-    # partial (N = 160), M = 128, 8 K steps of 64 over 2 or 8 splits. Right here, so the GPU failure is
-    # in the compiled kernel, not in the config or the launch.
+    # partial (N = 160), M = 128, 8 K steps of 64 over 2 or 8 splits.
     x, qdata, scale, zero = _int4_case(128, 160, 512, 128, torch.float16, "cpu")
     db = _int4_sqnr(x, qdata, scale, zero, 128, split_k)
     assert db >= SQNR_FLOOR_DB, f"SQNR {db:.1f} dB vs numerics (floor {SQNR_FLOOR_DB})"
