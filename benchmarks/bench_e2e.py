@@ -8,6 +8,10 @@ over ``--steps`` steps after warm-up, and writes one JSON row per config. ``--co
 (no quantization) and the ids of ``aofx.schemes.SCHEMES``.
 
     python -m benchmarks.bench_e2e --configs bf16,int4wo-128,int8wo,fp8dq-row --out benchmarks/results/h100_e2e.json
+
+``--aoti`` also packages each config's decode step with AOTInductor (static shapes: one token; the KV
+caches are buffers the package updates in place) and times the loaded package, replayed as one CUDA
+graph per step, in the same call: ``aoti_tok_s`` next to ``tok_s``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,35 +94,98 @@ class Decoder(nn.Module):
         return self.output(self.norm(x)).argmax(-1)
 
 
-def run_config(name, args):
+def decode(step, token, steps: int, start: int = 0) -> list[int]:
+    """Greedy decode ``steps`` tokens from ``token`` (1, 1) at positions start, start + 1, ..."""
+    out = []
+    with torch.no_grad():
+        for i in range(start, start + steps):
+            token = step(token, torch.tensor([i], device=token.device)).clone()
+            out.append(token)
+    return [t.item() for t in out]
+
+
+def package_step(model: nn.Module, path: str, device: str, single_threaded: bool = False):
+    """The decode step exported (one token, static shapes) and packaged with AOTInductor, loaded back.
+    The package holds its own copy of the KV caches (zeros, as exported) and updates them in place."""
+    example = (torch.zeros(1, 1, dtype=torch.int64, device=device), torch.tensor([0], device=device))
+    with torch.no_grad():
+        ep = torch.export.export(model, example)
+        torch._inductor.aoti_compile_and_package(ep, package_path=path)
+    # run_single_threaded: otherwise each call waits on the previous call's event, which CUDA-graph
+    # capture forbids
+    return torch._inductor.aoti_load_package(path, run_single_threaded=single_threaded)
+
+
+class GraphedStep:
+    """A CUDA-graph replay of ``step`` on static token and position inputs (what reduce-overhead does
+    for the compiled step). Warm-up and capture write cache row 0, which step 0 writes again."""
+
+    def __init__(self, step, device="cuda"):
+        self.token = torch.zeros(1, 1, dtype=torch.int64, device=device)
+        self.pos = torch.zeros(1, dtype=torch.int64, device=device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            step(self.token, self.pos)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.out = step(self.token, self.pos)
+
+    def __call__(self, token, pos):
+        self.token.copy_(token)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.out
+
+
+def _timed_decode(step, args) -> tuple[float, float, list[int]]:
+    """(tokens per second over args.steps, warm-up seconds, the first tokens) of ``step`` on CUDA."""
+    token = torch.zeros(1, 1, dtype=torch.int64, device="cuda")
+    start = time.perf_counter()
+    first = decode(step, token, args.warmup)
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    decode(step, torch.tensor([[first[-1]]], device="cuda"), args.steps, start=args.warmup)
+    torch.cuda.synchronize()
+    return args.steps / (time.perf_counter() - start), warmup_s, first
+
+
+def _build(name, args) -> tuple[nn.Module, float]:
     torch.manual_seed(0)
-    shape = dict(LLAMA3_8B, layers=args.layers)
     with torch.device("cuda"):
-        model = Decoder(**shape, max_seq=args.max_seq).to(torch.bfloat16)
+        model = Decoder(**dict(LLAMA3_8B, layers=args.layers), max_seq=args.max_seq).to(torch.bfloat16)
     start = time.perf_counter()
     if CONFIGS[name] is not None:
         aofx.quantize_(model, CONFIGS[name])
-    quantize_s = time.perf_counter() - start
+    return model, time.perf_counter() - start
+
+
+def run_config(name, args):
+    model, quantize_s = _build(name, args)
     weight_gb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
     step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
-    token = torch.zeros(1, 1, dtype=torch.int64, device="cuda")
-    start = time.perf_counter()
-    with torch.no_grad():
-        for i in range(args.warmup):
-            token = step(token, torch.tensor([i], device="cuda")).clone()
-        torch.cuda.synchronize()
-        compile_s = time.perf_counter() - start
-        start = time.perf_counter()
-        for i in range(args.warmup, args.warmup + args.steps):
-            token = step(token, torch.tensor([i], device="cuda")).clone()
-        torch.cuda.synchronize()
-    tok_s = args.steps / (time.perf_counter() - start)
+    tok_s, compile_s, first = _timed_decode(step, args)
     row = dict(config=name, layers=args.layers, tok_s=round(tok_s, 1), weight_gb=round(weight_gb, 2),
                quantize_s=round(quantize_s, 1), warmup_s=round(compile_s, 1))
-    print(f"{name:12s} {tok_s:8.1f} tok/s   weights {weight_gb:6.2f} GB   quantize {quantize_s:5.1f} s   "
-          f"warm-up {compile_s:5.1f} s", flush=True)
-    del model, step
+    del step
     torch._dynamo.reset()
+    if args.aoti:
+        for block in model.blocks:  # the package starts from the caches as exported
+            block.k_cache.zero_()
+            block.v_cache.zero_()
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            package = package_step(model, f"{tmp}/step.pt2", "cuda", single_threaded=True)
+            row["aoti_package_s"] = round(time.perf_counter() - start, 1)
+        del model  # the package holds its own copy of the weights
+        torch.cuda.empty_cache()
+        aoti_tok_s, _, aoti_first = _timed_decode(GraphedStep(package), args)
+        row.update(aoti_tok_s=round(aoti_tok_s, 1), aoti_vs_compile=round(aoti_tok_s / tok_s, 3),
+                   aoti_same_first_tokens=aoti_first == first)
+        del package
+    print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     torch.cuda.empty_cache()
     return row
 
@@ -131,6 +199,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--aoti", action="store_true", help="also time each config's AOTInductor package")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_e2e.py needs a CUDA GPU")

@@ -106,14 +106,21 @@ def deploy_table(rows: list[dict]) -> str:
 
 
 def e2e_table(rows: list[dict]) -> str:
-    """Markdown: tok/s, the ratio to its own call's bf16, and weight size, one line per row."""
-    lines = ["| `bench_e2e.py` call | config | tok/s | × bf16 | weights |", "|---|---|---|---|---|"]
+    """Markdown: tok/s, the ratio to its own call's bf16, and weight size, one line per row; with
+    ``--aoti`` rows, also the package's tok/s and its ratio to the compiled step of the same row."""
+    aoti = any("aoti_tok_s" in r for r in rows)
+    lines = ["| `bench_e2e.py` call | config | tok/s | × bf16 | weights |" + (" AOTI tok/s | AOTI / compile |" if aoti else ""),
+             "|---|---|---|---|---|" + ("---|---|" if aoti else "")]
     for call in _calls(rows):
         base = call[0]["tok_s"]
-        command = "`--configs " + ",".join(r["config"] for r in call) + "`"
+        command = "`--configs " + ",".join(r["config"] for r in call) + (" --aoti`" if aoti else "`")
         for i, r in enumerate(call):
-            lines.append(f"| {command if i == 0 else ''} | {r['config']} | {r['tok_s']:.1f} | "
-                         f"{r['tok_s'] / base:.2f} | {r['weight_gb']:.2f} GB |")
+            line = (f"| {command if i == 0 else ''} | {r['config']} | {r['tok_s']:.1f} | "
+                    f"{r['tok_s'] / base:.2f} | {r['weight_gb']:.2f} GB |")
+            if aoti:
+                line += (f" {r['aoti_tok_s']:.1f} | {r['aoti_tok_s'] / r['tok_s']:.2f} |" if "aoti_tok_s" in r
+                         else " - | - |")
+            lines.append(line)
     return "\n".join(lines)
 
 

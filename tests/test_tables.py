@@ -1,0 +1,24 @@
+"""benchmarks/tables.py: the README's generated tables, from result rows."""
+
+from benchmarks import tables
+
+
+def _row(config, tok_s, **extra):
+    return {"config": config, "layers": 32, "tok_s": tok_s, "weight_gb": 16.0 if config == "bf16" else 5.0, **extra}
+
+
+def test_e2e_table_ratios_are_to_each_calls_own_bf16():
+    rows = [_row("bf16", 100.0), _row("int4wo-128", 250.0), _row("bf16", 125.0), _row("int8wo", 250.0)]
+    lines = tables.e2e_table(rows).splitlines()
+    assert lines[0] == "| `bench_e2e.py` call | config | tok/s | × bf16 | weights |"
+    assert lines[3] == "|  | int4wo-128 | 250.0 | 2.50 | 5.00 GB |"
+    assert lines[5] == "|  | int8wo | 250.0 | 2.00 | 5.00 GB |"
+    assert lines[4].startswith("| `--configs bf16,int8wo` | bf16 |")
+
+
+def test_e2e_table_with_aoti_rows_adds_the_package_against_the_compiled_step():
+    rows = [_row("bf16", 100.0, aoti_tok_s=90.0), _row("int4wo-128", 250.0, aoti_tok_s=200.0)]
+    lines = tables.e2e_table(rows).splitlines()
+    assert lines[0].endswith("| AOTI tok/s | AOTI / compile |")
+    assert lines[2] == "| `--configs bf16,int4wo-128 --aoti` | bf16 | 100.0 | 1.00 | 16.00 GB | 90.0 | 0.90 |"
+    assert lines[3] == "|  | int4wo-128 | 250.0 | 2.50 | 5.00 GB | 200.0 | 0.80 |"
