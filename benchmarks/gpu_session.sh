@@ -4,6 +4,7 @@
 # Usage (repository root, on the GPU machine):
 #   bash benchmarks/gpu_session.sh [bench_layers.py args...]
 #   BEFORE=/path/to/old/tree DEPLOY=1 SWEEP=int8dq,fp8dq bash benchmarks/gpu_session.sh --peers none
+#   TESTS="tests/test_deploy.py tests/test_ops.py" TEST_TIMEOUT=500 bash benchmarks/gpu_session.sh --peers none
 # BEFORE: a directory holding an older aofx/ and benchmarks/ (e.g. `git archive <commit> aofx benchmarks |
 # tar -x -C old`); its bench_layers runs alternate with this tree's, twice each, and benchmarks.compare
 # prints the verdict. Logs and JSON go to $OUT when set (the lent-device convention), else benchmarks/results.
@@ -14,8 +15,11 @@ ROOT=$PWD
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
-timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m cuda -n "${TEST_WORKERS:-8}" -p no:cacheprovider \
-    2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
+# -v names each test as it ends, so a run cut off by the timeout still shows what failed. The AOTInductor
+# (tests/test_deploy.py) and opcheck (tests/test_ops.py) tests are the slow ones: TESTS picks the paths.
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -v -m cuda -n "${TEST_WORKERS:-8}" -p no:cacheprovider -rfE \
+    --durations=20 ${TESTS:-tests} > "$OUT/pytest_cuda.log" 2>&1
+grep -E " (FAILED|ERROR|XPASS) " "$OUT/pytest_cuda.log"; tail -1 "$OUT/pytest_cuda.log"
 bench() {  # bench <tree> <out.json> [args...]: bench_layers of that tree's aofx
     local tree=$1 out=$2; shift 2
     (cd "$tree" && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "${BENCH_TIMEOUT:-420}" \
