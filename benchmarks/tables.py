@@ -10,7 +10,7 @@ brackets, then the peers' speedups (``ao`` torchao, ``gl`` gemlite) where the ru
 
 Deploy table (``bench_deploy.py`` rows): one row per config, one column per M; each cell is
 ``torch.compile``'s time over the AOTInductor package's (1.00: as fast; under 1: the package is slower),
-one number per shape, in the order of the header.
+one number per shape, in the order of the header ("fail": the cell failed; "n/m": not measured).
 
 End-to-end table (``bench_e2e.py`` rows): a results file may hold the rows of several calls; each call
 starts with its ``bf16`` row, and every ratio is against the bf16 row of its own call.
@@ -90,7 +90,8 @@ def layer_notes(rows: list[dict], scored_only: bool = True) -> list[str]:
 
 
 def deploy_table(rows: list[dict]) -> str:
-    """Markdown: compile_us / aoti_us per config and M, one number per shape ("-" where a cell failed)."""
+    """Markdown: compile_us / aoti_us per config and M, one number per shape ("fail" where a cell failed,
+    "n/m" where the rows hold no measurement)."""
     ms = sorted({r["M"] for r in rows})
     shapes = list(dict.fromkeys(_shape(r) for r in rows))
     cell = {(r["config"], _shape(r), r["M"]): r for r in rows}
@@ -100,7 +101,8 @@ def deploy_table(rows: list[dict]) -> str:
         cells = []
         for m in ms:
             rs = [cell.get((config, shape, m)) for shape in shapes]
-            cells.append(" · ".join(f"{r['compile_us'] / r['aoti_us']:.2f}" if r and r.get("ok") else "-" for r in rs))
+            cells.append(" · ".join("n/m" if r is None else f"{r['compile_us'] / r['aoti_us']:.2f}" if r.get("ok")
+                                    else "fail" for r in rs))
         lines.append(f"| {config} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

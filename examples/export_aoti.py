@@ -22,6 +22,7 @@ import aofx
 from aofx.schemes import SCHEMES, scheme
 
 BATCHES = (1, 3, 17, 64, 1024)
+LOAD_TIMEOUT_S = 60  # loading and running the package takes seconds; a load that hangs is given up
 
 # Runs in the fresh process: load the package, run it on each input, save the outputs.
 LOADER = """
@@ -63,7 +64,7 @@ def run_in_fresh_process(path: str, inputs: list, workdir: str) -> tuple:
 
     On an image whose Python maps one C++ runtime while the wrapper library resolves another, loading
     any package crashes (SIGSEGV in std::regex); preloading the system libstdc++ makes both agree,
-    so that is tried, and reported, when the plain load crashes.
+    so that is tried, and reported, when the plain load crashes or hangs.
     """
     in_path, out_path = os.path.join(workdir, "in.pt"), os.path.join(workdir, "out.pt")
     torch.save(inputs, in_path)
@@ -71,16 +72,22 @@ def run_in_fresh_process(path: str, inputs: list, workdir: str) -> tuple:
     attempts = [("plain load", env)]
     if system_libstdcxx():
         attempts.append((f"LD_PRELOAD={system_libstdcxx()}", {**env, "LD_PRELOAD": system_libstdcxx()}))
-    errors = []
+    errors, stderr = [], ""
     for how, attempt_env in attempts:
-        proc = subprocess.run([sys.executable, "-c", LOADER, path, in_path, out_path], env=attempt_env,
-                              capture_output=True, text=True, cwd=workdir)
+        try:
+            proc = subprocess.run([sys.executable, "-c", LOADER, path, in_path, out_path], env=attempt_env,
+                                  capture_output=True, text=True, cwd=workdir, timeout=LOAD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:  # a hang, like a crash, is worth the preloaded try
+            errors.append(f"{how} still running after {LOAD_TIMEOUT_S} s")
+            stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            continue
         if proc.returncode == 0:
             return torch.load(out_path), how + (f" (after: {'; '.join(errors)})" if errors else "")
         errors.append(f"{how} exited {proc.returncode}")
+        stderr = proc.stderr
         if proc.returncode != -11:  # only a crash is worth another try
             break
-    raise RuntimeError(f"loading the package failed ({'; '.join(errors)}):\n{proc.stderr[-3000:]}")
+    raise RuntimeError(f"loading the package failed ({'; '.join(errors)}):\n{stderr[-3000:]}")
 
 
 def main(device: str, config_name: str, workdir: str) -> None:
@@ -89,10 +96,13 @@ def main(device: str, config_name: str, workdir: str) -> None:
     aofx.quantize_(model, scheme(config_name).config)
     x = torch.randn(8, 256, device=device, dtype=torch.bfloat16)
 
+    print("packaging the quantized model", flush=True)
     ep = package(model, x, os.path.join(workdir, "quantized.pt2"))
     torch.export.save(ep, os.path.join(workdir, "quantized_ep.pt2"))
     reloaded = torch.export.load(os.path.join(workdir, "quantized_ep.pt2")).module()
+    print("packaging the bf16 model", flush=True)
     package(base, x, os.path.join(workdir, "bf16.pt2"))
+    print("running the quantized package in a fresh process", flush=True)
 
     inputs = [torch.randn(m, 256, device=device, dtype=torch.bfloat16) for m in BATCHES]
     outputs, how = run_in_fresh_process(os.path.join(workdir, "quantized.pt2"), inputs, workdir)

@@ -64,17 +64,82 @@ def test_aoti_package_runs_without_aofx_on_cpu(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("config", ["int4wo-128", "int8dq", "fp8dq-row"])
 def test_aoti_package_on_cuda(config, tmp_path):
-    """The CUDA package holds the aofx Triton kernels as compiled cubins, and loads (with the C++
-    runtime preloaded on an image where a plain load crashes; see the README) and matches eager at M = 1, 3,
-    17, 64 and 1024."""
+    """The CUDA package holds the aofx Triton kernels of every M bucket as compiled cubins, picks one at run
+    time, loads (with the C++ runtime preloaded on an image where a plain load crashes; see the README) and
+    matches eager at M = 1, 3, 17, 64 and 1024."""
     proc, names = _export_aoti("cuda", config, tmp_path)
     archive = zipfile.ZipFile(tmp_path / "quantized.pt2")
-    # the kernels of the largest M of the exported range (fp8dq-row: the per-token quantization before
-    # torch._scaled_mm, which is a library GEMM with a C shim and no cubin of its own)
-    kernel_prefix = {"int4wo-128": b"_int4_mm_kernel", "int8dq": b"_quantized_mm_kernel",
-                     "fp8dq-row": b"_quantize_per_token_kernel"}[config]
-    cubins = [n for n in names if n.endswith(".cubin")]  # named by hash; the kernel symbol is inside
-    assert any(kernel_prefix in archive.read(n) for n in cubins), f"no aofx kernel in the cubins {cubins}"
+    # M = 1's GEMV and the large-M kernel (fp8dq-row: the per-token quantization before torch._scaled_mm, a
+    # library GEMM with a C shim and no cubin of its own)
+    small, large = {"int4wo-128": (b"_int4_gemv_kernel", b"_int4_mm_kernel"),
+                    "int8dq": (b"gemv_kernel", b"_quantized_mm_kernel"),
+                    "fp8dq-row": (b"gemv_kernel", b"_quantize_per_token_kernel")}[config]
+    cubins = [archive.read(n) for n in names if n.endswith(".cubin")]  # named by hash; the symbol is inside
+    for kernel in (small, large):
+        assert any(kernel in cubin for cubin in cubins), f"no {kernel} among {len(cubins)} cubins"
+    wrapper = "".join(archive.read(n).decode(errors="replace") for n in names if n.endswith("wrapper.cpp"))
+    assert "subgraph: true_graph" in wrapper  # a torch.cond on M: the run-time choice
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "fresh process without aofx: matches eager" in proc.stdout
     print(proc.stdout)
+
+
+
+# Run in a process without TRITON_INTERPRET (which the test session sets), so the kernels are JITFunctions that
+# dynamo wraps. Prints, per torch.cond AOTInductor lowers: the kinds of its operands; then the kernels launched.
+LOWERED_GRAPH = """
+import json, sys, torch
+from torch import nn
+import torch._inductor.compile_fx as compile_fx
+import torch.utils._triton as triton_utils
+import aofx
+from aofx.ops import _dispatch
+from aofx.schemes import scheme
+
+triton_utils.has_triton = lambda: True  # dynamo wraps Triton kernels only when it believes a GPU exists
+_dispatch.KERNEL_DEVICES = ("cuda", "cpu")  # the ops' Triton branch, on CPU tensors
+lowered = []
+
+class Lowered(Exception):
+    pass
+
+def spy(gm, *args, **kwargs):
+    lowered.append(gm)
+    raise Lowered
+
+compile_fx._compile_fx_inner = spy
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(256, 512), nn.SiLU(), nn.Linear(512, 128)).bfloat16()  # two shapes
+aofx.quantize_(model, scheme(sys.argv[1]).config)
+batch = torch.export.Dim("batch", min=1, max=1024)
+ep = torch.export.export(model, (torch.randn(8, 256).bfloat16(),), dynamic_shapes=({0: batch},))
+try:
+    torch._inductor.aoti_compile_and_package(ep)
+except Exception as e:
+    if not lowered:
+        raise
+graphs = [g for g in lowered[0].modules() if isinstance(g, torch.fx.GraphModule)]
+cond = torch.ops.higher_order.cond
+print(json.dumps({
+    "top": sum(n.target is cond for n in lowered[0].graph.nodes),
+    "operands": [["Tensor" if isinstance(getattr(a, "meta", {}).get("val"), torch.Tensor) else repr(a)
+                  for a in n.args[3]] for g in graphs for n in g.graph.nodes if n.target is cond],
+    "kernels": sorted({n.kwargs["kernel_idx"] for g in graphs for n in g.graph.nodes
+                       if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional}),
+}))
+"""
+
+
+@pytest.mark.parametrize("config", ["int4wo-128", "int8dq", "fp8dq-row"])
+def test_package_graph_branches_on_m_between_kernels(config):
+    """What AOTInductor lowers for a CUDA package, traced on CPU up to codegen (which needs the GPU): each
+    op is a chain of ``torch.cond`` on M whose branches launch that M range's Triton kernels, with tensor
+    operands only (Inductor's cond lowering takes no others)."""
+    import json
+
+    proc = _run(["-c", LOWERED_GRAPH, config])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["top"] == 2 and len(found["operands"]) >= 4  # a chain per layer, at least three M ranges each
+    assert all(kind == "Tensor" for operands in found["operands"] for kind in operands), found["operands"]
+    assert len(found["kernels"]) >= 4, found  # distinct kernels (or launch configs) across the ranges

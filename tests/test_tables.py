@@ -22,3 +22,14 @@ def test_e2e_table_with_aoti_rows_adds_the_package_against_the_compiled_step():
     assert lines[0].endswith("| AOTI tok/s | AOTI / compile |")
     assert lines[2] == "| `--configs bf16,int4wo-128 --aoti` | bf16 | 100.0 | 1.00 | 16.00 GB | 90.0 | 0.90 |"
     assert lines[3] == "|  | int4wo-128 | 250.0 | 2.50 | 5.00 GB | 200.0 | 0.80 |"
+
+
+def test_deploy_table_tells_failed_from_unmeasured_cells():
+    def row(config, n, m, aoti_us, ok=True):
+        return {"config": config, "N": n, "K": 4096 if n > 4096 else 14336, "M": m, "aoti_us": aoti_us,
+                "compile_us": 20.0, "ok": ok}
+
+    rows = [row("int8wo", 14336, 1, 25.0), row("int8wo", 4096, 1, 20.0), row("int8dq", 14336, 1, 10.0, ok=False)]
+    assert tables.deploy_table(rows).splitlines() == [
+        "| config (14336×4096 · 4096×14336) | M=1 |", "|---|---|",
+        "| int8wo | 0.80 · 1.00 |", "| int8dq | fail · n/m |"]

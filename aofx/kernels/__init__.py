@@ -7,8 +7,9 @@ Algorithms (each kernel serves every scheme whose math it fits; the code type is
     mm.py        M > 1: tensor-core GEMMs over weight codes (weight-only, int4, and dynamic on x's codes)
     quantize.py  the dynamic schemes' activation quantization (per token, or per tensor via partial maxima)
     dequant.py   the whole weight dequantized to x's dtype for cuBLAS at large M
-    common.py    the one ``KernelConfig``, argument checks, ``bucket_m``, the split-K policy, the SM count,
-                 grouped tile order, code conversion and the epilogue store
+    common.py    the one ``KernelConfig``, argument checks, ``by_m`` (the per-M choice, made at run time in
+                 packages), the split-K policy, the SM count, grouped tile order, code conversion and the
+                 epilogue store
     ptx.py       the inline PTX snippets (e4m3 -> bf16, int4 -> bf16, dp4a)
 
 Schemes (layout doc, config table, per-M ``select_config`` and ``linear``; one name per scheme, as the ops,

@@ -55,17 +55,81 @@ class KernelConfig:
 # ---------------------------------------------------------------- the M a selection sees
 
 def bucket_m(m) -> int:
-    """The M a config selection should branch on.
-
-    Eagerly and under ``torch.compile`` this is M itself: a branch on a symbolic M becomes a guard,
-    so compile specializes per bucket and recompiles when M crosses one. Under ``torch.export`` and
-    AOTInductor a guard would instead narrow the exported dynamic range, so there the selection sees
-    the largest M the range allows; the large-M configs are correct for every M.
-    """
+    """M itself, or, while exporting, the largest M of the exported range: what a launch-shape choice sees
+    when no ``by_m`` segment tells it (a forced config's per-token quantization)."""
     if not isinstance(m, torch.SymInt) or not torch.compiler.is_exporting():
         return m
-    upper = m.node.shape_env.bound_sympy(m.node.expr).upper
-    return 2**31 - 1 if upper in (int_oo, sympy.oo) else int(upper)
+    return _m_range(m)[1]
+
+
+def _m_range(m: torch.SymInt) -> tuple[int, int]:
+    bounds = m.node.shape_env.bound_sympy(m.node.expr)
+    upper = 2**31 - 1 if bounds.upper in (int_oo, sympy.oo) else int(bounds.upper)
+    return max(1, int(bounds.lower)), upper
+
+
+def is_not_one(m) -> bool:
+    """Whether M is known to differ from 1: a symbolic M (compile, export) is not checked, since a check would
+    guard on it and the selection only gives an M = 1 path to M = 1."""
+    return isinstance(m, int) and m != 1
+
+
+# Every table is constant above this M, so an exported range is split into configs only up to here.
+_SEGMENTS_UP_TO = 4096
+
+
+def m_segments(select, lo: int, hi: int) -> list[tuple[int, int, object]]:
+    """``[(first, last, select(first))]``: [lo, hi] cut where ``select``'s choice changes, exactly up to
+    _SEGMENTS_UP_TO; M above it takes ``select(hi)``, the largest M's config (right for every such M)."""
+    segments = []
+    for m in range(lo, min(hi, _SEGMENTS_UP_TO) + 1):
+        cfg = select(m)
+        if segments and segments[-1][2] == cfg:
+            segments[-1][1] = m
+        else:
+            segments.append([m, m, cfg])
+    if hi > _SEGMENTS_UP_TO:
+        tail = select(hi)
+        if segments[-1][2] == tail:
+            segments[-1][1] = hi
+        else:
+            segments.append([_SEGMENTS_UP_TO + 1, hi, tail])
+    return [tuple(s) for s in segments]
+
+
+def by_m(m, select, launch, *args):
+    """``launch(select(m), m, *args)``: every scheme's per-M kernel choice.
+
+    Eagerly and under ``torch.compile`` the choice is made once for this M (a symbolic M guards, and
+    compile recompiles when M crosses a table's threshold). Under ``torch.export`` and AOTInductor a
+    guard would narrow the exported range, so the range is cut into segments of one config each
+    (``m_segments``), chosen here, before any branch, and the launches become a chain of ``torch.cond``
+    on M: a package then picks each M's config at run time, as compile does. ``launch(cfg, rows, *args)``
+    gets ``rows``, the largest M that config serves, for the choices made inside it (the per-token
+    quantization's), since the symbolic M inside a branch still spans the whole range. ``args`` are x first,
+    then the other tensors (or None) the launch reads; the branches take them as operands.
+    """
+    if not isinstance(m, torch.SymInt) or not torch.compiler.is_exporting():
+        return launch(select(m), m, *args)
+    segments = m_segments(select, *_m_range(m))
+    present = [a is not None for a in args]
+
+    def branch(cfg, rows, *operands):  # the operands back in their places, None where an arg was None
+        it = iter(operands)
+        return launch(cfg, rows, *[next(it) if p else None for p in present])
+
+    def chain(i, *operands):
+        _, last, cfg = segments[i]
+        if i == len(segments) - 1:
+            return branch(cfg, last, *operands)
+        return torch.cond(operands[0].shape[0] <= last, functools.partial(branch, cfg, last),
+                          functools.partial(chain, i + 1), operands)
+
+    # torch.cond traces its branches with dynamo, which would otherwise make the ints bound in a later call's
+    # branches (which differ from the first call's) inputs of the branch graphs, and Inductor's cond
+    # lowering takes tensor operands only
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        return chain(0, *[a for a in args if a is not None])
 
 
 # Weight-only schemes at large M: a Triton kernel dequantizes the whole weight to x's dtype (memory bound,
@@ -79,10 +143,9 @@ DEQUANTIZE_MAX_BYTES = 256 << 20
 def dequantize_first(N: int, K: int) -> bool:
     """Whether a large-M weight-only call may dequantize its (N, K) weight to a temporary and run cuBLAS.
 
-    Not while exporting: an exported graph serves every M of its range with one choice (``bucket_m``), and at
-    small M the copy costs more than the GEMM it saves. Not when the copy would exceed DEQUANTIZE_MAX_BYTES.
+    Not when the copy would exceed DEQUANTIZE_MAX_BYTES.
     """
-    return N * K * 2 <= DEQUANTIZE_MAX_BYTES and not torch.compiler.is_exporting()
+    return N * K * 2 <= DEQUANTIZE_MAX_BYTES
 
 
 # ---------------------------------------------------------------- the split-K policy
@@ -209,10 +272,17 @@ def group_size_of(name: str, K: int, scale: torch.Tensor) -> int:
     return K // G
 
 
+def offset_aligned(t: torch.Tensor, elements: int) -> bool:
+    """Whether ``t`` starts a multiple of ``elements`` elements into its storage. Assumed inside a ``by_m``
+    branch, which dynamo traces and where the offset is not readable: an AOTInductor package aligns its
+    inputs and constants."""
+    return torch.compiler.is_compiling() or t.storage_offset() % elements == 0
+
+
 def int32_words(codes: torch.Tensor) -> torch.Tensor:
     """A (R, C) 1-byte tensor contiguous along C (C % 4 == 0) as int32 words, (R, C // 4): byte i of a word
     is column 4 j + i. Rows must start on 4-byte bounds; a tensor whose rows do not is copied first."""
-    if codes.stride(0) % 4 or codes.storage_offset() % 4:
+    if codes.stride(0) % 4 or not offset_aligned(codes, 4):
         codes = codes.contiguous()
     return codes.view(torch.int32)
 

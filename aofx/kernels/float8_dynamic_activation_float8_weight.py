@@ -16,7 +16,7 @@ N, K multiples of 16, that table's ``scaled_mm`` path runs ``torch._scaled_mm``.
 reduces them to max |x|; at M = 1 the tensor's amax is the row's. Hopper fp8 wgmma accumulates in reduced
 precision over K (Triton's default on sm_90, like ``torch._scaled_mm``'s fast accumulation);
 ``test_cuda_fast_accum_sqnr`` holds it above 40 dB against the fp32-accumulated reference.
-Tuning evidence: `python -m benchmarks.sweep --families fp8dq`.
+Tuning evidence: benchmarks/results/tuning/fp8dq.json (`python -m benchmarks.sweep --families fp8dq`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from aofx.kernels import int8_dynamic_activation_int8_weight as int8dq
 from aofx.kernels import mm
 from aofx.kernels.common import (
     KernelConfig,
-    bucket_m,
+    by_m,
     check_linear_args,
     check_scale,
     empty_result,
@@ -56,8 +56,14 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, activation
     done = empty_result(x, M, N, K, bias)
     if done is not None:
         return done
-    cfg = config if config is not None else select_config(bucket_m(M), N, K, x.device, mm.scaled_mm_fits(x, qdata))
-    # per tensor: partial maxima of |x| (one kernel), whose max every row is then quantized with (an M = 1
-    # path has one row, whose own amax that is)
-    per_row = activation_per_row or cfg.path in int8dq.ONE_ROW_PATHS
-    return int8dq.launch(name, x, qdata, scale, bias, cfg, x_amax=None if per_row else amax_partials(x))
+
+    def run(cfg, rows, x, qdata, scale, bias):
+        # per tensor: partial maxima of |x| (one kernel), whose max every row is then quantized with (an
+        # M = 1 path has one row, whose own amax that is)
+        per_row = activation_per_row or cfg.path in int8dq.ONE_ROW_PATHS
+        return int8dq.launch(name, x, qdata, scale, bias, cfg, None if per_row else amax_partials(x), rows)
+
+    if config is not None:
+        return run(config, None, x, qdata, scale, bias)
+    library = mm.scaled_mm_fits(x, qdata)
+    return by_m(M, lambda m: select_config(m, N, K, x.device, library), run, x, qdata, scale, bias)

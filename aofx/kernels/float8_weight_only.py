@@ -10,7 +10,8 @@ row scale is applied once, in fp32, in the epilogue (``acc * s[n] + bias[n]``). 
 weight-only scheme with other codes, so this scheme runs that scheme's paths and config table
 (``int8_weight_only.select_config``): the CUDA-core GEMV at M = 1, tensor-core tiles above, and at large M
 the weight dequantized once, then cuBLAS. With bf16 x the M <= 16 tiles convert e4m3 -> bf16 with
-``ptx.E4M3_TO_BF16``. Tuning evidence: `python -m benchmarks.sweep --families fp8wo`.
+``ptx.E4M3_TO_BF16``. Tuning evidence: benchmarks/results/tuning/fp8wo.json
+(`python -m benchmarks.sweep --families fp8wo`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from aofx.kernels import int8_weight_only as int8wo
 from aofx.kernels.common import (
     KernelConfig,
-    bucket_m,
+    by_m,
     check_linear_args,
     check_scale,
     empty_result,
@@ -46,5 +47,7 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     done = empty_result(x, M, N, K, bias)
     if done is not None:
         return done
-    cfg = config if config is not None else select_config(bucket_m(M), N, K, x.device)
-    return int8wo.launch(name, x, qdata, scale, bias, cfg)
+    if config is not None:
+        return int8wo.launch(name, x, qdata, scale, bias, config)
+    return by_m(M, lambda m: select_config(m, N, K, x.device),
+                lambda cfg, rows, *args: int8wo.launch(name, *args, cfg), x, qdata, scale, bias)

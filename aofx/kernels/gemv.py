@@ -35,6 +35,7 @@ from aofx.kernels.common import (
     KernelConfig,
     code_to_f32,
     int32_words,
+    offset_aligned,
     split_k_output,
     split_k_result,
 )
@@ -372,7 +373,7 @@ def codes_gemv(x, qdata, scale, bias, cfg: KernelConfig, group_size: int = 0, x_
     b_arg = bias.contiguous() if has_bias else scale  # any tensor: never read without HAS_BIAS
     stride_sn = scale.stride(0) if scale.dim() else 0  # a per-tensor scale is every row's scale
     split = cfg.split_k
-    out = split_k_output(x, 1, N, split)
+    out = split_k_output(x, x.shape[0], N, split)  # x.shape[0] (1 when run): an exported M keeps its symbol
     x_arg, sx_arg = x_codes if x_codes is not None else (x, scale)  # sx_arg is read only with codes
     w_arg, k_arg, block_k = qdata, K, cfg.block_k
     # int8 x int8 codes: both sides as int32 words of 4 codes, one dp4a per word (K counted in words)
@@ -412,7 +413,7 @@ def int4_gemv(x, qdata, scale, zero, bias, cfg: KernelConfig, group_size: int) -
     # rows starting on 4-byte bounds (zero has scale's strides)
     sz_words = (scale.dtype == zero.dtype == torch.bfloat16 and group_step % 2 == 0 and groups % 2 == 0
                 and scale.stride(1) == 1 and scale.stride(0) % 2 == 0
-                and scale.storage_offset() % 2 == 0 and zero.storage_offset() % 2 == 0)
+                and offset_aligned(scale, 2) and offset_aligned(zero, 2))
     if sz_words:
         scale, zero = scale.view(torch.int32), zero.view(torch.int32)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -434,7 +435,7 @@ def quantize_gemv(x, qdata, scale, bias, cfg: KernelConfig) -> torch.Tensor:
     N = qdata.shape[0]
     words = qdata.dtype == torch.int8 and K % 4 == 0 and cfg.block_k % 4 == 0
     w = int32_words(qdata) if words else qdata
-    y = torch.empty((1, N), device=x.device, dtype=x.dtype)
+    y = torch.empty((x.shape[0], N), device=x.device, dtype=x.dtype)  # (1, N) when run
     torch.library.wrap_triton(_quantize_gemv_kernel)[(triton.cdiv(N, cfg.block_n),)](
         x, w, scale, bias.contiguous() if bias is not None else scale, y,
         N, w.stride(0), scale.stride(0) if scale.dim() else 0,

@@ -33,7 +33,7 @@ import triton
 from aofx.kernels import dequant, gemv, mm
 from aofx.kernels.common import (
     KernelConfig,
-    bucket_m,
+    by_m,
     check_linear_args,
     check_scale,
     dequantize_first,
@@ -111,16 +111,18 @@ def linear(x, qdata, scale, zero, bias=None, *, config: KernelConfig | None = No
         bias = bias.contiguous()
     if x.stride(1) != 1:
         x = x.contiguous()
-    if config is None:
-        cfg = select_config(bucket_m(M), N, K, group_size, x.device)
-    else:
-        cfg = _fit(config, K, group_size)
-    if cfg.split_k > 1 and cfg.path != "mm":
-        raise ValueError(f"{name}: split_k is for 'mm', got split_k={cfg.split_k} for {cfg.path!r}")
-    if cfg.path == "gemv":
-        return gemv.int4_gemv(x, qdata, scale, zero, bias, cfg, group_size)
-    if cfg.path == "mm":
-        return mm.int4_mm(x, qdata, scale, zero, bias, cfg, group_size)
-    if cfg.path == "dequant":
-        return dequant.int4_linear(x, qdata, scale, zero, bias, cfg, group_size)
-    raise ValueError(f"{name}: path {cfg.path!r} is not one of this scheme's: 'gemv', 'mm', 'dequant'")
+
+    def launch(cfg, rows, x, qdata, scale, zero, bias):
+        if cfg.split_k > 1 and cfg.path != "mm":
+            raise ValueError(f"{name}: split_k is for 'mm', got split_k={cfg.split_k} for {cfg.path!r}")
+        if cfg.path == "gemv":
+            return gemv.int4_gemv(x, qdata, scale, zero, bias, cfg, group_size)
+        if cfg.path == "mm":
+            return mm.int4_mm(x, qdata, scale, zero, bias, cfg, group_size)
+        if cfg.path == "dequant":
+            return dequant.int4_linear(x, qdata, scale, zero, bias, cfg, group_size)
+        raise ValueError(f"{name}: path {cfg.path!r} is not one of this scheme's: 'gemv', 'mm', 'dequant'")
+
+    if config is not None:
+        return launch(_fit(config, K, group_size), None, x, qdata, scale, zero, bias)
+    return by_m(M, lambda m: select_config(m, N, K, group_size, x.device), launch, x, qdata, scale, zero, bias)

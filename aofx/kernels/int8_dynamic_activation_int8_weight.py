@@ -38,10 +38,11 @@ from aofx.kernels import gemv, mm
 from aofx.kernels import int8_weight_only as int8wo
 from aofx.kernels.common import (
     KernelConfig,
-    bucket_m,
+    by_m,
     check_linear_args,
     check_scale,
     empty_result,
+    is_not_one,
     split_k_for,
 )
 from aofx.kernels.quantize import amax_partials, quantize_per_token
@@ -128,18 +129,20 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     done = empty_result(x, M, N, K, bias)
     if done is not None:
         return done
-    cfg = config if config is not None else select_config(bucket_m(M), N, K, device=x.device)
-    return launch(name, x, qdata, scale, bias, cfg)
+    if config is not None:
+        return launch(name, x, qdata, scale, bias, config)
+    return by_m(M, lambda m: select_config(m, N, K, device=x.device),
+                lambda cfg, rows, *args: launch(name, *args, cfg, rows=rows), x, qdata, scale, bias)
 
 
-def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> torch.Tensor:
+def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None, rows=None) -> torch.Tensor:
     """Run ``cfg``'s path on checked arguments: x (M >= 1, K) bf16/fp16, qdata int8 or e4m3 (N, K), scale
     (N,) (or () with e4m3), bias (N,) or None; with e4m3 codes x is quantized to e4m3. ``x_amax`` (partial
     maxima, ``amax_partials``): quantize every row with their max (fp8 per tensor); not with ``fused``.
-    Shared with the fp8 dynamic scheme."""
+    ``rows``: the largest M this config serves (``common.by_m``). Shared with the fp8 dynamic scheme."""
     if x.stride(1) != 1:
         x = x.contiguous()
-    if cfg.path in ONE_ROW_PATHS and x.shape[0] != 1:
+    if cfg.path in ONE_ROW_PATHS and is_not_one(x.shape[0]):
         raise ValueError(f"{name}: the {cfg.path} path needs M == 1, got M={x.shape[0]}")
     if x_amax is not None and cfg.path == "fused":
         raise ValueError(f"{name}: a per-tensor activation scale needs the 'quantized', 'gemv' or 'fused_gemv' "
@@ -147,14 +150,14 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> 
     if cfg.path == "fused_gemv":
         return gemv.quantize_gemv(x, qdata, scale, bias, cfg)
     if cfg.path == "gemv":
-        x_codes = quantize_per_token(x, qdata.dtype == torch.float8_e4m3fn, x_amax)
+        x_codes = quantize_per_token(x, qdata.dtype == torch.float8_e4m3fn, x_amax, rows=1)
         return gemv.codes_gemv(x, qdata, scale, bias, cfg, x_codes=x_codes)
     if cfg.path in ("quantized", "fused"):
-        return mm.quantized_mm(x, qdata, scale, bias, cfg, x_amax)
+        return mm.quantized_mm(x, qdata, scale, bias, cfg, x_amax, rows)
     if cfg.path == "scaled_mm":
         if not mm.scaled_mm_fits(x, qdata):
             raise ValueError(f"{name}: the scaled_mm path needs e4m3 codes, bf16 x and N, K multiples of 16; got "
                              f"{qdata.dtype} {tuple(qdata.shape)}, x {x.dtype}")
-        return mm.scaled_mm(x, qdata, scale, bias, x_amax)
+        return mm.scaled_mm(x, qdata, scale, bias, x_amax, rows)
     raise ValueError(f"{name}: path {cfg.path!r} is not one of this scheme's: 'fused_gemv', 'gemv', 'quantized', "
                      "'fused', 'scaled_mm'")

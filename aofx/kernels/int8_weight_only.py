@@ -33,12 +33,13 @@ import triton
 from aofx.kernels import dequant, gemv, mm
 from aofx.kernels.common import (
     KernelConfig,
-    bucket_m,
+    by_m,
     check_linear_args,
     check_scale,
     dequantize_first,
     empty_result,
     group_size_of,
+    is_not_one,
     num_sms,
     split_k_for,
 )
@@ -137,8 +138,10 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     if done is not None:
         return done
     scale = scale.reshape(N) if group_size == 0 else scale.contiguous()
-    cfg = config if config is not None else select_config(bucket_m(M), N, K, group_size, x.device)
-    return launch(name, x, qdata, scale, bias, cfg, group_size)
+    if config is not None:
+        return launch(name, x, qdata, scale, bias, config, group_size)
+    return by_m(M, lambda m: select_config(m, N, K, group_size, x.device),
+                lambda cfg, rows, *args: launch(name, *args, cfg, group_size), x, qdata, scale, bias)
 
 
 def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int = 0) -> torch.Tensor:
@@ -146,7 +149,7 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int 
     (N, K // group_size), bias (N,) or None. Shared with the fp8 weight-only scheme."""
     if x.stride(1) != 1:
         x = x.contiguous()
-    if cfg.path == "gemv" and x.shape[0] != 1:
+    if cfg.path == "gemv" and is_not_one(x.shape[0]):
         raise ValueError(f"{name}: the gemv path needs M == 1, got M={x.shape[0]}")
     if group_size and cfg.path != "dequant" and (
             cfg.block_k % group_size if cfg.path == "gemv" else group_size % cfg.block_k):

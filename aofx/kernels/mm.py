@@ -331,18 +331,18 @@ def int4_mm(x, qdata, scale, zero, bias, cfg: KernelConfig, group_size: int) -> 
     return split_k_result(out, x.dtype)
 
 
-def quantized_mm(x, qdata, scale, bias, cfg: KernelConfig, x_amax=None) -> torch.Tensor:
+def quantized_mm(x, qdata, scale, bias, cfg: KernelConfig, x_amax=None, rows=None) -> torch.Tensor:
     """x (M, K) bf16/fp16 quantized per row (or with one amax: ``x_amax``, partial maxima from
     ``quantize.amax_partials``) to the weight's code type, times codes (N, K) int8 / e4m3 with scale (N,) or
     (). ``cfg.path``: "quantized" (``quantize_per_token`` first) or "fused" (in the prologue; per row only).
-    Returns (M, N) in x.dtype."""
+    ``rows``: as ``quantize_per_token``'s. Returns (M, N) in x.dtype."""
     M, K = x.shape
     N = qdata.shape[0]
     fp8 = qdata.dtype == torch.float8_e4m3fn
     if cfg.path == "fused":
         x_arg, sx_arg = x, scale  # sx_arg is never read when QUANTIZE_X
     else:
-        x_arg, sx_arg = quantize_per_token(x, fp8, x_amax)
+        x_arg, sx_arg = quantize_per_token(x, fp8, x_amax, rows)
     scale = scale.contiguous()
     has_bias = bias is not None
     split = cfg.split_k
@@ -370,12 +370,12 @@ def scaled_mm_fits(x, qdata) -> bool:
     return qdata.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16 and N % 16 == 0 and K % 16 == 0
 
 
-def scaled_mm(x, qdata, scale, bias, x_amax=None) -> torch.Tensor:
+def scaled_mm(x, qdata, scale, bias, x_amax=None, rows=None) -> torch.Tensor:
     """x (M, K) bf16 quantized to e4m3 per row (or with one amax: ``x_amax``), then ``torch._scaled_mm`` with
     fp32 scales: one each when x and the weight are both per tensor, else s_x (M, 1) and s_w (1, N). Fast
     accumulation, like the Triton fp8 GEMM's on Hopper. Returns (M, N) bf16."""
     N = qdata.shape[0]
-    xq, sx = quantize_per_token(x, True, x_amax)
+    xq, sx = quantize_per_token(x, True, x_amax, rows)
     if x_amax is not None and scale.dim() == 0:
         scale_a, scale_b = sx[:1], scale.reshape(1)
     else:

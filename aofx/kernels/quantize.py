@@ -165,19 +165,20 @@ def amax_partials(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def quantize_per_token(x: torch.Tensor, fp8: bool = False, amax: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, fp8: bool = False, amax: torch.Tensor | None = None,
+                       rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) bf16/fp16 -> (xq int8 (M, K), s_x fp32 (M,)), as numerics.quantize_int8_per_token;
     with ``fp8``, xq is e4m3 and s_x = amax / 448, as the fp8 dynamic reference quantizes x per row.
     ``amax`` (1-D, e.g. ``amax_partials(x)``): partial maxima whose max every row uses as its amax, i.e.
-    a per-tensor scale, repeated in s_x."""
+    a per-tensor scale, repeated in s_x. ``rows``: the largest M this call serves (``common.by_m``), which
+    picks the launch shape; by default ``bucket_m(M)``."""
     if x.stride(1) != 1:
         x = x.contiguous()
     M, K = x.shape
     xq = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     sx = torch.empty((M,), device=x.device, dtype=torch.float32)
     if M > 0:
-        split = bucket_m(M) <= _QUANT_FEW_ROWS and K > _QUANT_FEW_ROWS_ONE_PASS_MAX_K
+        split = (bucket_m(M) if rows is None else rows) <= _QUANT_FEW_ROWS and K > _QUANT_FEW_ROWS_ONE_PASS_MAX_K
         one_pass = K <= _QUANT_ONE_PASS_MAX_K and not split
         block_k = triton.next_power_of_2(K) if one_pass else min(_QUANT_BLOCK_K, triton.next_power_of_2(K))
         chunks = triton.cdiv(K, block_k) if split else 1

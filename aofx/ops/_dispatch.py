@@ -3,11 +3,12 @@
 import torch
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_DEVICES = ("cuda",)  # the device types whose tensors take the Triton kernels
 
 
 def run(kernel, reference, x: torch.Tensor, *args) -> torch.Tensor:
     """``kernel(x2d, *args)`` on CUDA bf16/fp16, else ``reference(x, *args)``; x is (..., K) -> (..., N)."""
-    if x.device.type != "cuda" or x.dtype not in KERNEL_DTYPES:
+    if x.device.type not in KERNEL_DEVICES or x.dtype not in KERNEL_DTYPES:
         return reference(x, *args)
     x2d = x.reshape(-1, x.shape[-1])  # (M, K), a view whenever the leading dims allow it
     out = kernel(x2d, *args)  # (M, N)
