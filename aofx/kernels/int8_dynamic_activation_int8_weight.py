@@ -74,8 +74,8 @@ _FUSED_GEMV = KernelConfig("fused_gemv", block_m=1, block_n=4, block_k=512, num_
 _FUSED_GEMV_ONE_CHUNK_MAX_K = 4096
 ONE_ROW_PATHS = ("fused_gemv", "gemv")  # the M = 1 paths: the row's own amax is the tensor's
 _SCALED_MM = KernelConfig("scaled_mm")
-# e4m3 from this M on: torch._scaled_mm (where mm.scaled_mm_fits). At M = 128, row-wise on 4096x14336, it trailed
-# the Triton table (benchmarks/results/h100_deploy.json, compile_us, against h100.json); at M = 1024 it led.
+# e4m3 from this M on: torch._scaled_mm (where mm.scaled_mm_fits). It leads or ties the Triton table at M = 1024
+# (benchmarks/results/tuning/fp8dq.json) and trailed it at M = 128 (row-wise, 4096x14336) in an earlier H100 run.
 _SCALED_MM_MIN_M = 129
 
 
