@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add layers until the int4 weights of the stack exceed this (0: just --layers)")
     p.add_argument("--peers", choices=("scored", "all", "none"), default="scored",
                    help="shapes on which torchao / gemlite are measured too")
-    p.add_argument("--peer-compile-mode", choices=PEER_COMPILE_MODES, default="default",
-                   help="torch.compile mode for the torchao stack ('none': eager, still CUDA-graphed)")
+    p.add_argument("--peer-compile-mode", choices=PEER_COMPILE_MODES, default="max-autotune-no-cudagraphs",
+                   help="torch.compile mode for the torchao stack: by default torchao's recommended max-autotune, "
+                        "without its CUDA graphs since the timing replays one ('none': eager, still CUDA-graphed)")
     p.add_argument("--rep-ms", type=float, default=60.0, help="do_bench timed duration per measurement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
@@ -327,33 +328,42 @@ def _torchao_config(name: str):
     }[name]()
 
 
-def _peer_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, w)
+class PeerStack(torch.nn.Module):
+    """A peer's layers applied to one x, every output returned: the model its users would compile."""
+
+    def __init__(self, layers: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [layer(x) for layer in self.layers]
 
 
-def torchao_layers(name: str, weights: Sequence[torch.Tensor], compile_mode: str) -> list[Callable]:
-    """torchao-quantized copies of ``weights``, each a callable ``x -> F.linear(x, w_q)``."""
+def torchao_stack(name: str, weights: Sequence[torch.Tensor], compile_mode: str) -> Callable:
+    """``x -> [x @ w_q.T for each weight]``: the weights as ``nn.Linear`` layers of one module, quantized by
+    torchao's ``quantize_`` (which also applies torchao's Inductor settings) and compiled as a whole, as
+    torchao's users run a model."""
     from torchao.quantization import quantize_
 
     n, k = weights[0].shape
-    linears = torch.nn.ModuleList()
+    linears = []
     for w in weights:
         lin = torch.nn.Linear(k, n, bias=False, device="meta")
         lin.weight = torch.nn.Parameter(w, requires_grad=False)  # shares w; quantize_ swaps in a new one
         linears.append(lin)
-    quantize_(linears, _torchao_config(name))
+    stack = PeerStack(linears)
+    quantize_(stack, _torchao_config(name))
     if compile_mode == "none":
-        fn = _peer_linear
-    else:
-        # One compiled graph per M (dynamic=False); the reset keeps each (config, shape) under
-        # dynamo's recompile limit, since every config reuses _peer_linear's code object.
-        torch.compiler.reset()
-        fn = torch.compile(_peer_linear, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
-    return [lambda x, w=lin.weight: fn(x, w) for lin in linears]
+        return stack
+    # One compiled graph per M (dynamic=False); the reset keeps each (config, shape) under dynamo's
+    # recompile limit, since every stack shares PeerStack.forward's code object.
+    torch.compiler.reset()
+    return torch.compile(stack, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
 
 
-def gemlite_layers(name: str, weights: Sequence[torch.Tensor], numerics) -> list[Callable] | None:
-    """gemlite layers for ``weights``, or None where gemlite has no matching scheme."""
+def gemlite_stack(name: str, weights: Sequence[torch.Tensor], numerics) -> Callable | None:
+    """``x -> [each gemlite layer(x)]`` for ``weights``, through gemlite's own API, or None where gemlite has
+    no matching scheme."""
     from gemlite import helper
 
     n, k = weights[0].shape
@@ -366,7 +376,7 @@ def gemlite_layers(name: str, weights: Sequence[torch.Tensor], numerics) -> list
             # gemlite dequantizes (q - zero_g) * scale; ours is (q - 8) * scale + zero.
             zero_g = (8 - zero.float() / scale.float()).to(scale.dtype)  # (N, K // 128)
             layers.append(helper.A16Wn(device=device).from_weights(codes, scale, zero_g, 4, 128))
-        return layers
+        return PeerStack(layers)
     maker = {
         "int8wo": getattr(helper, "A16W8_INT8", getattr(helper, "A16W8", None)),
         "fp8wo": getattr(helper, "A16W8_FP8", None),
@@ -380,17 +390,17 @@ def gemlite_layers(name: str, weights: Sequence[torch.Tensor], numerics) -> list
         lin = torch.nn.Linear(k, n, bias=False, device="meta")
         lin.weight = torch.nn.Parameter(w, requires_grad=False)
         layers.append(maker(device=device).from_linear(lin))
-    return layers
+    return PeerStack(layers)
 
 
-def measure_peer(peer: str, row: dict, layers: list[Callable], x: torch.Tensor, ref: torch.Tensor,
-                 numerics, rep_ms: float) -> None:
+def measure_peer(peer: str, row: dict, stack: Callable, x: torch.Tensor, ref: torch.Tensor, numerics,
+                 rep_ms: float) -> None:
     """Time a peer's stack on ``x`` and fill ``<peer>_us / _speedup / _sqnr`` (or ``_error``)."""
     try:
-        out = layers[0](x)  # (M, N)
-        row[f"{peer}_sqnr"] = numerics.sqnr(ref, out)
-        us, graph_error = time_stack(lambda: [layer(x) for layer in layers], rep_ms)
-        row[f"{peer}_us"] = us / len(layers)
+        outs = stack(x)  # one (M, N) per layer
+        row[f"{peer}_sqnr"] = numerics.sqnr(ref, outs[0])
+        us, graph_error = time_stack(lambda: stack(x), rep_ms)
+        row[f"{peer}_us"] = us / len(outs)
         row[f"{peer}_speedup"] = _ratio(row["bf16_us"], row[f"{peer}_us"])
         if graph_error:
             row[f"{peer}_graph_error"] = graph_error
@@ -430,15 +440,15 @@ def bench_shape(n: int, k: int, args, numerics, peers: dict[str, bool], progress
         packed = [packed_weight(rewrite, w, config) for w in weights]
         peak = INT8_FP8_FLOPS if isinstance(config, LOW_PRECISION_MATH) else BF16_FLOPS
 
-        peer_layers: dict[str, list[Callable] | str | None] = {}
+        peer_stacks: dict[str, Callable | str | None] = {}
         for peer, on in peers.items():
             if not on:
                 continue
             try:
-                peer_layers[peer] = (torchao_layers(name, weights, args.peer_compile_mode) if peer == "torchao"
-                                     else gemlite_layers(name, weights, numerics))
+                peer_stacks[peer] = (torchao_stack(name, weights, args.peer_compile_mode) if peer == "torchao"
+                                     else gemlite_stack(name, weights, numerics))
             except Exception as e:  # noqa: BLE001
-                peer_layers[peer] = _error_text(e)
+                peer_stacks[peer] = _error_text(e)
                 _sync_quietly()
 
         for m, x in xs.items():
@@ -462,13 +472,13 @@ def bench_shape(n: int, k: int, args, numerics, peers: dict[str, bool], progress
             except Exception as e:  # noqa: BLE001  (one broken row must not end the run)
                 row["error"] = _error_text(e)
                 _sync_quietly()
-            for peer, layers_or_error in peer_layers.items():
-                if isinstance(layers_or_error, str):
-                    row[f"{peer}_error"] = layers_or_error
-                elif layers_or_error is not None:
-                    measure_peer(peer, row, layers_or_error, x, refs[m], numerics, args.rep_ms)
+            for peer, stack_or_error in peer_stacks.items():
+                if isinstance(stack_or_error, str):
+                    row[f"{peer}_error"] = stack_or_error
+                elif stack_or_error is not None:
+                    measure_peer(peer, row, stack_or_error, x, refs[m], numerics, args.rep_ms)
             progress(row)
-        del packed, peer_layers
+        del packed, peer_stacks
         _free_cuda()
     del weights, xs, refs
     _free_cuda()

@@ -5,8 +5,8 @@
 
 Layer table (``bench_layers.py`` rows): one row per (config, N x K) on the scored shapes, one column per
 M. Each cell is aofx's speedup over bf16 cuBLAS measured in the same run, aofx's time per layer in
-brackets, then the peers' speedups (``ao`` torchao, ``gl`` gemlite) where the run measured them. A
-``bf16`` row per shape gives the baseline's time per layer.
+brackets, then the peers' speedups (``ao`` torchao, ``gl`` gemlite) where the run measured them, or
+"fails" (the notes give the error). A ``bf16`` row per shape gives the baseline's time per layer.
 
 Deploy table (``bench_deploy.py`` rows): one row per config, one column per M; each cell is
 ``torch.compile``'s time over the AOTInductor package's (1.00: as fast; under 1: the package is slower),
@@ -64,8 +64,8 @@ def _layer_cell(row: dict | None) -> str:
     if row.get("error") or not row.get("ok"):
         return "failed"
     text = f"{row['speedup']:.2f}× ({row['us']:.1f} µs)"
-    peers = [f"{short} {row[f'{peer}_speedup']:.2f}" for peer, short in PEERS
-             if row.get(f"{peer}_speedup") is not None]
+    peers = [f"{short} fails" if row.get(f"{peer}_error") else f"{short} {row[f'{peer}_speedup']:.2f}"
+             for peer, short in PEERS if row.get(f"{peer}_error") or row.get(f"{peer}_speedup") is not None]
     return text + ("<br>" + " · ".join(peers) if peers else "")
 
 
@@ -86,6 +86,12 @@ def layer_notes(rows: list[dict], scored_only: bool = True) -> list[str]:
         eager = sorted({r["config"] for r in rows if r.get(f"{peer}_graph_error")})
         if eager:
             notes.append(f"{peer} {', '.join(eager)} failed CUDA-graph capture and was timed without a graph.")
+        failures: dict[tuple, list] = {}  # (config, shape, first line of the error) -> Ms
+        for r in rows:
+            if r.get(f"{peer}_error"):
+                failures.setdefault((r["config"], _shape(r), r[f"{peer}_error"].splitlines()[0]), []).append(r["M"])
+        for (config, shape, error), ms in failures.items():
+            notes.append(f"{peer} {config} {shape} fails at M={', '.join(map(str, ms))}: `{error}`.")
     return notes
 
 

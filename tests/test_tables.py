@@ -33,3 +33,18 @@ def test_deploy_table_tells_failed_from_unmeasured_cells():
     assert tables.deploy_table(rows).splitlines() == [
         "| config (14336×4096 · 4096×14336) | M=1 |", "|---|---|",
         "| int8wo | 0.80 · 1.00 |", "| int8dq | fail · n/m |"]
+
+
+def test_layer_table_says_where_a_peer_fails_and_the_notes_say_why():
+    def row(m, **peer):
+        return {"config": "int8dq", "N": 14336, "K": 4096, "M": m, "scored": True, "ok": True, "speedup": 1.5,
+                "us": 30.0, "bf16_us": 45.0, "target": None, **peer}
+
+    error = "RuntimeError: self.size(0) needs to be greater than 16, but got 1\nsecond line"
+    rows = [row(1, torchao_error=error), row(16, torchao_error=error), row(128, torchao_speedup=1.2)]
+    lines = tables.layer_table(rows).splitlines()
+    assert lines[3] == ("| int8dq | 14336×4096 | 1.50× (30.0 µs)<br>ao fails | 1.50× (30.0 µs)<br>ao fails "
+                        "| 1.50× (30.0 µs)<br>ao 1.20 |")
+    notes = tables.layer_notes(rows)
+    assert ("torchao int8dq 14336×4096 fails at M=1, 16: `RuntimeError: self.size(0) needs to be greater than 16, "
+            "but got 1`.") in notes
