@@ -3,7 +3,8 @@
 Each float model (``tests/models.py``) is built once per module; every check quantizes a deepcopy
 of it. A check runs on every scheme of ``tests.common.CASES`` where it is cheap, and on a rotating
 subset where it is not (compile, export): every scheme still runs through each of those checks on
-at least two models. CPU only; nothing is downloaded.
+at least two models. CPU only; nothing is downloaded. (Over 400 lines: one check per way people use a
+model, kept together so that the rotation across schemes is visible in one place.)
 """
 
 from __future__ import annotations
