@@ -116,7 +116,7 @@ batch = torch.export.Dim("batch", min=1, max=1024)
 ep = torch.export.export(model, (torch.randn(8, 256).bfloat16(),), dynamic_shapes=({0: batch},))
 try:
     torch._inductor.aoti_compile_and_package(ep)
-except Exception as e:
+except Exception:
     if not lowered:
         raise
 graphs = [g for g in lowered[0].modules() if isinstance(g, torch.fx.GraphModule)]
