@@ -72,10 +72,11 @@ def test_aoti_package_on_cuda(config, tmp_path):
     # Several M ranges' kernels, one cubin per compiled config (named by hash; the symbol is inside): int4's
     # GEMV (M <= 2) and its tensor-core tiles for M = 3..16, ..64 and ..256; the dynamic schemes' GEMM tiles
     # for M = 2..16 and 17..128 (and fp8dq-row's per-token quantization before torch._scaled_mm, a library
-    # GEMM with a C shim and no cubin of its own, from M = 129)
+    # GEMM with a C shim and no cubin of its own, from M = 129), and their M = 1 GEMV
     expected = {"int4wo-128": {b"_int4_gemv_kernel": 1, b"_int4_mm_kernel": 2},
-                "int8dq": {b"_quantized_mm_kernel": 2},
-                "fp8dq-row": {b"_quantized_mm_kernel": 2, b"_quantize_per_token_kernel": 1}}[config]
+                "int8dq": {b"_quantized_mm_kernel": 2, b"_quantize_gemv_kernel": 1},
+                "fp8dq-row": {b"_quantized_mm_kernel": 2, b"_quantize_per_token_kernel": 1,
+                              b"_quantize_gemv_kernel": 1}}[config]
     cubins = [archive.read(n) for n in names if n.endswith(".cubin")]
     for kernel, at_least in expected.items():
         assert sum(kernel in cubin for cubin in cubins) >= at_least, f"{kernel} in fewer than {at_least} cubins"

@@ -69,9 +69,10 @@ def _m_range(m: torch.SymInt) -> tuple[int, int]:
 
 
 def is_not_one(m) -> bool:
-    """Whether M is known to differ from 1: a symbolic M (compile, export) is not checked, since a check would
-    guard on it and the selection only gives an M = 1 path to M = 1."""
-    return isinstance(m, int) and m != 1
+    """Whether M is known to differ from 1: a symbolic M (compile, export, and inside a ``by_m`` branch, which
+    dynamo traces and where M reads as an int) is not checked, since a check would guard on it and the
+    selection only gives an M = 1 path to M = 1."""
+    return isinstance(m, int) and not torch.compiler.is_compiling() and m != 1
 
 
 # Every table is constant above this M, so an exported range is split into configs only up to here.
@@ -118,12 +119,21 @@ def by_m(m, select, launch, *args):
         it = iter(operands)
         return launch(cfg, rows, *[next(it) if p else None for p in present])
 
+    # Export traces a dynamic size as >= 2 and lets a size of 1 run that trace, so no predicate on the symbolic
+    # M can pick M = 1's own config; a value computed from M at run time (a CPU scalar: no device sync) can.
+    # It is tested inside the first segment's branch, where dynamo keeps M symbolic.
+    one = select(1) if segments[0][0] == 2 and len(segments) > 1 and select(1) != segments[0][2] else None
+
+    def first_or_one(cfg, last, *operands):
+        is_one = torch.scalar_tensor(operands[0].shape[0], dtype=torch.int64, device="cpu") == 1
+        return torch.cond(is_one, functools.partial(branch, one, 1), functools.partial(branch, cfg, last), operands)
+
     def chain(i, *operands):
         _, last, cfg = segments[i]
         if i == len(segments) - 1:
             return branch(cfg, last, *operands)
-        return torch.cond(operands[0].shape[0] <= last, functools.partial(branch, cfg, last),
-                          functools.partial(chain, i + 1), operands)
+        first = functools.partial(first_or_one if i == 0 and one is not None else branch, cfg, last)
+        return torch.cond(operands[0].shape[0] <= last, first, functools.partial(chain, i + 1), operands)
 
     # torch.cond traces its branches with dynamo, which would otherwise make the ints bound in a later call's
     # branches (which differ from the first call's) inputs of the branch graphs, and Inductor's cond

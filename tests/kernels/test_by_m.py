@@ -56,9 +56,8 @@ class TwoLayers(nn.Module):
 
 
 def _expected(model, x):
-    """What an exported program computes. Export traces a dynamic size as >= 2 (a size of 1 is assumed to
-    behave as 2 does), so the segments start at 2 and M = 1 takes the first segment's choice."""
-    M = max(x.shape[0], 2)
+    """What an exported program computes: each layer's choice for this M, with rows the last M of its range."""
+    M = x.shape[0]
 
     def layer(x, w, b, thresholds):
         cfg = _table(thresholds)(M)
@@ -94,10 +93,11 @@ def test_eager_takes_this_m_s_choice():
 def test_exported_program_chooses_per_m_at_run_time():
     model = TwoLayers()
     ep = _export(model)
-    # one chain per layer at the top, the rest nested in false branches: [2, 16], [17, 128], [129, 1024] (2
-    # conds), then [2, 4], [5, 200], [201, 1024] (2 conds)
+    # Export traces M as >= 2, so the chains start at 2: [2, 16], [17, 128], [129, 1024] (2 conds), then
+    # [2, 4], [5, 200], [201, 1024] (2 conds). The first layer's M = 1 has a config of its own, chosen by a
+    # run-time value (1 cond more); the second's is [2, 4]'s.
     assert [n.target for n in ep.graph.nodes].count(torch.ops.higher_order.cond) == 2
-    assert _count_conds(ep.graph_module) == 2 + 2
+    assert _count_conds(ep.graph_module) == 3 + 2
     for M in BATCHES:
         x = torch.randn(M, 32)
         torch.testing.assert_close(ep.module()(x), _expected(model, x))
