@@ -94,6 +94,7 @@ import json, sys, torch
 from torch import nn
 import torch._inductor.compile_fx as compile_fx
 import torch.utils._triton as triton_utils
+from torch._higher_order_ops import triton_kernel_wrap
 import aofx
 from aofx.ops import _dispatch
 from aofx.schemes import scheme
@@ -111,7 +112,8 @@ def spy(gm, *args, **kwargs):
 
 compile_fx._compile_fx_inner = spy
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(256, 512), nn.SiLU(), nn.Linear(512, 128)).bfloat16()  # two shapes
+# two shapes; N = 16384 gives int8dq unsplit 128 x 128 tiles from M = 129 on, with 8 warps up to M = 256, 4 above
+model = nn.Sequential(nn.Linear(256, 16384), nn.SiLU(), nn.Linear(16384, 128)).bfloat16()
 aofx.quantize_(model, scheme(sys.argv[1]).config)
 batch = torch.export.Dim("batch", min=1, max=1024)
 ep = torch.export.export(model, (torch.randn(8, 256).bfloat16(),), dynamic_shapes=({0: batch},))
@@ -122,12 +124,23 @@ except Exception:
         raise
 graphs = [g for g in lowered[0].modules() if isinstance(g, torch.fx.GraphModule)]
 cond = torch.ops.higher_order.cond
+launches = [n.kwargs for g in graphs for n in g.graph.nodes
+            if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+# Inductor names a user kernel by its function and constant arguments, not by its launch options: launches
+# that agree on those but differ in warps or stages would run the first one's binary.
+table = triton_kernel_wrap.kernel_side_table
+options = {}
+for kw in launches:
+    kernel = table.get_kernel(kw["kernel_idx"])
+    name = repr(sorted((k, repr(v)) for k, v in table.get_constant_args(kw["constant_args_idx"]).items()))
+    option = [(c.num_warps, c.num_stages) for c in getattr(kernel, "configs", [])]
+    options.setdefault((kernel.fn.__name__, name), set()).add(repr(option))
 print(json.dumps({
     "top": sum(n.target is cond for n in lowered[0].graph.nodes),
     "operands": [["Tensor" if isinstance(getattr(a, "meta", {}).get("val"), torch.Tensor) else repr(a)
                   for a in n.args[3]] for g in graphs for n in g.graph.nodes if n.target is cond],
-    "kernels": sorted({n.kwargs["kernel_idx"] for g in graphs for n in g.graph.nodes
-                       if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional}),
+    "kernels": sorted({kw["kernel_idx"] for kw in launches}),
+    "reused": [[key[0], *sorted(o)] for key, o in options.items() if len(o) > 1],
 }))
 """
 
@@ -145,3 +158,4 @@ def test_package_graph_branches_on_m_between_kernels(config):
     assert found["top"] == 2 and len(found["operands"]) >= 4  # a chain per layer, at least three M ranges each
     assert all(kind == "Tensor" for operands in found["operands"] for kind in operands), found["operands"]
     assert len(found["kernels"]) >= 4, found  # distinct kernels (or launch configs) across the ranges
+    assert not found["reused"], found["reused"]  # each launch option compiled on its own

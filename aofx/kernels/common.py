@@ -68,6 +68,18 @@ def _m_range(m: torch.SymInt) -> tuple[int, int]:
     return max(1, int(bounds.lower)), upper
 
 
+def launch_options(cfg: KernelConfig, num_stages: int | None = None) -> dict:
+    """The launch keywords of ``cfg``: ``num_warps`` and ``num_stages`` (``num_stages`` overrides the config's),
+    repeated as the constexprs ``NUM_WARPS`` and ``NUM_STAGES`` that every kernel launched from a config takes.
+
+    Inductor names, and reuses, a user Triton kernel by its function and constant arguments, not by its
+    launch options. Without the repeat, two configs of one graph that differ only in warps or stages (an
+    AOTInductor package holds every M range's) would both run the binary compiled for the first one.
+    """
+    stages = cfg.num_stages if num_stages is None else num_stages
+    return {"num_warps": cfg.num_warps, "num_stages": stages, "NUM_WARPS": cfg.num_warps, "NUM_STAGES": stages}
+
+
 def is_not_one(m) -> bool:
     """Whether M is known to differ from 1: a symbolic M (compile, export, and inside a ``by_m`` branch, which
     dynamo traces and where M reads as an int) is not checked, since a check would guard on it and the

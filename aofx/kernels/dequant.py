@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from aofx.kernels.common import KernelConfig, code_to_f32
+from aofx.kernels.common import KernelConfig, code_to_f32, launch_options
 
 __all__ = ["codes_linear", "int4_linear"]
 
@@ -29,6 +29,7 @@ def _codes_dequantize_kernel(
     stride_wn, stride_sn, stride_sg, stride_on,
     # meta-parameters
     GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_WARPS: tl.constexpr, NUM_STAGES: tl.constexpr,  # launch options, as constexprs: common.launch_options
 ):
     # one (BLOCK_N, BLOCK_K) tile of q * s in out's dtype, rounded once from fp32 like the reference
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,6 +54,7 @@ def _int4_dequantize_kernel(
     stride_qn, stride_sn, stride_sg, stride_wn,
     # meta-parameters
     GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_WARPS: tl.constexpr, NUM_STAGES: tl.constexpr,  # launch options, as constexprs: common.launch_options
 ):
     # one (BLOCK_N, BLOCK_K) tile of w = (q - 8) * s + z in w's dtype: G whole groups of a row (BLOCK_K is
     # a multiple of GROUP_SIZE that divides K), each group's scale and zero loaded once
@@ -90,8 +92,7 @@ def codes_linear(x, qdata, scale, bias, cfg: KernelConfig, group_size: int) -> t
         qdata, scale, w,
         N, K,
         qdata.stride(0), scale.stride(0), scale.stride(1) if group_size else 0, w.stride(0),
-        GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps,
+        GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch_options(cfg),
     )
     return _linear(x, w, bias)
 
@@ -105,6 +106,6 @@ def int4_linear(x, qdata, scale, zero, bias, cfg: KernelConfig, group_size: int)
         qdata, scale, zero, w,
         N,
         qdata.stride(0), scale.stride(0), scale.stride(1), w.stride(0),
-        GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch_options(cfg),
     )
     return _linear(x, w, bias)

@@ -35,6 +35,7 @@ from aofx.kernels.common import (
     KernelConfig,
     code_to_f32,
     int32_words,
+    launch_options,
     offset_aligned,
     split_k_output,
     split_k_result,
@@ -58,6 +59,7 @@ def _rows_gemv_kernel(
     K: tl.constexpr,
     # meta-parameters
     HAS_BIAS: tl.constexpr, X_CODES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_WARPS: tl.constexpr, NUM_STAGES: tl.constexpr,  # launch options, as constexprs: common.launch_options
     # int8 codes on both sides, read as int32 words of 4 codes (x_ptr and w_ptr point to words; K, BLOCK_K
     # and stride_wn count words); DOT4_ASM: dp4a in inline PTX (not under the interpreter)
     DOT4: tl.constexpr = False, DOT4_ASM: tl.constexpr = False,
@@ -102,7 +104,8 @@ def _codes_gemv_kernel(
     stride_wn, stride_sn, stride_sg,
     # meta-parameters
     HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_WARPS: tl.constexpr, NUM_STAGES: tl.constexpr,  # launch options (NUM_STAGES also the K loop's): common.launch_options
     X_CODES: tl.constexpr,  # x is int8 / e4m3 codes with the fp32 row scale at sx_ptr (dynamic schemes, M = 1)
     # int8 codes on both sides, read as int32 words of 4 codes (x_ptr and w_ptr point to words; K, BLOCK_K
     # and stride_wn count words); DOT4_ASM: dp4a in inline PTX (not under the interpreter)
@@ -210,7 +213,8 @@ def _int4_gemv_kernel(
     one_bits,
     # meta-parameters
     GROUP_SIZE: tl.constexpr, GROUPS_PER_ITER: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_G: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr, SZ_WORDS: tl.constexpr,
+    EVEN_G: tl.constexpr, HAS_BIAS: tl.constexpr, SZ_WORDS: tl.constexpr,
+    NUM_WARPS: tl.constexpr, NUM_STAGES: tl.constexpr,  # launch options (NUM_STAGES also the group loop's): common.launch_options
 ):
     # One program per (BLOCK_N weight rows, x row m) walks all of K, G whole groups a step. A step is
     # a (BLOCK_N rows, G groups, GW int32 words) tile of the weight, software-pipelined NUM_STAGES
@@ -333,6 +337,7 @@ def _quantize_gemv_kernel(
     FP8: tl.constexpr, FMA: tl.constexpr,
     WORDS: tl.constexpr,  # int8 codes read and multiplied as int32 words of 4 (dp4a); DOT4_ASM: inline PTX
     DOT4_ASM: tl.constexpr,
+    NUM_WARPS: tl.constexpr, NUM_STAGES: tl.constexpr,  # launch options, as constexprs: common.launch_options
 ):
     # M = 1, the whole scheme in one launch: every program quantizes x itself (amax, s_x, codes: the
     # per-token kernel's arithmetic, so the same codes) for its BLOCK_N weight rows.
@@ -386,7 +391,7 @@ def codes_gemv(x, qdata, scale, bias, cfg: KernelConfig, group_size: int = 0, x_
             N, w_arg.stride(0), stride_sn,
             K=k_arg, HAS_BIAS=has_bias, X_CODES=x_codes is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
             DOT4=dot, DOT4_ASM=dot and x.is_cuda,
-            num_warps=cfg.num_warps, num_stages=1,
+            **launch_options(cfg, num_stages=1),
         )
     else:
         torch.library.wrap_triton(_codes_gemv_kernel)[(triton.cdiv(N, cfg.block_n), split)](
@@ -394,9 +399,9 @@ def codes_gemv(x, qdata, scale, bias, cfg: KernelConfig, group_size: int = 0, x_
             N, k_arg,
             w_arg.stride(0), stride_sn, scale.stride(1) if group_size else 0,
             HAS_BIAS=has_bias, GROUP_SIZE=group_size, SPLIT_K=split, EVEN_K=K % cfg.block_k == 0,
-            BLOCK_N=cfg.block_n, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages, X_CODES=x_codes is not None,
+            BLOCK_N=cfg.block_n, BLOCK_K=block_k, X_CODES=x_codes is not None,
             DOT4=dot, DOT4_ASM=dot and x.is_cuda,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **launch_options(cfg),
         )
     return split_k_result(out, x.dtype)
 
@@ -422,8 +427,8 @@ def int4_gemv(x, qdata, scale, zero, bias, cfg: KernelConfig, group_size: int) -
         N, K,
         x.stride(0), x.stride(1), qwords.stride(0), scale.stride(0), scale.stride(1), out.stride(0), _ONE_BITS,
         GROUP_SIZE=group_size, GROUPS_PER_ITER=group_step, BLOCK_N=cfg.block_n,
-        EVEN_G=groups % group_step == 0, HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages,
-        SZ_WORDS=sz_words, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_G=groups % group_step == 0, HAS_BIAS=bias is not None, SZ_WORDS=sz_words,
+        **launch_options(cfg),
     )
     return out
 
@@ -441,6 +446,6 @@ def quantize_gemv(x, qdata, scale, bias, cfg: KernelConfig) -> torch.Tensor:
         N, w.stride(0), scale.stride(0) if scale.dim() else 0,
         K=K, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         FP8=qdata.dtype == torch.float8_e4m3fn, FMA=x.is_cuda, WORDS=words, DOT4_ASM=words and x.is_cuda,
-        num_warps=cfg.num_warps,
+        **launch_options(cfg),
     )
     return y

@@ -37,6 +37,7 @@ from aofx.kernels.common import (
     code_to_f32,
     grid_order,
     int32_words,
+    launch_options,
     split_k_output,
     split_k_result,
     store_tile,
@@ -65,7 +66,7 @@ def _codes_mm_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, NUM_WARPS: tl.constexpr, NUM_STAGES: tl.constexpr,  # launch options, as constexprs: common.launch_options
     E4M3_PTX: tl.constexpr = False,  # e4m3 weights to bf16 with E4M3_TO_BF16 (per-row scales, bf16 x)
 ):
     pid_m, pid_n = grid_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -137,6 +138,7 @@ def _int4_mm_kernel(
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, HAS_BIAS: tl.constexpr,
     DEQUANT_PTX: tl.constexpr,  # the packed bf16 dequantization (inline PTX; bf16 x, scale and zero)
+    NUM_WARPS: tl.constexpr, NUM_STAGES: tl.constexpr,  # launch options, as constexprs: common.launch_options
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -228,6 +230,7 @@ def _quantized_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     AMAX_BLOCK_K: tl.constexpr, AMAX_STAGES: tl.constexpr, SWAP_AB: tl.constexpr,
     FP8: tl.constexpr,  # e4m3 codes (fp8 dynamic, per row): fp32 accumulation instead of exact int32
+    NUM_WARPS: tl.constexpr, NUM_STAGES: tl.constexpr,  # launch options, as constexprs: common.launch_options
     FMA: tl.constexpr = False,  # QUANTIZE_X: divide with _divide's fma correction (not the interpreter)
 ):
     pid_m, pid_n = grid_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -303,7 +306,7 @@ def codes_mm(x, qdata, scale, bias, cfg: KernelConfig, group_size: int = 0) -> t
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         SWAP_AB=cfg.swap_ab, E4M3_PTX=(x.is_cuda and x.dtype == torch.bfloat16 and not group_size
                                         and qdata.dtype == torch.float8_e4m3fn and not cfg.swap_ab),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_options(cfg),
     )
     return split_k_result(out, x.dtype)
 
@@ -326,7 +329,7 @@ def int4_mm(x, qdata, scale, zero, bias, cfg: KernelConfig, group_size: int) -> 
         x.stride(0), x.stride(1), qwords.stride(0), scale.stride(0), scale.stride(1), out.stride(-2), _ONE_BITS,
         GROUP_SIZE=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, HAS_BIAS=bias is not None, DEQUANT_PTX=ptx,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_options(cfg),
     )
     return split_k_result(out, x.dtype)
 
@@ -358,7 +361,7 @@ def quantized_mm(x, qdata, scale, bias, cfg: KernelConfig, x_amax=None, rows=Non
         HAS_BIAS=has_bias, QUANTIZE_X=cfg.path == "fused", SPLIT_K=split, EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         AMAX_BLOCK_K=amax_block_k, AMAX_STAGES=amax_stages, SWAP_AB=cfg.swap_ab, FP8=fp8, FMA=x.is_cuda,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_options(cfg),
     )
     return split_k_result(out, x.dtype)
 
