@@ -194,16 +194,20 @@ def split_k_output(x: torch.Tensor, M: int, N: int, split: int) -> torch.Tensor:
     return torch.empty((M, N), device=x.device, dtype=x.dtype)
 
 
-_SUM_BLOCK = 1024
+_SUM_BLOCK = 1024  # columns a program, at most
 
 
 @triton.jit
-def _sum_splits_kernel(ws_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
+def _sum_splits_kernel(ws_ptr, y_ptr, M, N, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    # A program sums BLOCK columns of one row. Offsets and masks then follow N, which is static, so the loads
+    # and stores vectorize even where M is symbolic (an AOTInductor package); over a flat index into M * N
+    # they would not, as nothing tells the compiler that M * N is a multiple of 16.
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    offs = tl.program_id(0) * N + cols
     acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
     for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -214,9 +218,9 @@ def split_k_result(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return out
     split, M, N = out.shape
     y = torch.empty((M, N), device=out.device, dtype=dtype)
-    # M * N > 0: the launchers return empty results before launching
-    torch.library.wrap_triton(_sum_splits_kernel)[(triton.cdiv(M * N, _SUM_BLOCK),)](
-        out, y, M * N, SPLIT_K=split, BLOCK=_SUM_BLOCK)
+    block = min(_SUM_BLOCK, triton.next_power_of_2(N))
+    # M, N > 0: the launchers return empty results before launching
+    torch.library.wrap_triton(_sum_splits_kernel)[(M, triton.cdiv(N, block))](out, y, M, N, SPLIT_K=split, BLOCK=block)
     return y
 
 

@@ -1,0 +1,96 @@
+"""What a symbolic M costs in generated code: none of the memory instructions may change.
+
+``torch.compile`` passes M as a number, which Triton specializes (a multiple of 16 is marked so); an
+AOTInductor package passes a symbolic M, which is not. A kernel whose loads or stores vectorize only when
+M is a multiple of 16 therefore runs slower in a package. Each case compiles a kernel for sm_90 (Triton's
+NVIDIA backend needs no GPU for that) with and without that mark on M and compares the PTX's global and
+asynchronous memory instructions. The compiling runs in a subprocess without TRITON_INTERPRET, which the
+test session sets and under which ``triton.jit`` gives interpreter functions that cannot be compiled.
+"""
+
+import collections
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import aofx
+from aofx.kernels import common, mm
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def memory_instructions(kernel, pointers: dict, constexprs: dict, multiples_of_16: set) -> collections.Counter:
+    """PTX global / cp.async instructions of ``kernel`` with ``pointers`` ({name: '*type'}) 16-byte aligned,
+    ``constexprs`` (NUM_WARPS / NUM_STAGES, where given, are also the launch options; an int argument of 1
+is one too, as Triton specializes it), the named int
+    arguments marked multiples of 16 and the other arguments i32."""
+    names = kernel.arg_names
+    signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in multiples_of_16}
+    options = {"num_warps": constexprs.get("NUM_WARPS", 4), "num_stages": constexprs.get("NUM_STAGES", 3)}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=HOPPER,
+                              options=options)
+    return collections.Counter(re.findall(r"\b(?:ld|st)\.global[\w.:]*|\bcp\.async\.\w+", compiled.asm["ptx"]))
+
+
+# int8 weight-only, M = 16 on 4096 x 14336: 16 x 64 x 256 swap_ab tiles, K split 4 ways, then the split sum
+_SPLIT_GEMM = dict(SPLIT_K=4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, SWAP_AB=True, NUM_WARPS=4, NUM_STAGES=4)
+CASES = {
+    "split sum": (common._sum_splits_kernel, {"ws_ptr": "*fp32", "y_ptr": "*bf16"}, dict(SPLIT_K=4, BLOCK=1024),
+                  {"N"}),
+    "codes mm": (mm._codes_mm_kernel,
+                 {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32"},
+                 dict(HAS_BIAS=False, GROUP_SIZE=0, EVEN_K=True, E4M3_PTX=False, **_SPLIT_GEMM),
+                 {"N", "K", "stride_xm", "stride_wn", "stride_ym"}),
+    "quantized mm": (mm._quantized_mm_kernel,
+                     {"x_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*i8", "sw_ptr": "*fp32", "b_ptr": "*fp32",
+                      "y_ptr": "*bf16"},
+                     dict(HAS_BIAS=False, QUANTIZE_X=False, SPLIT_K=1, EVEN_K=True, BLOCK_M=128, BLOCK_N=128,
+                          BLOCK_K=128, GROUP_M=8, AMAX_BLOCK_K=256, AMAX_STAGES=2, SWAP_AB=False, FP8=False,
+                          NUM_WARPS=4, NUM_STAGES=3, FMA=True),
+                     {"N", "K", "stride_xm", "stride_wn", "stride_ym"}),
+    "int4 mm": (mm._int4_mm_kernel,
+                {"x_ptr": "*bf16", "q_ptr": "*i32", "scale_ptr": "*bf16", "zero_ptr": "*bf16", "bias_ptr": "*bf16",
+                 "out_ptr": "*bf16"},
+                dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_K=1, SWAP_AB=False,
+                     HAS_BIAS=False, DEQUANT_PTX=True, NUM_WARPS=4, NUM_STAGES=4, stride_xk=1),
+                {"N", "K", "stride_xm", "stride_qw", "stride_sn", "stride_om"}),
+}
+
+
+def main():
+    """In the subprocess: ``{case: [instructions with M a multiple of 16, without]}`` as JSON."""
+    found = {case: [memory_instructions(kernel, pointers, constexprs, static | {"M"}),
+                    memory_instructions(kernel, pointers, constexprs, static)]
+             for case, (kernel, pointers, constexprs, static) in CASES.items()}
+    print(json.dumps(found))
+
+
+@functools.cache
+def _compiled() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(aofx.__file__).parents[1]), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_symbolic_m_keeps_every_memory_instruction(case):
+    with_m, without_m = _compiled()[case]
+    assert with_m == without_m
+    # the comparison is of vector code: 16-byte global accesses or asynchronous copies
+    assert any(".v4." in op or op.startswith("cp.async") for op in with_m), with_m
+
+
+if __name__ == "__main__":
+    main()
