@@ -302,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         line = " ".join(f"{h}={c}" for h, c in zip(HEAD, _cells(row)))
         error = f" [{row['error']}]" if row["error"] else ""
         print(f"[{len(rows)}/{total}, {time.perf_counter() - start:.0f} s] {line}{error}", flush=True)
+        bl.write_rows(rows, out)  # after every row: a run stopped by a time limit keeps what it measured
 
     try:
         with torch.no_grad(), tempfile.TemporaryDirectory() as workdir:
@@ -321,7 +322,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"packages built in {time.perf_counter() - start:.0f} s", flush=True)
             for n, k in args.shapes:
                 bench_shape(n, k, stacks.pop((n, k)), built, workdir, args, progress)
-                bl.write_rows(rows, out)  # after every shape, so a later crash keeps these
     finally:
         bl.write_rows(rows, out)
         print("\n" + format_table(rows))

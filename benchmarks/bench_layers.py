@@ -438,13 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     def progress(row: dict) -> None:
         rows.append(row)
         print(_progress_line(row, len(rows), total), flush=True)
+        write_rows(rows, args.out)  # after every row: a run stopped by a time limit keeps what it measured
 
     start = time.perf_counter()
     try:
         for n, k in args.shapes:
             on = args.peers == "all" or (args.peers == "scored" and (n, k) in SCORED_SHAPES)
             bench_shape(n, k, args, numerics, {p: on and ok for p, ok in have.items()}, progress)
-            write_rows(rows, args.out)  # after every shape, so a later crash keeps these
     finally:  # even after a fatal (sticky) CUDA error, show and keep what was measured
         write_rows(rows, args.out)
         print()
