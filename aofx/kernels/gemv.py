@@ -105,7 +105,8 @@ def _codes_gemv_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_WARPS: tl.constexpr, NUM_STAGES: tl.constexpr,  # launch options (NUM_STAGES also the K loop's): common.launch_options
+    # launch options, as constexprs (common.launch_options); NUM_STAGES also pipelines the K loop
+    NUM_WARPS: tl.constexpr, NUM_STAGES: tl.constexpr,
     X_CODES: tl.constexpr,  # x is int8 / e4m3 codes with the fp32 row scale at sx_ptr (dynamic schemes, M = 1)
     # int8 codes on both sides, read as int32 words of 4 codes (x_ptr and w_ptr point to words; K, BLOCK_K
     # and stride_wn count words); DOT4_ASM: dp4a in inline PTX (not under the interpreter)
@@ -214,7 +215,8 @@ def _int4_gemv_kernel(
     # meta-parameters
     GROUP_SIZE: tl.constexpr, GROUPS_PER_ITER: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_G: tl.constexpr, HAS_BIAS: tl.constexpr, SZ_WORDS: tl.constexpr,
-    NUM_WARPS: tl.constexpr, NUM_STAGES: tl.constexpr,  # launch options (NUM_STAGES also the group loop's): common.launch_options
+    # launch options, as constexprs (common.launch_options); NUM_STAGES also pipelines the group loop
+    NUM_WARPS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # One program per (BLOCK_N weight rows, x row m) walks all of K, G whole groups a step. A step is
     # a (BLOCK_N rows, G groups, GW int32 words) tile of the weight, software-pipelined NUM_STAGES
