@@ -133,8 +133,8 @@ def by_m(m, select, launch, *args):
 
     # Export traces a dynamic size as >= 2 and lets a size of 1 run that trace, so no predicate on the symbolic
     # M can pick M = 1's own config; a value computed from M at run time (a CPU scalar: no device sync) can.
-    # It is tested inside the first segment's branch, where dynamo keeps M symbolic.
-    one = select(1) if segments[0][0] == 2 and len(segments) > 1 and select(1) != segments[0][2] else None
+    # It is tested in the first segment's launch.
+    one = select(1) if segments[0][0] == 2 else None
 
     def first_or_one(cfg, last, *operands):
         is_one = torch.scalar_tensor(operands[0].shape[0], dtype=torch.int64, device="cpu") == 1
@@ -142,10 +142,10 @@ def by_m(m, select, launch, *args):
 
     def chain(i, *operands):
         _, last, cfg = segments[i]
+        here = functools.partial(first_or_one if i == 0 and one not in (None, cfg) else branch, cfg, last)
         if i == len(segments) - 1:
-            return branch(cfg, last, *operands)
-        first = functools.partial(first_or_one if i == 0 and one is not None else branch, cfg, last)
-        return torch.cond(operands[0].shape[0] <= last, first, functools.partial(chain, i + 1), operands)
+            return here(*operands)
+        return torch.cond(operands[0].shape[0] <= last, here, functools.partial(chain, i + 1), operands)
 
     # torch.cond traces its branches with dynamo, which would otherwise make the ints bound in a later call's
     # branches (which differ from the first call's) inputs of the branch graphs, and Inductor's cond

@@ -55,13 +55,14 @@ class TwoLayers(nn.Module):
         return by_m(h.shape[0], _table(THRESHOLDS[32]), self.launch, h, w2, None)
 
 
-def _expected(model, x):
-    """What an exported program computes: each layer's choice for this M, with rows the last M of its range."""
+def _expected(model, x, hi=1024):
+    """What a program exported for M <= hi computes: each layer's choice for this M, with rows the last M of
+    its range."""
     M = x.shape[0]
 
     def layer(x, w, b, thresholds):
         cfg = _table(thresholds)(M)
-        rows = next((t for t in thresholds if M <= t), 1024)
+        rows = min(next((t for t in thresholds if M <= t), hi), hi)
         return torch.nn.functional.linear(x, w, b) * (cfg + 1) + rows * 1e-3
 
     return layer(layer(x, model.w1, model.b1, THRESHOLDS[64]), model.w2, None, THRESHOLDS[32])
@@ -101,6 +102,20 @@ def test_exported_program_chooses_per_m_at_run_time():
     for M in BATCHES:
         x = torch.randn(M, 32)
         torch.testing.assert_close(ep.module()(x), _expected(model, x))
+
+
+def test_a_range_of_one_segment_still_gives_m_1_its_own_choice(tmp_path):
+    """Exported for M <= 8, the first layer's M = 2..8 is one segment (no cond on M <= last), and M = 1 still
+    takes its own config, in the exported program and in its package."""
+    model = TwoLayers()
+    ep = torch.export.export(model, (torch.randn(4, 32),),
+                             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},))
+    runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "m.pt2")))
+    for M in (1, 2, 5, 8):
+        x = torch.randn(M, 32)
+        torch.testing.assert_close(ep.module()(x), _expected(model, x, hi=8))
+        torch.testing.assert_close(runner(x), _expected(model, x, hi=8))
 
 
 def test_aoti_package_chooses_per_m_at_run_time(tmp_path):
