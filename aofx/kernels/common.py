@@ -80,11 +80,12 @@ def launch_options(cfg: KernelConfig, num_stages: int | None = None) -> dict:
     return {"num_warps": cfg.num_warps, "num_stages": stages, "NUM_WARPS": cfg.num_warps, "NUM_STAGES": stages}
 
 
-def is_not_one(m) -> bool:
-    """Whether M is known to differ from 1: a symbolic M (compile, export, and inside a ``by_m`` branch, which
-    dynamo traces and where M reads as an int) is not checked, since a check would guard on it and the
-    selection only gives an M = 1 path to M = 1."""
-    return isinstance(m, int) and not torch.compiler.is_compiling() and m != 1
+def check_one_row(name: str, path: str, x: torch.Tensor, rows) -> None:
+    """A one-row path (an M = 1 GEMV) needs M == 1. ``rows``, ``by_m``'s largest M of the config, says so
+    without reading x's M (1 for M = 1's own config in an exported program, where a check of the symbolic M
+    would guard on it); a forced config (``rows`` None) is checked against x."""
+    if (x.shape[0] if rows is None else rows) != 1:
+        raise ValueError(f"{name}: the {path} path needs M == 1, got M={x.shape[0]}")
 
 
 # Every table is constant above this M, so an exported range is split into configs only up to here.

@@ -50,4 +50,4 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     if config is not None:
         return int8wo.launch(name, x, qdata, scale, bias, config)
     return by_m(M, lambda m: select_config(m, N, K, x.device),
-                lambda cfg, rows, *args: int8wo.launch(name, *args, cfg), x, qdata, scale, bias)
+                lambda cfg, rows, *args: int8wo.launch(name, *args, cfg, rows=rows), x, qdata, scale, bias)

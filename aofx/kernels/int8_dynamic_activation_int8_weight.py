@@ -40,9 +40,9 @@ from aofx.kernels.common import (
     KernelConfig,
     by_m,
     check_linear_args,
+    check_one_row,
     check_scale,
     empty_result,
-    is_not_one,
     split_k_for,
 )
 from aofx.kernels.quantize import amax_partials, quantize_per_token
@@ -142,8 +142,8 @@ def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, x_amax=None, row
     ``rows``: the largest M this config serves (``common.by_m``). Shared with the fp8 dynamic scheme."""
     if x.stride(1) != 1:
         x = x.contiguous()
-    if cfg.path in ONE_ROW_PATHS and is_not_one(x.shape[0]):
-        raise ValueError(f"{name}: the {cfg.path} path needs M == 1, got M={x.shape[0]}")
+    if cfg.path in ONE_ROW_PATHS:
+        check_one_row(name, cfg.path, x, rows)
     if x_amax is not None and cfg.path == "fused":
         raise ValueError(f"{name}: a per-tensor activation scale needs the 'quantized', 'gemv' or 'fused_gemv' "
                          "path, got 'fused'")

@@ -34,12 +34,12 @@ from aofx.kernels import dequant, gemv, mm
 from aofx.kernels.common import (
     KernelConfig,
     by_m,
+    check_one_row,
     check_linear_args,
     check_scale,
     dequantize_first,
     empty_result,
     group_size_of,
-    is_not_one,
     num_sms,
     split_k_for,
 )
@@ -141,16 +141,17 @@ def linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torc
     if config is not None:
         return launch(name, x, qdata, scale, bias, config, group_size)
     return by_m(M, lambda m: select_config(m, N, K, group_size, x.device),
-                lambda cfg, rows, *args: launch(name, *args, cfg, group_size), x, qdata, scale, bias)
+                lambda cfg, rows, *args: launch(name, *args, cfg, group_size, rows), x, qdata, scale, bias)
 
 
-def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int = 0) -> torch.Tensor:
+def launch(name: str, x, qdata, scale, bias, cfg: KernelConfig, group_size: int = 0, rows=None) -> torch.Tensor:
     """Run ``cfg``'s path on checked arguments: x (M >= 1, K), qdata int8 or e4m3 (N, K), scale (N,) or
-    (N, K // group_size), bias (N,) or None. Shared with the fp8 weight-only scheme."""
+    (N, K // group_size), bias (N,) or None; ``rows`` as ``common.check_one_row``'s. Shared with the fp8
+    weight-only scheme."""
     if x.stride(1) != 1:
         x = x.contiguous()
-    if cfg.path == "gemv" and is_not_one(x.shape[0]):
-        raise ValueError(f"{name}: the gemv path needs M == 1, got M={x.shape[0]}")
+    if cfg.path == "gemv":
+        check_one_row(name, cfg.path, x, rows)
     if group_size and cfg.path != "dequant" and (
             cfg.block_k % group_size if cfg.path == "gemv" else group_size % cfg.block_k):
         raise ValueError(f"{name}: block_k={cfg.block_k} does not fit group_size={group_size} "
