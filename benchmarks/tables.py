@@ -6,7 +6,7 @@
 Layer table (``bench_layers.py`` rows): one row per (config, N x K) on the scored shapes, one column per
 M. Each cell is aofx's speedup over bf16 cuBLAS measured in the same run, aofx's time per layer in
 brackets, then the peers' speedups (``ao`` torchao, ``gl`` gemlite) where the run measured them, or
-"fails" (the notes give the error). A ``bf16`` row per shape gives the baseline's time per layer.
+"fails" (the notes give the error); "n/m" where the rows hold no measurement. A ``bf16`` row per shape gives the baseline's time per layer.
 
 Deploy table (``bench_deploy.py`` rows): one row per config, one column per M; each cell is
 ``torch.compile``'s time over the AOTInductor package's (1.00: as fast; under 1: the package is slower),
@@ -58,13 +58,18 @@ def _us(us) -> str:
     return "" if us is None else f"{us:.1f} µs"
 
 
+def _speedup(x: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (a peer 100× slower than bf16 is not "0.00")."""
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
 def _layer_cell(row: dict | None) -> str:
     if row is None:
-        return ""
+        return "n/m"
     if row.get("error") or not row.get("ok"):
         return "failed"
     text = f"{row['speedup']:.2f}× ({row['us']:.1f} µs)"
-    peers = [f"{short} fails" if row.get(f"{peer}_error") else f"{short} {row[f'{peer}_speedup']:.2f}"
+    peers = [f"{short} fails" if row.get(f"{peer}_error") else f"{short} {_speedup(row[f'{peer}_speedup'])}"
              for peer, short in PEERS if row.get(f"{peer}_error") or row.get(f"{peer}_speedup") is not None]
     return text + ("<br>" + " · ".join(peers) if peers else "")
 

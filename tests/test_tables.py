@@ -48,3 +48,14 @@ def test_layer_table_says_where_a_peer_fails_and_the_notes_say_why():
     notes = tables.layer_notes(rows)
     assert ("torchao int8dq 14336×4096 fails at M=1, 16: `RuntimeError: self.size(0) needs to be greater than 16, "
             "but got 1`.") in notes
+
+
+def test_layer_table_marks_unmeasured_cells_and_keeps_a_slow_peer_nonzero():
+    def row(n, m, **peer):
+        return {"config": "int8wo", "N": n, "K": 4096 if n > 4096 else 14336, "M": m, "scored": True, "ok": True,
+                "speedup": 1.5, "us": 30.0, "bf16_us": 45.0, "target": None, **peer}
+
+    rows = [row(14336, 1, torchao_speedup=2.0), row(14336, 1024, torchao_speedup=0.0012), row(4096, 1)]
+    lines = tables.layer_table(rows).splitlines()
+    assert lines[4] == "| int8wo | 14336×4096 | 1.50× (30.0 µs)<br>ao 2.00 | 1.50× (30.0 µs)<br>ao 0.0012 |"
+    assert lines[5] == "| int8wo | 4096×14336 | 1.50× (30.0 µs) | n/m |"
