@@ -169,6 +169,7 @@ def run_config(name, args):
     tok_s, compile_s, first = _timed_decode(step, args)
     row = dict(config=name, layers=args.layers, tok_s=round(tok_s, 1), weight_gb=round(weight_gb, 2),
                quantize_s=round(quantize_s, 1), warmup_s=round(compile_s, 1))
+    print(f"  {name}: quantized in {quantize_s:.1f} s, compiled in {compile_s:.1f} s, {tok_s:.1f} tok/s", flush=True)
     del step
     torch._dynamo.reset()
     if args.aoti:
@@ -179,6 +180,7 @@ def run_config(name, args):
             start = time.perf_counter()
             package = package_step(model, f"{tmp}/step.pt2", "cuda", single_threaded=True)
             row["aoti_package_s"] = round(time.perf_counter() - start, 1)
+            print(f"  {name}: packaged in {row['aoti_package_s']} s", flush=True)
         del model  # the package holds its own copy of the weights
         torch.cuda.empty_cache()
         aoti_tok_s, _, aoti_first = _timed_decode(GraphedStep(package), args)
