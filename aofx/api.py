@@ -20,7 +20,7 @@ from torch import nn
 
 from aofx import passes  # noqa: F401  (registers the built-in passes)
 from aofx.capture import Seen, export_unit, run_examples
-from aofx.configs import AOBaseConfig, FqnToConfig
+from aofx.configs import AOBaseConfig, FqnToConfig, describe
 from aofx.install import (QuantizedModule, QuantizedWeight, _SHARED, install, linear_like, rewrite_capture,
                           shared_key)
 from aofx.registry import check_registered, find_handler, find_pass
@@ -65,16 +65,19 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
             and ``transformers``' ``Conv1D``, plus (with ``example_inputs``) every module seen using
             its own parameter as an ``F.linear`` weight, plus modules named by an ``FqnToConfig`` key.
         device: move each selected module there as it is quantized, so peak memory stays near the
-            quantized size.
+            quantized size; then (unless ``config`` is an ``FqnToConfig``) the rest of the model, as
+            torchao does. An unusable device raises before anything changes.
         example_inputs: a tuple of positional inputs (or a dict of keyword inputs) of ``model``. The
             model runs once on them, eagerly (a real call: buffers it updates keep the update); each
             module seen using a parameter through ``F.linear`` is then captured alone with the
             inputs it received. The model's own Python forward stays, so keyword calls,
             ``generate``, other batch sizes and train/eval work.
 
-    ``FqnToConfig`` precedence, for a weight ``<module fqn>.<name>``: an exact key for the parameter
-    fqn, then one for the module fqn, then the first ``"re:<regex>"`` key (in dict order) that
-    fullmatches either, then ``"_default"`` (linear layers only). ``None`` leaves it float.
+    ``FqnToConfig`` precedence, for a weight ``<module fqn>.<name>`` (torchao's): an exact key for the
+    parameter fqn, then one for the module fqn, then the first ``"re:<regex>"`` key (in dict order)
+    that fullmatches the parameter fqn, then the first that fullmatches the module fqn, then
+    ``"_default"`` (linear layers only). ``None`` leaves it float. ``filter_fn`` cannot be combined
+    with an ``FqnToConfig``.
 
     What happens to the model: each quantized module's class becomes a generated subclass of its
     class (``isinstance`` holds). Its float weight parameter is replaced by buffers ``qdata``,
@@ -91,8 +94,9 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
     Raises:
         TypeError: a config that is not registered (the message lists the registered types), a
             removed keyword (``apply_tensor_subclass=``), or a non-config argument.
-        ValueError: a weight with NaN or Inf, an uninitialized lazy layer, or a packed buffer name
-            that is already taken; each names the layer, and the model is left exactly as it was.
+        ValueError: a weight with NaN or Inf, an uninitialized lazy layer, a packed buffer name
+            that is already taken, or one tied weight given two configs; each names the layer, and
+            the model is left exactly as it was. Also ``filter_fn`` together with an ``FqnToConfig``.
     """
     for key in removed:
         if key in _REMOVED_KEYWORDS:
@@ -100,14 +104,21 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
                             "(e.g. config=Int4WeightOnlyConfig())")
         raise TypeError(f"quantize_() got an unexpected keyword argument {key!r}")
     config = _as_config(config)
+    if isinstance(config, FqnToConfig) and filter_fn is not None:
+        raise ValueError("quantize_: pass filter_fn or an FqnToConfig, not both (as torchao); FqnToConfig "
+                         "selects layers by its keys, and a key mapped to None leaves a layer float")
+    if device is not None:
+        device = torch.device(device)
+        torch.empty(0, device=device)  # an unusable device raises here, before anything changes
     start = time.perf_counter()
 
     # 1. plan and 2. validate: no mutation; errors name the layer
     seen = run_examples(model, example_inputs) if example_inputs is not None else None
     handled, units, skipped = _plan(model, config, filter_fn, seen)
+    _check_tied(units)
     # 3. handlers (user configs), then capture each unit; a unit that cannot be captured is skipped
     for fqn, module, cfg in handled:
-        _apply_handler(model, fqn, module, cfg)
+        _apply_handler(model, fqn, module.to(device) if device is not None else module, cfg)
     units = _capture(units, skipped)
     if skipped:
         lines = "\n".join(f"  {fqn}: {why}" for fqn, why in skipped)
@@ -127,6 +138,8 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
                 unit.captures, unit.key)
         if device is not None:
             unit.module.to(device)  # the rest of the layer (bias)
+    if device is not None and not isinstance(config, FqnToConfig):
+        model.to(device)  # as torchao: the whole model ends on `device`, not only its quantized layers
     if units:
         log.info("aofx: quantized %d module(s) in %.1f s", len(units), time.perf_counter() - start)
 
@@ -154,9 +167,10 @@ def _lookup(config: FqnToConfig, fqns: list) -> tuple:
     for fqn in fqns:
         if fqn in table:
             return table[fqn], fqn
-    for key, cfg in table.items():
-        if key.startswith("re:") and any(re.fullmatch(key[3:], fqn) for fqn in fqns):
-            return cfg, key
+    for fqn in fqns:  # as torchao: regexes on the parameter fqn before regexes on the module fqn
+        for key, cfg in table.items():
+            if key.startswith("re:") and re.fullmatch(key[3:], fqn):
+                return cfg, key
     return table.get("_default"), ("_default" if "_default" in table else None)
 
 
@@ -228,7 +242,10 @@ def _plan(model, config, filter_fn, seen):
             skipped.append((fqn, f"stacked 3-D MoE expert weights ({shapes}) have no aofx kernel; "
                                  f"{count:,} parameters stay float"))
         if not names:
-            if not experts and (own or exact) and (cfg is not None or explicit):
+            if filter_fn is not None and not own and not experts:
+                skipped.append((fqn, f"filter_fn selected this {type(module).__name__}, which holds no weight of its "
+                                     "own; select its linear layers instead"))
+            elif not experts and (own or exact) and (cfg is not None or explicit):
                 hint = "" if seen is not None else " (pass example_inputs to find modules that call F.linear)"
                 skipped.append((fqn, f"{type(module).__name__} is not a linear layer and was not seen using a "
                                      f"parameter through F.linear{hint}"))
@@ -253,6 +270,19 @@ def _plan(model, config, filter_fn, seen):
     if fqn_map:
         skipped += [(key, "FqnToConfig key matches no module or parameter") for key in _unmatched_keys(model, config)]
     return handled, units, skipped
+
+
+def _check_tied(units: list) -> None:
+    """One parameter tied between layers is packed once, so its layers must ask for the same scheme."""
+    first = {}
+    for unit in units:
+        for name, w in unit.weights.items():
+            where = f"{unit.fqn}.{name}".lstrip(".")
+            other = first.setdefault(id(unit.module._parameters[name]), (where, w.config))
+            if describe(other[1]) != describe(w.config):
+                raise ValueError(f"aofx.quantize_: {other[0]} and {where} are one tied parameter but were given "
+                                 f"different configs ({describe(other[1])} and {describe(w.config)}); give them "
+                                 "the same config or untie them; nothing was quantized")
 
 
 def _check_weight(module, fqn, name, config, kind: Optional[bool]):

@@ -17,8 +17,10 @@ weight is packed:
   (``.to(dtype)``, ``.half()``, ``.float()``) never casts packed codes or scales. It changes the
   dtype the layer computes in, as it does for a float layer.
 * pickling (``torch.save``, ``pickle``, ``copy.deepcopy``) rebuilds the generated class from the
-  original one. Captured graphs are not pickled: a standard linear takes (or captures, while
-  unpickling) the shared graph of its key; other units capture again on their first eager call.
+  original one. ``deepcopy`` keeps the captured graphs; pickles hold none: a standard linear takes (or
+  captures, while unpickling) the shared graph of its key; other units capture again on their first
+  eager call. A call the float module itself rejects (a wrong width) raises its error and changes
+  nothing.
 * ``extra_repr`` adds the scheme.
 
 The packed tensors are buffers named ``<prefix><key>`` (``qdata``, ``scale``, ``zero``), where the
@@ -27,6 +29,7 @@ prefix is empty for the ``weight`` of a Linear-like module and ``"<name>_"`` oth
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import warnings
@@ -115,9 +118,23 @@ class LayerState:
     def __getstate__(self):
         return {"weights": self.weights, "captures": [], "shared_key": self.shared_key, "uncapturable": False}
 
+    def __deepcopy__(self, memo):
+        # A copy shares the graphs (they hold no tensor of their owner; they read its state when run),
+        # so a deep-copied unit compiles and exports to the same ops without an eager call first.
+        new = copy.copy(self)
+        new.weights = copy.deepcopy(self.weights, memo)
+        new.captures = list(self.captures)
+        return new
+
     @property
     def scheme(self) -> str:
         return ", ".join(sorted({describe(w.config) for w in self.weights.values()}))
+
+
+def _in_features(state: LayerState) -> int:
+    """K of a one-weight linear layer (Conv1D stores its weight (in, out))."""
+    (w,) = state.weights.values()
+    return w.shape[0] if w.transposed else w.shape[1]
 
 
 def shared_key(module: nn.Module, weights: dict):
@@ -200,16 +217,20 @@ class QuantizedModule:
             if capture.accepts(leaves, spec, training, any_rows=state.shared_key is not None):
                 out = capture.run(self, leaves)
                 return out.reshape(*x.shape[:-1], out.shape[-1]) if state.shared_key is not None else out
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or state.uncapturable:
-            return self._aofx_base.forward(self, *args, **kwargs)  # weights dequantized on read
+        if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or state.uncapturable
+                or (state.shared_key is not None and x.shape[-1] != _in_features(state))):
+            # weights dequantized on read; a linear given the wrong width raises the float layer's own error
+            return self._aofx_base.forward(self, *args, **kwargs)
         try:
             capture = capture_quantized(self, *pytree.tree_unflatten(leaves, spec))
         except Exception as e:  # noqa: BLE001  (export's errors are many)
+            # Inputs the float module rejects raise its own error here and change nothing.
+            out = self._aofx_base.forward(self, *args, **kwargs)
             state.uncapturable = True
             warnings.warn(f"aofx: {type(self).__name__} could not be captured for these inputs "
                           f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
                           "it runs its original forward with the weight dequantized from now on", UserWarning)
-            return self._aofx_base.forward(self, *args, **kwargs)
+            return out
         state.captures.append(capture)
         if state.shared_key is not None:
             _SHARED.setdefault(state.shared_key, capture)

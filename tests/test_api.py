@@ -160,7 +160,7 @@ def test_fqn_to_config_precedence():
     cfg = aofx.FqnToConfig({
         "layers.1": aofx.Int8WeightOnlyConfig(),          # exact fqn beats the regex below
         "re:layers\\.[12]": aofx.Int4WeightOnlyConfig(group_size=32),
-        "re:layers\\..*": None,                            # later regex: never reached for layers.1/2
+        "re:layers\\.\\d": None,                           # later regex: never reached for layers.1/2
         "_default": aofx.Float8WeightOnlyConfig(),
     })
     model = Tower()
@@ -238,3 +238,78 @@ def test_quantize_twice_skips_with_warning_and_output_unchanged():
     with pytest.warns(UserWarning, match=r"up: already quantized \(Int4WeightOnlyConfig"):
         aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
     assert torch.equal(model(x), y)
+
+
+def test_fqn_to_config_parameter_regex_beats_module_regex():
+    # torchao's order: exact parameter, exact module, then regexes on the parameter fqn, then on the module fqn
+    model = Tower()
+    aofx.quantize_(model, aofx.FqnToConfig({"re:layers\\.0": aofx.Int8WeightOnlyConfig(),
+                                            "re:layers\\.0\\.weight": aofx.Int4WeightOnlyConfig(group_size=32)}))
+    assert _schemes(model)["layers.0"] == "Int4WeightOnlyConfig"
+
+
+def test_fqn_to_config_with_filter_fn_raises_before_anything_changes():
+    model = Tower()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="filter_fn or an FqnToConfig"):
+        aofx.quantize_(model, aofx.FqnToConfig({"head": aofx.Int8WeightOnlyConfig()}), filter_fn=lambda m, f: True)
+    assert _same_state(model, before)
+
+
+def test_filter_fn_selecting_a_container_says_so():
+    model = Tower()
+    with pytest.warns(UserWarning, match=r"layers: filter_fn selected this ModuleList, which holds no weight"):
+        aofx.quantize_(model, aofx.Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn == "layers")
+    assert not any(_schemes(model).values())
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64, bias=False)
+        self.b = nn.Linear(64, 64)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_tied_weight_with_two_configs_raises_naming_both_and_changes_nothing():
+    model = Tied()
+    before = copy.deepcopy(model.state_dict())
+    cfg = aofx.FqnToConfig({"a": aofx.Int8WeightOnlyConfig(), "b": aofx.Int4WeightOnlyConfig(group_size=32)})
+    with pytest.raises(ValueError, match=r"a\.weight and b\.weight are one tied parameter"):
+        aofx.quantize_(model, cfg)
+    assert _same_state(model, before) and type(model.b) is nn.Linear
+    aofx.quantize_(model, aofx.Int4WeightOnlyConfig(group_size=32))  # one config: packed once, shared
+    assert model.a.qdata is model.b.qdata and model(torch.randn(2, 64)).shape == (2, 64)
+
+
+def test_device_moves_the_whole_model_as_torchao_does():
+    model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 32))
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig(), device="meta")
+    assert {t.device.type for t in model.state_dict().values()} == {"meta"}
+
+
+def test_device_is_checked_before_anything_changes():
+    model = Tower()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises((RuntimeError, AssertionError, ValueError)):
+        aofx.quantize_(model, aofx.Int8WeightOnlyConfig(), device="no_such_device")
+    assert _same_state(model, before)
+
+
+def test_handler_config_gets_the_module_on_device():
+    @dataclasses.dataclass
+    class Where(aofx.AOBaseConfig):
+        pass
+
+    seen = []
+
+    @aofx.register_quantize_module_handler(Where)
+    def _where(module, config):
+        seen.append(module.weight.device.type)
+        return module
+
+    aofx.quantize_(nn.Sequential(nn.Linear(8, 8)), Where(), device="meta")
+    assert seen == ["meta"]

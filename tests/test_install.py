@@ -365,3 +365,41 @@ def test_meta_device_quantize_then_assign(cfg):
     for x in (randn(4, 256), randn(2, 3, 256, seed=2)):
         assert torch.equal(meta(x), cpu(x))
     assert same_bits(meta[0].weight, cpu[0].weight)
+
+
+# ---------------------------------------------------------------- calls no graph accepts
+
+class FLinear(nn.Module):
+    """A unit found through example_inputs: its own weight through F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(randn(128, 256, std=0.05))
+
+    def forward(self, x):
+        return F.linear(x, self.w)
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.id in ("int8dq", "fp8dq-row")])
+def test_a_call_the_float_layer_rejects_raises_and_changes_nothing(cfg):
+    x, x3 = randn(4, 256), randn(2, 3, 256, seed=2)
+    unit, linear = nn.Sequential(FLinear()), nn.Sequential(nn.Linear(256, 128, dtype=BF16))
+    for model in (unit, linear):
+        aofx.quantize_(model, cfg, example_inputs=(x,))
+    want = unit(x3)  # a new rank: captured again, eagerly
+    for model in (unit, linear):
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            model(randn(4, 255))
+        assert not model[0]._aofx.uncapturable
+    assert torch.equal(unit(x3), want)
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.id in ("int8dq", "fp8dq-row")])
+def test_deepcopy_keeps_graphs_so_export_finds_the_aofx_op(cfg):
+    x = randn(4, 256)
+    model = nn.Sequential(FLinear())
+    aofx.quantize_(model, cfg, example_inputs=(x,))
+    clone = copy.deepcopy(model)
+    ep = torch.export.export(clone, (x,))
+    assert any(str(n.target).startswith("aofx.") for n in ep.graph.nodes)
+    assert torch.equal(ep.module()(x), model(x))
