@@ -83,3 +83,20 @@ def test_int4_group_size_must_match_the_scale():
     qdata, scale, zero = numerics.quantize_int4(torch.randn(16, 64, generator=seeded(8)) * 0.02, 32)
     with pytest.raises(ValueError, match="group_size=64 does not match K=64"):
         torch.ops.aofx.int4_weight_only_linear(x, qdata, scale, zero, 64, None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_output_takes_in_place_writes_under_autograd(config, device):
+    # As nn.Linear's: Falcon adds into its MLP output in place (`h += attn`) with the bias requiring grad.
+    for shape in [(5, 128), (2, 3, 128)]:
+        x = torch.randn(shape, generator=seeded(1)).bfloat16().to(device)
+        op, args = _op_args(config, x)
+        bias = args[-1].requires_grad_()
+        y = op(*args)
+        assert not y._is_view()
+        expected = y.detach() + 1
+        y += 1
+        torch.testing.assert_close(y.detach(), expected, rtol=0, atol=0)
+        y.sum().backward()
+        assert bias.grad is not None and bias.grad.shape == bias.shape

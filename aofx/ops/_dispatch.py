@@ -9,10 +9,14 @@ KERNEL_DEVICES = ("cuda",)  # the device types whose tensors take the Triton ker
 def run(kernel, reference, x: torch.Tensor, *args) -> torch.Tensor:
     """``kernel(x2d, *args)`` on CUDA bf16/fp16, else ``reference(x, *args)``; x is (..., K) -> (..., N)."""
     if x.device.type not in KERNEL_DEVICES or x.dtype not in KERNEL_DTYPES:
-        return reference(x, *args)
-    x2d = x.reshape(-1, x.shape[-1])  # (M, K), a view whenever the leading dims allow it
-    out = kernel(x2d, *args)  # (M, N)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+        out = reference(x, *args)
+    else:
+        out = kernel(x.reshape(-1, x.shape[-1]), *args)  # (M, N); x2d is a view whenever the leading dims allow
+        if x.dim() != 2:
+            out = out.reshape(*x.shape[:-1], out.shape[-1])
+    # Autograd forbids in-place writes (Falcon's `mlp_output += attention_output`) to a view made inside
+    # a custom op, so the op returns a tensor of its own; the kernels' 2-D outputs already are.
+    return out.clone() if out._is_view() else out
 
 
 def register(op, dequantize) -> None:
