@@ -18,7 +18,7 @@ import transformers
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from aofx.api import quantize_
+from aofx.api import quantize_, quantized_configs
 from aofx.install import QuantizedModule
 from aofx.serialization import config_from_metadata, quantized_metadata
 
@@ -46,6 +46,7 @@ class AofxHfQuantizer(HfQuantizer):
                 # Every tensor of a quantized layer comes from the checkpoint. Without this flag the
                 # weight initializers would read `weight`, dequantizing each layer once for nothing.
                 module._is_hf_initialized = True
+        untie_quantized(model)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False
@@ -56,6 +57,20 @@ class AofxHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def untie_quantized(model) -> None:
+    """Drop the tied-weight entries (``lm_head.weight`` -> ``embed_tokens.weight``) that name a quantized
+    weight: quantizing unties it (the embedding stays float), and transformers would otherwise look the
+    head's ``weight`` up as a parameter while loading, or tie a float tensor back into it."""
+    quantized = set(quantized_configs(model))
+    for prefix, sub in model.named_modules():
+        tied = getattr(sub, "all_tied_weights_keys", None)
+        if isinstance(tied, dict):
+            at = f"{prefix}." if prefix else ""
+            for target, source in list(tied.items()):
+                if at + target in quantized or at + source in quantized:
+                    del tied[target]
 
 
 def _register() -> None:
@@ -70,6 +85,7 @@ def _register() -> None:
 def save_pretrained(model: "transformers.PreTrainedModel", save_directory, **kwargs) -> None:
     """``model.save_pretrained`` with the aofx configs recorded in ``config.json``."""
     model.config.quantization_config = AofxConfig(quantized_metadata(model))
+    untie_quantized(model)
     model.save_pretrained(save_directory, **kwargs)
 
 

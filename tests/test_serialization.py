@@ -64,33 +64,49 @@ def test_load_needs_aofx_metadata(tmp_path):
         aofx.load_quantized(_build(), tmp_path / "plain.safetensors")
 
 
-def _tiny_llama():
+def _tiny_llama(tied=False):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                      tie_word_embeddings=False)
+                                      tie_word_embeddings=tied)
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def _tiny_gpt2():  # Conv1D layers, and a head tied to the token embedding
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=128)).eval()
+
+
+MODELS = [pytest.param(_tiny_llama, id="llama"), pytest.param(lambda: _tiny_llama(tied=True), id="llama-tied"),
+          pytest.param(_tiny_gpt2, id="gpt2")]
+
+
+@pytest.mark.parametrize("build", MODELS)
 @pytest.mark.parametrize("config", CONFIGS[1:6:2])
-def test_from_pretrained_returns_the_quantized_model(config, tmp_path):
+def test_from_pretrained_returns_the_quantized_model(config, build, tmp_path):
     transformers = pytest.importorskip("transformers")
     import aofx.hf
 
-    model = _tiny_llama()
+    model = build()
+    embedding = model.get_input_embeddings().weight.detach().clone()
     aofx.quantize_(model, config)
     ids = torch.randint(0, 128, (2, 7))
     ref = model(ids).logits
     aofx.hf.save_pretrained(model, tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert type(loaded.model.layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
+    assert type(loaded.lm_head).__name__ == "QuantizedLinear"
     assert loaded.state_dict().keys() == model.state_dict().keys()
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert torch.equal(loaded.get_input_embeddings().weight, embedding)  # a tied embedding stays float
     torch.testing.assert_close(loaded(ids).logits, ref, rtol=0, atol=0)
-    # without aofx.hf's metadata transformers would load random weights into a float model; with it,
-    # a float checkpoint still loads as a float model
-    float_dir = tmp_path / "float"
-    _tiny_llama().save_pretrained(float_dir)
-    assert type(transformers.AutoModelForCausalLM.from_pretrained(float_dir).lm_head) is nn.Linear
+
+
+def test_a_float_checkpoint_still_loads_as_a_float_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import aofx.hf  # noqa: F401  (registers the "aofx" method)
+
+    _tiny_llama().save_pretrained(tmp_path)
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path).lm_head) is nn.Linear
