@@ -28,13 +28,14 @@ from aofx.configs import (
     int8_weight_only,
 )
 from aofx.registry import register_quantize_module_handler
-from aofx.serialization import load_quantized, save_quantized
+from aofx.serialization import init_empty_weights, load_quantized, save_quantized
 
 __all__ = [
     "__version__",
     "quantize_",
     "save_quantized",
     "load_quantized",
+    "init_empty_weights",
     "AOBaseConfig",
     "Int4WeightOnlyConfig",
     "Int8WeightOnlyConfig",

@@ -2,30 +2,56 @@
 
 ``save_quantized(model, path)`` writes ``model.state_dict()`` (packed tensors under each layer's
 fqn) with the metadata key ``"aofx.configs"``: ``{parameter fqn: config_to_dict(config)}``.
-``load_quantized(model, path)`` takes a model built from its architecture, float or on the meta
-device, quantizes it with those configs (on meta that only creates meta buffers of the right shapes
-and dtypes) and loads the tensors with ``assign=True``: peak host memory stays near the quantized
-size when the model was built on meta.
+``load_quantized(model, path)`` takes a model built from its architecture, float or with its
+parameters on the meta device (``init_empty_weights``), quantizes it with those configs (on meta that
+only creates meta buffers of the right shapes and dtypes) and loads the tensors with ``assign=True``:
+peak host memory stays near the quantized size when the model was built on meta.
 
 Tensors shared by tied layers are written once; ``"aofx.aliases"`` maps the other names to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 from torch import nn
 
 from aofx.api import quantize_, quantized_configs
+from aofx.install import QuantizedModule, linear_like
 from aofx.configs import FqnToConfig, config_from_dict, config_to_dict
 
 CONFIGS_KEY, ALIASES_KEY = "aofx.configs", "aofx.aliases"
 
 
 def quantized_metadata(model: nn.Module) -> dict:
-    """``{parameter fqn: config dict}`` for every quantized weight of ``model``."""
+    """``{parameter fqn: config dict}`` for every quantized weight of ``model``. Raises for layers that
+    ``quantize_`` found through ``example_inputs``: a saved config cannot rebuild those."""
+    found = [fqn for fqn, m in model.named_modules() if isinstance(m, QuantizedModule) and linear_like(m) is None]
+    if found:
+        raise ValueError(f"cannot save {', '.join(found[:4])}: quantize_ found these through example_inputs, which "
+                         "loading cannot repeat; save the whole model with torch.save instead")
     return {fqn: config_to_dict(cfg) for fqn, cfg in quantized_configs(model).items()}
+
+
+@contextlib.contextmanager
+def init_empty_weights():
+    """Build a model with its parameters on the meta device and its buffers real, for ``load_quantized``:
+    buffers that are computed, not saved (rotary ``inv_freq``, BERT's ``position_ids``), keep their values.
+    (``with torch.device("meta")`` would leave those on meta, and loading would raise.)"""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def config_from_metadata(configs: dict) -> FqnToConfig:
@@ -52,8 +78,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
 def load_quantized(model: nn.Module, path: str | os.PathLike, device=None, strict: bool = True) -> nn.Module:
     """Quantize ``model`` with the configs saved in ``path`` and load its tensors; returns ``model``.
 
-    ``model`` has the saved model's architecture and is not quantized yet: built normally, or on
-    the meta device (``with torch.device("meta"): model = MyModel(...)``) to skip the float weights.
+    ``model`` has the saved model's architecture and is not quantized yet: built normally, or with its
+    parameters on the meta device (``with aofx.init_empty_weights(): model = MyModel(...)``) to skip
+    the float weights.
     ``device`` is where the tensors are loaded (default: CPU).
     """
     from safetensors import safe_open
@@ -71,5 +98,6 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None, stric
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise ValueError(f"after loading {path}, these tensors are still on the meta device (not in the file; "
-                         f"build them on a real device): {', '.join(leftover[:8])}")
+                         f"build the model under aofx.init_empty_weights(), which keeps buffers real): "
+                         f"{', '.join(leftover[:8])}")
     return model

@@ -110,3 +110,33 @@ def test_a_float_checkpoint_still_loads_as_a_float_model(tmp_path):
 
     _tiny_llama().save_pretrained(tmp_path)
     assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path).lm_head) is nn.Linear
+
+
+@pytest.mark.parametrize("config", CONFIGS[1:6:2])
+def test_load_into_a_model_built_with_empty_weights_keeps_computed_buffers(config, tmp_path):
+    model = _tiny_llama()
+    aofx.quantize_(model, config)
+    aofx.save_quantized(model, tmp_path / "m.safetensors")
+    with aofx.init_empty_weights():
+        fresh = type(model)(model.config).eval()
+    assert fresh.lm_head.weight.is_meta and not fresh.model.rotary_emb.inv_freq.is_meta
+    aofx.load_quantized(fresh, tmp_path / "m.safetensors")
+    ids = torch.randint(0, 128, (2, 7))
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert nn.Linear(2, 2).weight.device.type == "cpu"  # the context is over
+
+
+def test_save_refuses_layers_found_through_example_inputs(tmp_path):
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(32, 64) / 8)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.w)
+
+    model = nn.Sequential(Custom(), nn.Linear(32, 32))
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig(), example_inputs=(torch.randn(4, 64),))
+    with pytest.raises(ValueError, match=r"cannot save 0: quantize_ found these through example_inputs"):
+        aofx.save_quantized(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
