@@ -122,7 +122,7 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
     units = _capture(units, skipped)
     if skipped:
         lines = "\n".join(f"  {fqn}: {why}" for fqn, why in skipped)
-        warnings.warn(f"aofx.quantize_ skipped {len(skipped)} weight(s) or layer(s), which stay float:\n{lines}",
+        warnings.warn(f"aofx.quantize_ skipped {len(skipped)} weight(s) or layer(s), left as they were:\n{lines}",
                       UserWarning, stacklevel=2)
     # 4. quantize, one weight at a time on `device`; tied parameters once
     packed_by_param, packed = {}, {}
@@ -350,6 +350,8 @@ def _capture(units: list, skipped: list) -> list:
         for args, kwargs in _examples(unit):
             try:
                 capture = export_unit(unit.module, args, kwargs)
+                if unit.key is not None:
+                    capture.attributes = {}  # a shared linear graph: nn.Linear.forward reads no attribute
                 break
             except Exception as e:  # noqa: BLE001  (export's errors are many; the first line says which)
                 errors.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")

@@ -12,8 +12,11 @@ Guards. An exported graph is only valid for inputs like the example it was trace
 pytree structure, dtypes and ranks, the same size on every dimension export specialized (a size-1
 example dimension, or one tied to a weight), and the same non-tensor values (a float scale or a
 bool flag is baked in), and the same train/eval flags of the unit and its submodules (dropout is
-baked in too). ``CapturedGraph.accepts`` checks all of these, as ``torch.export``'s own input guards
-do; the caller captures again, or falls back, when no graph accepts.
+baked in too), and the same plain attribute values (bool, int, float, str, None) of the unit and its
+submodules, which the forward may read (a LoRA-style ``scaling``, an on/off flag). ``CapturedGraph.accepts``
+checks all of these, as ``torch.export``'s own input guards do; the caller captures again, or falls
+back, when no graph accepts. A forward that sets attributes of its modules (a call counter, a cached
+input) cannot be repeated by a graph: ``export_unit`` undoes what the trace set and raises.
 """
 
 from __future__ import annotations
@@ -101,8 +104,55 @@ def export_unit(module: torch.nn.Module, args: tuple, kwargs: dict | None = None
     # Size-1 dimensions stay static (export would specialize them anyway, with a warning).
     dynamic = tuple({i: Dim.AUTO for i in range(a.dim()) if a.shape[i] != 1} if isinstance(a, torch.Tensor) else None
                     for a in leaves)
-    ep = torch.export.export(_Flat(module, spec), tuple(leaves), dynamic_shapes=(dynamic,), strict=False)
-    return CapturedGraph(ep, spec, leaves, modes(module))
+    with _AttributeWrites(module) as writes:
+        ep = torch.export.export(_Flat(module, spec), tuple(leaves), dynamic_shapes=(dynamic,), strict=False)
+    if writes.names:
+        raise RuntimeError(f"its forward sets {', '.join(writes.names)}, which a captured graph cannot repeat")
+    capture = CapturedGraph(ep, spec, leaves, modes(module))
+    capture.attributes = plain_attributes(module)
+    return capture
+
+
+def _public(module: torch.nn.Module) -> dict:
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+
+
+def plain_attributes(module: torch.nn.Module) -> dict:
+    """``{(submodule fqn, name): value}`` of the plain Python values a forward may read and a graph bakes in."""
+    return {(fqn, name): v for fqn, m in module.named_modules() for name, v in _public(m).items()
+            if v is None or isinstance(v, (bool, int, float, str))}
+
+
+class _AttributeWrites:
+    """While tracing: the public attributes the forward sets on the unit's modules (a call counter, a
+    cached input), recorded and then undone, so the trace leaves the model as it was."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.fqns = {id(m): fqn for fqn, m in module.named_modules()}
+        self.saved = {id(m): dict(vars(m)) for m in module.modules()}
+        self.modules = list(module.modules())
+        self.names: list[str] = []
+
+    def __enter__(self):
+        self.setattr = torch.nn.Module.__setattr__
+        fqns, names, setattr_ = self.fqns, self.names, self.setattr
+
+        def record(m, name, value):
+            if id(m) in fqns and not name.startswith("_") and name != "training":
+                names.append(f"{fqns[id(m)]}.{name}".lstrip("."))
+            setattr_(m, name, value)
+
+        torch.nn.Module.__setattr__ = record
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.Module.__setattr__ = self.setattr
+        if self.names:
+            for m in self.modules:  # what the trace wrote (proxies, counters) must not stay on the model
+                vars(m).clear()
+                vars(m).update(self.saved[id(m)])
+        self.names = list(dict.fromkeys(self.names))
+        return False
 
 
 def modes(module: torch.nn.Module) -> tuple:
@@ -173,6 +223,7 @@ class CapturedGraph:
                 raise NotImplementedError(f"aofx cannot run an exported graph with a {spec_.kind} output")
         self.out_spec = ep.call_spec.out_spec
         self.order: list[tuple] = []
+        self.attributes: dict = {}  # plain_attributes of the unit when traced; none for a shared linear graph
 
     def placeholder_for(self, name: str) -> torch.fx.Node:
         return next(n for n in placeholders(self.gm.graph) if n.name == name)
@@ -197,14 +248,21 @@ class CapturedGraph:
         self.gm.graph.lint()
         self.gm.recompile()
 
-    def accepts(self, leaves: list, spec, training: tuple | None = None, any_rows: bool = False) -> bool:
+    def accepts(self, leaves: list, spec, training: tuple | None = None, any_rows: bool = False,
+                owner: torch.nn.Module | None = None) -> bool:
         """Whether inputs with these pytree ``leaves`` and ``spec`` (and, when given, the unit's
-        train/eval flags) satisfy the capture's guards. ``any_rows``: the graph is a standard
-        linear's, valid for every number of rows, so only its static sizes are checked."""
+        train/eval flags and its ``owner``'s plain attributes) satisfy the capture's guards.
+        ``any_rows``: the graph is a standard linear's, valid for every number of rows, so only its
+        static sizes are checked."""
         if spec != self.spec or len(leaves) != len(self.guards):
             return False
         if training is not None and training != self.training:
             return False
+        if owner is not None:
+            for (fqn, name), value in self.attributes.items():
+                now = getattr(owner.get_submodule(fqn) if fqn else owner, name, None)
+                if type(now) is not type(value) or now != value:
+                    return False
         symbols = {}
         for guard, value in zip(self.guards, leaves):
             if isinstance(value, torch.Tensor):

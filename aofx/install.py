@@ -190,6 +190,8 @@ def capture_quantized(module: nn.Module, args: tuple, kwargs: dict) -> CapturedG
     leftover = rewrite_capture(capture, {name: (w, "") for name, w in weights.items()})
     if leftover:  # quantize_ checked this on the same forward; a data-dependent path may differ
         raise RuntimeError(f"{type(module).__name__} uses {leftover} outside F.linear for these inputs")
+    if standard_linear(module):
+        capture.attributes = {}  # shared by layers of one key; nn.Linear.forward reads no attribute
     return capture
 
 
@@ -214,7 +216,7 @@ class QuantizedModule:
             leaves, spec = pytree.tree_flatten((args, kwargs))
             training = modes(self)
         for capture in state.captures:
-            if capture.accepts(leaves, spec, training, any_rows=state.shared_key is not None):
+            if capture.accepts(leaves, spec, training, any_rows=state.shared_key is not None, owner=self):
                 out = capture.run(self, leaves)
                 return out.reshape(*x.shape[:-1], out.shape[-1]) if state.shared_key is not None else out
         if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or state.uncapturable

@@ -1,0 +1,90 @@
+"""A quantized module keeps following its Python attributes: graphs are guarded on the plain values
+(bool, int, float, str) its forward may read, and a forward that writes attributes stays float. CPU."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import aofx
+from aofx.numerics import sqnr
+from tests.common import CASES as SCHEMES
+
+
+class ScaledLinear(nn.Linear):
+    """LoRA-style: a scale the user changes after quantizing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alpha = 1.0
+
+    def forward(self, x):
+        return super().forward(x) * self.alpha
+
+
+class Gated(nn.Module):
+    """A unit found through example_inputs, with an on/off flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 32) / 6)
+        self.enabled = True
+
+    def forward(self, x):
+        y = F.linear(x, self.w)
+        return y if self.enabled else torch.zeros_like(y)
+
+
+CASES = [pytest.param(cfg, floor, id=name) for name, cfg, floor in SCHEMES if name in ("int8wo", "int4wo-32", "fp8dq-row")]
+
+
+@pytest.mark.parametrize("cfg,floor", CASES)
+def test_attribute_changes_after_quantize_take_effect(cfg, floor, fresh_dynamo):
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    float_model = nn.Sequential(ScaledLinear(64, 32), Gated())
+    model = copy.deepcopy(float_model)
+    aofx.quantize_(model, cfg, example_inputs=(x,))
+    assert all(type(m).__name__.startswith("Quantized") for m in model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for alpha, enabled in [(1.0, True), (3.0, True), (3.0, False), (1.0, True)]:
+        for m in (float_model, model):
+            m[0].alpha, m[1].enabled = alpha, enabled
+        want, got = float_model[0](x), model[0](x)
+        assert sqnr(want, got) > floor - 6
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+        assert bool(model(x).any()) == enabled
+
+
+class Counting(nn.Linear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.last = x
+        return super().forward(x)
+
+
+def test_a_forward_that_writes_attributes_stays_float_and_is_named():
+    model = nn.Sequential(Counting(64, 32), nn.Linear(32, 32))
+    with pytest.warns(UserWarning, match=r"0: torch.export could not capture it: .*sets calls, last"):
+        aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    assert type(model[0]) is Counting and type(model[1]).__name__ == "QuantizedLinear"
+    assert model[0].calls == 0 and not hasattr(model[0], "last")  # the trace left no trace
+    model(torch.randn(2, 64))
+    assert model[0].calls == 1 and model[0].last.shape == (2, 64)
+
+
+def test_shared_linear_graphs_ignore_attributes_their_forward_never_reads():
+    layers = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    layers[0].note, layers[1].note = "a", "b"  # nn.Linear.forward reads neither
+    aofx.quantize_(layers, aofx.Int8WeightOnlyConfig())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layers(torch.randn(2, 64))
+    assert layers[0]._aofx.captures[0] is layers[1]._aofx.captures[0]
