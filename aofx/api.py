@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import sys
 import time
 import warnings
 from typing import Callable, Optional
@@ -140,8 +141,22 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
             unit.module.to(device)  # the rest of the layer (bias)
     if device is not None and not isinstance(config, FqnToConfig):
         model.to(device)  # as torchao: the whole model ends on `device`, not only its quantized layers
+    _record_for_transformers(model)
     if units:
         log.info("aofx: quantized %d module(s) in %.1f s", len(units), time.perf_counter() - start)
+
+
+def _record_for_transformers(model: nn.Module) -> None:
+    """A quantized transformers model records its configs in its config (``aofx.hf.record``), so that
+    its own ``save_pretrained`` writes a loadable checkpoint, unless a layer has no checkpoint form."""
+    tf = sys.modules.get("transformers")
+    if tf is None or not isinstance(model, tf.PreTrainedModel) or not quantized_configs(model):
+        return
+    if any(isinstance(m, QuantizedModule) and linear_like(m) is None for m in model.modules()):
+        return  # found through example_inputs: aofx.hf.save_pretrained says why it cannot save them
+    from aofx import hf
+
+    hf.record(model)
 
 
 def _as_config(config) -> AOBaseConfig:

@@ -82,10 +82,19 @@ def _register() -> None:
         register_quantizer(METHOD)(AofxHfQuantizer)
 
 
-def save_pretrained(model: "transformers.PreTrainedModel", save_directory, **kwargs) -> None:
-    """``model.save_pretrained`` with the aofx configs recorded in ``config.json``."""
+def record(model: "transformers.PreTrainedModel") -> None:
+    """Record the aofx configs as ``model.config.quantization_config`` (``quantize_`` calls this on a
+    transformers model), so that ``model.save_pretrained`` writes a checkpoint that ``from_pretrained``
+    loads quantized, or refuses with an unknown-method error where aofx.hf is not imported; without it
+    transformers would load random float weights in place of the packed ones."""
     model.config.quantization_config = AofxConfig(quantized_metadata(model))
     untie_quantized(model)
+
+
+def save_pretrained(model: "transformers.PreTrainedModel", save_directory, **kwargs) -> None:
+    """``model.save_pretrained`` with the aofx configs recorded in ``config.json`` (raises for layers
+    found through ``example_inputs``, which a checkpoint cannot rebuild)."""
+    record(model)
     model.save_pretrained(save_directory, **kwargs)
 
 

@@ -12,7 +12,9 @@ weight is packed:
   weight in the layer's dtype, a new tensor each time (one dequantization of the whole weight, so
   code that reads ``.weight.dtype`` in every forward pays for it in eager mode; ``torch.compile``
   drops the unused computation). Writing a tensor to it quantizes the new value with the layer's
-  config. In-place writes to the returned tensor do not reach the layer.
+  config; writing back an unchanged tensor it returned restores the codes it was read from
+  (``torch.func.functional_call`` does that), since quantizing it again would drift. In-place
+  writes to the returned tensor do not reach the layer.
 * ``_apply``: ``.to(device)``, ``.cuda()`` and friends move the packed tensors; a dtype change
   (``.to(dtype)``, ``.half()``, ``.float()``) never casts packed codes or scales. It changes the
   dtype the layer computes in, as it does for a float layer.
@@ -33,6 +35,7 @@ import copy
 import dataclasses
 import sys
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -114,9 +117,28 @@ class LayerState:
         self.captures = captures  # CapturedGraph list, tried in order
         self.shared_key = shared_key
         self.uncapturable = False  # an eager capture failed: misses run the original forward
+        self.reads: dict = {}  # id of a tensor `weight` returned, still alive -> (name, its version, packed)
+
+    def remember_read(self, name: str, value: torch.Tensor, packed: tuple) -> None:
+        key = id(value)
+        weakref.finalize(value, self.reads.pop, key, None)  # dropped with the tensor, packed tensors too
+        self.reads[key] = (name, value._version, packed)
+
+    def packed_behind(self, name: str, value) -> Optional[tuple]:
+        """The packed tensors ``value`` was read from, if it is such a read (still alive, so its id is
+        its own), unmodified and of the layer's current shape and dtype; else None."""
+        read_name, version, packed = self.reads.get(id(value), (None, None, None))
+        w = self.weights[name]
+        if read_name != name or value._version != version:
+            return None
+        return packed if (tuple(value.shape), value.dtype) == (w.shape, w.dtype) else None
 
     def __getstate__(self):
         return {"weights": self.weights, "captures": [], "shared_key": self.shared_key, "uncapturable": False}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.reads = {}
 
     def __deepcopy__(self, memo):
         # A copy shares the graphs (they hold no tensor of their owner; they read its state when run),
@@ -124,6 +146,7 @@ class LayerState:
         new = copy.copy(self)
         new.weights = copy.deepcopy(self.weights, memo)
         new.captures = list(self.captures)
+        new.reads = {}
         return new
 
     @property
@@ -315,10 +338,20 @@ def _weight_property(name: str) -> property:
         w = self._aofx.weights[name]
         packed = dict(zip(w.rewrite.packed_names, (self._buffers[n] for n in w.buffer_names())))
         value = w.rewrite.dequantize(packed, w.config).to(w.dtype)  # (N, K)
-        return value.t() if w.transposed else value
+        value = value.t() if w.transposed else value
+        if not torch.compiler.is_compiling():
+            self._aofx.remember_read(name, value, tuple(packed.values()))
+        return value
 
     def write(self, value):
-        requantize(self, name, value)
+        # Writing back an unchanged tensor this property returned (`layer.weight = layer.weight`,
+        # torch.func.functional_call restoring the original) restores the codes it came from:
+        # quantizing a dequantized weight again would drift.
+        packed = self._aofx.packed_behind(name, value)
+        if packed is None:
+            requantize(self, name, value)
+        else:
+            self._buffers.update(zip(self._aofx.weights[name].buffer_names(), packed))
 
     return property(read, write, doc=f"The dequantized ``{name}`` (a new tensor on each read).")
 

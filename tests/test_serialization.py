@@ -83,18 +83,27 @@ MODELS = [pytest.param(_tiny_llama, id="llama"), pytest.param(lambda: _tiny_llam
           pytest.param(_tiny_gpt2, id="gpt2")]
 
 
+def _hf_save(model, path):
+    import aofx.hf
+
+    aofx.hf.save_pretrained(model, path)
+
+
+SAVES = [pytest.param(_hf_save, id="aofx.hf"), pytest.param(lambda model, path: model.save_pretrained(path), id="own")]
+
+
+@pytest.mark.parametrize("save", SAVES)
 @pytest.mark.parametrize("build", MODELS)
 @pytest.mark.parametrize("config", CONFIGS[1:6:2])
-def test_from_pretrained_returns_the_quantized_model(config, build, tmp_path):
+def test_from_pretrained_returns_the_quantized_model(config, build, save, tmp_path):
     transformers = pytest.importorskip("transformers")
-    import aofx.hf
 
     model = build()
     embedding = model.get_input_embeddings().weight.detach().clone()
     aofx.quantize_(model, config)
     ids = torch.randint(0, 128, (2, 7))
     ref = model(ids).logits
-    aofx.hf.save_pretrained(model, tmp_path)
+    save(model, tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(loaded.lm_head).__name__ == "QuantizedLinear"
     assert loaded.state_dict().keys() == model.state_dict().keys()
