@@ -2,11 +2,11 @@
 
 ``run_examples`` runs a model once on ``example_inputs`` and records which parameters ``F.linear``
 receives and each module's first inputs. A capture unit is one module: a selected ``nn.Linear``
-(or ``Conv1D``), or a module that owns a weight used through ``F.linear``. ``export_unit`` exports its ``forward`` (hooks excluded: the
-module's own ``__call__`` runs them) in training IR, every tensor dimension ``Dim.AUTO``. The lifted
-graph takes every parameter, buffer and constant as a placeholder; after the passes,
-``CapturedGraph`` runs it at each call with the unit's current tensors, read by fqn, so ``.to()``,
-``load_state_dict`` and friends keep working.
+(or ``Conv1D``), or a module that owns a weight used through ``F.linear``. ``export_unit`` exports
+its ``forward`` (hooks excluded: the module's own ``__call__`` runs them) in training IR, every
+tensor dimension ``Dim.AUTO``. The lifted graph takes every parameter, buffer and constant as a
+placeholder; after the passes, ``CapturedGraph`` runs it at each call with the unit's current
+tensors, read by fqn, so ``.to()``, ``load_state_dict`` and friends keep working.
 
 Guards. An exported graph is only valid for inputs like the example it was traced with: the same
 pytree structure, dtypes and ranks, the same size on every dimension export specialized (a size-1

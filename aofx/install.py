@@ -27,6 +27,9 @@ weight is packed:
 
 The packed tensors are buffers named ``<prefix><key>`` (``qdata``, ``scale``, ``zero``), where the
 prefix is empty for the ``weight`` of a Linear-like module and ``"<name>_"`` otherwise.
+
+A little over 400 lines: the class, its weight property, moves and pickling keep one invariant (the
+packed buffers stand in for the weight), so they stay together.
 """
 
 from __future__ import annotations

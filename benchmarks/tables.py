@@ -6,7 +6,8 @@
 Layer table (``bench_layers.py`` rows): one row per (config, N x K) on the scored shapes, one column per
 M. Each cell is aofx's speedup over bf16 cuBLAS measured in the same run, aofx's time per layer in
 brackets, then the peers' speedups (``ao`` torchao, ``gl`` gemlite) where the run measured them, or
-"fails" (the notes give the error); "n/m" where the rows hold no measurement. A ``bf16`` row per shape gives the baseline's time per layer.
+"fails" (the notes give the error); "n/m" where the rows hold no measurement. A ``bf16`` row per shape
+gives the baseline's time per layer.
 
 Deploy table (``bench_deploy.py`` rows): one row per config, one column per M; each cell is
 ``torch.compile``'s time over the AOTInductor package's (1.00: as fast; under 1: the package is slower),

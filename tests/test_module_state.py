@@ -38,7 +38,8 @@ class Gated(nn.Module):
         return y if self.enabled else torch.zeros_like(y)
 
 
-CASES = [pytest.param(cfg, floor, id=name) for name, cfg, floor in SCHEMES if name in ("int8wo", "int4wo-32", "fp8dq-row")]
+CASES = [pytest.param(cfg, floor, id=name) for name, cfg, floor in SCHEMES
+         if name in ("int8wo", "int4wo-32", "fp8dq-row")]
 
 
 @pytest.mark.parametrize("cfg,floor", CASES)
