@@ -100,3 +100,19 @@ def test_output_takes_in_place_writes_under_autograd(config, device):
         torch.testing.assert_close(y.detach(), expected, rtol=0, atol=0)
         y.sum().backward()
         assert bias.grad is not None and bias.grad.shape == bias.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_autocast_casts_x_and_bias_like_f_linear(config, device):
+    # An fp32 layer under bf16/fp16 autocast returns the autocast dtype, as nn.Linear does; the packed
+    # tensors are not cast (the scales keep their precision).
+    x = torch.randn(5, 128, generator=seeded(1)).to(device)
+    op, args = _op_args(config, x)  # fp32 x, weight and bias
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast(device, dtype=dtype):
+            y = op(*args)
+        want = op(args[0].to(dtype), *args[1:-1], args[-1].to(dtype))
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+    assert op(*args).dtype == torch.float32  # outside autocast nothing changes

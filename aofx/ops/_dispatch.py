@@ -44,3 +44,27 @@ def register(op, dequantize) -> None:
         return (grad_x, *[None] * len(ctx.weight_inputs), grad_bias)
 
     op.register_autograd(backward, setup_context=setup_context)
+    for device_type in ("cpu", "cuda"):
+        _register_autocast(op, device_type)
+
+
+_LIB = torch.library.Library("aofx", "FRAGMENT")
+
+
+def _register_autocast(op, device_type: str) -> None:
+    """Under ``torch.autocast`` the op casts x and bias, not the packed tensors, to the autocast dtype, as
+    ``F.linear`` casts its inputs: a quantized layer then returns the dtype its float layer would (an
+    fp32 model under bf16 autocast gets bf16, and on CUDA the Triton kernels). The registration mirrors
+    ``CustomOpDef.register_autocast``, whose fixed dtype would also cast the scales."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+
+    def cast(t):
+        ok = t is not None and t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device_type
+        return t.to(torch.get_autocast_dtype(device_type)) if ok else t
+
+    def kernel(_, x, *rest):
+        *weights, bias = rest
+        with torch.autocast(device_type, enabled=False):
+            return op._opoverload(cast(x), *weights, cast(bias))
+
+    _LIB.impl(op._name, kernel, key, with_keyset=True)
