@@ -178,15 +178,20 @@ def _as_config(config) -> AOBaseConfig:
 # ---------------------------------------------------------------- planning
 
 def _lookup(config: FqnToConfig, fqns: list) -> tuple:
-    """``(config, matching key)`` for the most specific of ``fqns`` (parameter fqn first)."""
+    """``(config, matching key)`` for ``fqns``: ``[parameter fqn, module fqn]``, or one module fqn.
+
+    torchao's order: exact keys, then regexes on the parameter fqn, then on the module fqn, then
+    ``"_default"``. torchao applies every regex that matches a parameter, so there a ``None`` only
+    skips itself and a later match still applies; on the module fqn the first match decides."""
     table = config.fqn_to_config
     for fqn in fqns:
         if fqn in table:
             return table[fqn], fqn
-    for fqn in fqns:  # as torchao: regexes on the parameter fqn before regexes on the module fqn
-        for key, cfg in table.items():
-            if key.startswith("re:") and re.fullmatch(key[3:], fqn):
-                return cfg, key
+    for i, fqn in enumerate(fqns):
+        hits = [(cfg, key) for key, cfg in table.items() if key.startswith("re:") and re.fullmatch(key[3:], fqn)]
+        if hits:
+            is_param = i == 0 and len(fqns) > 1
+            return next((h for h in hits if h[0] is not None), hits[0]) if is_param else hits[0]
     return table.get("_default"), ("_default" if "_default" in table else None)
 
 
@@ -221,8 +226,8 @@ def _plan(model, config, filter_fn, seen):
     if seen is not None:
         seen.linear -= {id(m._parameters.get("weight")) for m in model.modules() if linear_like(m) is not None}
     for fqn, module in model.named_modules():
-        if any(fqn.startswith(prefix + ".") for prefix in inside_handled):
-            continue  # a handler replaces a whole subtree, as torchao's does
+        if any(fqn.startswith(prefix + ".") or (not prefix and fqn) for prefix in inside_handled):
+            continue  # a handler replaces a whole subtree, as torchao's does (the root's too)
         own = dict(module.named_parameters(recurse=False))
         kind = linear_like(module)
         if fqn_map:  # named by a key of its own (module or parameter fqn), not just by "_default"
@@ -266,15 +271,21 @@ def _plan(model, config, filter_fn, seen):
                 skipped.append((fqn, f"{type(module).__name__} is not a linear layer and was not seen using a "
                                      f"parameter through F.linear{hint}"))
             continue
+        if fqn_map:  # a parameter named by a key that aofx cannot quantize is said, not dropped
+            for p in own:
+                p_cfg, p_key = _lookup(config, [f"{fqn}.{p}".lstrip("."), fqn])
+                if p not in names and p_cfg is not None and p_key not in (None, "_default") and p_key != fqn:
+                    skipped.append((f"{fqn}.{p}".lstrip("."), "aofx quantizes weights used as an F.linear weight "
+                                                              "(a linear layer's weight, or one seen with example_inputs)"))
         weights = {}
         for name in names:
             w_cfg = _lookup(config, [f"{fqn}.{name}".lstrip("."), fqn])[0] if fqn_map else cfg
             if w_cfg is None:
                 continue
             if find_pass(w_cfg) is None:
-                skipped.append((f"{fqn}.{name}".lstrip("."), f"{type(w_cfg).__name__} has a module handler, not "
-                                                             "a pass; name the module, not the parameter"))
-                continue
+                raise NotImplementedError(f"aofx.quantize_: {type(w_cfg).__name__} has a module handler, which does not "
+                                          f"take a parameter ({fqn}.{name}); name the module instead. Nothing was "
+                                          "quantized")
             w, why = _check_weight(module, fqn, name, w_cfg, kind)
             if w is None:
                 skipped.append((f"{fqn}.{name}".lstrip("."), why))

@@ -28,6 +28,8 @@ class AOBaseConfig(abc.ABC):
     """Base of every quantization config. Subclass it (as a dataclass) for your own scheme and
     register a module handler for it with ``register_quantize_module_handler``."""
 
+    version = 1  # torchao's default config version, which a subclass may override with a field
+
 
 @dataclass(frozen=True)
 class PerTensor:
@@ -78,11 +80,18 @@ def _check_common(config) -> None:
         raise ValueError(f"{type(config).__name__}: version={config.version!r} is not one of torchao's (1, 2)")
 
 
-def _per_row_only(config, why: str) -> None:
-    """torchao's ``granularity`` field of a per-channel scheme: ``PerRow()`` or None, then dropped."""
+def _per_row_only(config, why: str, per_row: bool = True) -> None:
+    """torchao's ``granularity`` field of a per-channel scheme: ``PerRow()`` or None, read back as
+    torchao's default ``PerRow()`` (None for a grouped scheme)."""
     if config.granularity is not None and type(config.granularity).__name__ != "PerRow":
         raise ValueError(f"{type(config).__name__}: granularity={config.granularity!r} is not supported; {why}")
-    config.granularity = None
+    config.granularity = PerRow() if per_row else None
+
+
+def _version_2(config) -> None:
+    """torchao 0.18 removed version 1 of its int8 configs; asking for it raises there too."""
+    if config.version == 1:
+        raise ValueError(f"version 1 of {type(config).__name__} has been removed (as in torchao); use version=2")
 
 
 def _check_group_size(config, group_size, allow_none: bool) -> None:
@@ -141,8 +150,9 @@ class Int8WeightOnlyConfig(AOBaseConfig):
             a ``ValueError``.
 
     torchao's other fields: ``granularity`` (``PerRow()``, the default per-channel scheme, or
-    ``PerGroup(n)``, which sets ``group_size=n``; others are a ``ValueError``), ``set_inductor_config``
-    (any bool) and ``version`` (1 or 2) are accepted and left out of ``repr``, equality and metadata.
+    ``PerGroup(n)``, which sets ``group_size=n``; others are a ``ValueError``; it reads back as
+    ``PerRow()`` per channel), ``set_inductor_config`` (any bool) and ``version`` (2; 1 is a
+    ``ValueError``, as in torchao 0.18) are accepted and left out of ``repr``, equality and metadata.
     """
 
     group_size: Optional[int] = None
@@ -156,11 +166,12 @@ class Int8WeightOnlyConfig(AOBaseConfig):
             if self.group_size not in (None, g.group_size):
                 raise ValueError(f"Int8WeightOnlyConfig: group_size={self.group_size!r} contradicts granularity={g!r}")
             self.group_size, self.granularity = g.group_size, None
-        _per_row_only(self, "use PerRow() (per channel) or group_size")
         _check_group_size(self, self.group_size, allow_none=True)
+        _per_row_only(self, "use PerRow() (per channel) or group_size", per_row=self.group_size is None)
         if self.group_size is not None:
             self.group_size = int(self.group_size)
         _check_common(self)
+        _version_2(self)
 
 
 @dataclass
@@ -171,8 +182,8 @@ class Int8DynamicActivationInt8WeightConfig(AOBaseConfig):
     (``amax / 127.5``), both with fp32 scales. aofx has no fields of its own here; torchao's are accepted
     where they name this scheme and left out of ``repr``, equality and metadata:
     ``act_mapping_type`` (symmetric only), ``granularity`` (``PerRow()`` or None), ``weight_only_decode``
-    and ``reduce_range`` (False only), ``set_inductor_config`` (any bool), ``version`` (1 or 2). Any other
-    value is a ``ValueError``: it would be another scheme.
+    and ``reduce_range`` (False only), ``set_inductor_config`` (any bool), ``version`` (2; torchao 0.18
+    removed 1). Any other value is a ``ValueError``: it would be another scheme.
     """
 
     act_mapping_type: Any = _compat("symmetric")
@@ -184,6 +195,7 @@ class Int8DynamicActivationInt8WeightConfig(AOBaseConfig):
 
     def __post_init__(self):
         _check_common(self)
+        _version_2(self)
         _check_compat(self, "act_mapping_type", ("symmetric",), "activations are quantized symmetrically")
         _check_compat(self, "weight_only_decode", (False,), "decode runs the same dynamic scheme")
         _check_compat(self, "reduce_range", (False, None), "the full int8 range is used")
@@ -222,8 +234,8 @@ def _granularity_pair(granularity) -> tuple:
     pair = tuple(granularity) if isinstance(granularity, (tuple, list)) else (granularity,) * 2
     pair = tuple(_as_granularity(g) for g in pair)
     if len(pair) != 2 or not all(isinstance(g, (PerTensor, PerRow)) for g in pair):
-        raise TypeError("Float8DynamicActivationFloat8WeightConfig: granularity must be None, PerTensor(), PerRow() "
-                        f"or an (activation, weight) pair of them; got {granularity!r}")
+        raise ValueError("Float8DynamicActivationFloat8WeightConfig: granularity must be None, PerTensor(), PerRow() "
+                         f"or an (activation, weight) pair of them; got {granularity!r}")
     return pair
 
 
@@ -283,7 +295,7 @@ class FqnToConfig(AOBaseConfig):
 
     Construct it as ``FqnToConfig({...})``, ``FqnToConfig(fqn_to_config={...})`` or, with
     torchao's older keyword, ``ModuleFqnToConfig(module_fqn_to_config={...})`` (``ModuleFqnToConfig``
-    is this class); passing both keywords is a ``TypeError``.
+    is this class); passing two different tables is a ``ValueError``, as in torchao.
 
     Fields:
         fqn_to_config (dict, default empty): keys are strings, values a config object (not another
@@ -303,9 +315,9 @@ class FqnToConfig(AOBaseConfig):
     fqn_to_config: dict = field(default_factory=dict)
 
     def __init__(self, fqn_to_config: Optional[dict] = None, *, module_fqn_to_config: Optional[dict] = None):
-        if fqn_to_config is not None and module_fqn_to_config is not None:
-            raise TypeError("FqnToConfig: pass fqn_to_config or module_fqn_to_config (torchao's older name), "
-                            "not both")
+        if fqn_to_config is not None and module_fqn_to_config is not None and fqn_to_config != module_fqn_to_config:
+            raise ValueError("FqnToConfig: pass fqn_to_config or module_fqn_to_config (torchao's older name), "
+                             "not two different tables")
         table = fqn_to_config if fqn_to_config is not None else module_fqn_to_config
         self.fqn_to_config = {} if table is None else table
         self.__post_init__()

@@ -264,6 +264,9 @@ class QuantizedModule:
             _SHARED.setdefault(state.shared_key, capture)
         return self.forward(*args, **kwargs)
 
+    def _get_name(self) -> str:
+        return self._aofx_base.__name__  # repr reads as the user's class (as torchao's), plus the scheme
+
     def extra_repr(self) -> str:
         base = super().extra_repr()
         return f"{base}, scheme={self._aofx.scheme}" if base else f"scheme={self._aofx.scheme}"

@@ -49,9 +49,9 @@ def test_granularity_forms():
     cfg = aofx.Float8DynamicActivationFloat8WeightConfig(granularity=(aofx.PerRow(), aofx.PerTensor()))
     assert cfg.granularities == (aofx.PerRow(), aofx.PerTensor())
     assert aofx.Float8DynamicActivationFloat8WeightConfig().granularities == (aofx.PerTensor(),) * 2
-    with pytest.raises(TypeError, match="PerTensor\\(\\), PerRow\\(\\)"):
+    with pytest.raises(ValueError, match="PerTensor\\(\\), PerRow\\(\\)"):  # torchao's error type
         aofx.Float8DynamicActivationFloat8WeightConfig(granularity="row")
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError):
         aofx.Float8DynamicActivationFloat8WeightConfig(granularity=(aofx.PerRow(),))
 
 
@@ -313,3 +313,77 @@ def test_handler_config_gets_the_module_on_device():
 
     aofx.quantize_(nn.Sequential(nn.Linear(8, 8)), Where(), device="meta")
     assert seen == ["meta"]
+
+
+class Toy(nn.Module):  # torchao's ToyLinearModel
+    def __init__(self):
+        super().__init__()
+        self.linear1 = nn.Linear(64, 32, bias=False)
+        self.linear2 = nn.Linear(32, 64, bias=False)
+
+    def forward(self, x):
+        return self.linear2(self.linear1(x))
+
+
+def test_a_parameter_regex_mapped_to_none_does_not_hide_a_later_one():
+    # torchao's test_quantize_fqn_precedence_param_regex_over_module_regex
+    fp8 = aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerTensor())
+    model = Toy().bfloat16()
+    aofx.quantize_(model, aofx.FqnToConfig({"re:linear.*": None, "re:linear.*.weight": fp8}))
+    assert model.linear1.scale.numel() == 1 and model.linear2.scale.numel() == 1
+
+
+def test_a_handler_chosen_for_the_root_is_not_run_again_inside_it():
+    @dataclasses.dataclass
+    class Seen(aofx.AOBaseConfig):
+        pass
+
+    seen = []
+    aofx.register_quantize_module_handler(Seen)(lambda module, config: seen.append(type(module).__name__) or module)
+    aofx.quantize_(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), Seen(), filter_fn=lambda m, fqn: True)
+    assert seen == ["Sequential"]
+
+
+def test_a_key_for_a_parameter_aofx_cannot_quantize_is_named():
+    model = nn.Sequential(nn.Linear(128, 128))
+    model[0].register_parameter("custom_param", nn.Parameter(torch.randn(128, 128)))
+    with pytest.warns(UserWarning, match=r"0\.custom_param: aofx quantizes weights used as an F\.linear weight"):
+        aofx.quantize_(model, aofx.FqnToConfig({"0.custom_param": aofx.Int8WeightOnlyConfig()}))
+    assert isinstance(model[0].custom_param, nn.Parameter)
+
+
+def test_a_parameter_key_for_a_handler_config_raises_before_anything_changes():
+    @dataclasses.dataclass
+    class ModuleOnly(aofx.AOBaseConfig):
+        pass
+
+    aofx.register_quantize_module_handler(ModuleOnly)(lambda module, config: module)
+    model = nn.Sequential(nn.Linear(10, 5), nn.Linear(5, 5))
+    cfg = aofx.FqnToConfig({"1": aofx.Int8WeightOnlyConfig(), "0.weight": ModuleOnly()})
+    with pytest.raises(NotImplementedError, match=r"ModuleOnly has a module handler.*0\.weight"):
+        aofx.quantize_(model, cfg)
+    assert type(model[1]) is nn.Linear
+
+
+def test_torchao_config_defaults_and_removed_versions():
+    assert aofx.Int8WeightOnlyConfig().granularity == aofx.PerRow()
+    assert aofx.Int8DynamicActivationInt8WeightConfig().granularity == aofx.PerRow()
+    assert aofx.Float8WeightOnlyConfig().granularity == aofx.PerRow()
+    assert aofx.Int8WeightOnlyConfig(group_size=64).granularity is None
+    for make in (aofx.Int8WeightOnlyConfig, aofx.Int8DynamicActivationInt8WeightConfig):
+        with pytest.raises(ValueError, match="version 1"):
+            make(version=1)
+
+    @dataclasses.dataclass
+    class Mine(aofx.AOBaseConfig):
+        pass
+
+    assert Mine().version == 1  # torchao's default config version
+
+
+def test_repr_reads_as_the_users_class_with_the_scheme():
+    # torchao's test_fqn_to_config_repr_linear
+    model = Toy()
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    assert str(model.linear1).startswith("Linear(in_features=64, out_features=32, bias=False")
+    assert "scheme=Int8WeightOnlyConfig" in str(model) and type(model.linear1).__name__ == "QuantizedLinear"

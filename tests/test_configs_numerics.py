@@ -60,12 +60,14 @@ def test_module_fqn_to_config_keyword_is_validated():
 
 
 @pytest.mark.parametrize("make", [
-    lambda t: FqnToConfig(fqn_to_config=t, module_fqn_to_config=t),
-    lambda t: ModuleFqnToConfig(t, module_fqn_to_config=t),
+    lambda t, u: FqnToConfig(fqn_to_config=t, module_fqn_to_config=u),
+    lambda t, u: ModuleFqnToConfig(t, module_fqn_to_config=u),
 ], ids=["both-keywords", "positional-and-old-keyword"])
-def test_both_fqn_keywords_is_a_type_error(make):
-    with pytest.raises(TypeError, match="fqn_to_config.*module_fqn_to_config"):
-        make({"up": Int8WeightOnlyConfig()})
+def test_both_fqn_keywords_must_agree_as_in_torchao(make):
+    table = {"up": Int8WeightOnlyConfig()}
+    assert make(table, dict(table)) == FqnToConfig(table)
+    with pytest.raises(ValueError, match="fqn_to_config or module_fqn_to_config"):
+        make(table, {"down": Int8WeightOnlyConfig()})
 
 
 def test_module_fqn_to_config_keyword_through_quantize_():
@@ -110,7 +112,7 @@ def test_granularity_equalities_torchao_users_write():
 
 @pytest.mark.parametrize("bad", ["row", PerRow, (PerRow(),), (PerRow(), PerRow(), PerRow()), (PerRow(), None)])
 def test_bad_granularity_still_rejected(bad):
-    with pytest.raises(TypeError, match="granularity"):
+    with pytest.raises(ValueError, match="granularity"):
         FP8DQ(granularity=bad)
 
 
