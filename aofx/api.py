@@ -64,7 +64,7 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
             ``register_quantize_module_handler``, or (deprecated, with a ``DeprecationWarning``) a
             callable ``fn(module) -> module``.
         filter_fn: ``filter_fn(module, fqn) -> bool`` selects modules. Default: every ``nn.Linear``
-            and ``transformers``' ``Conv1D``, plus (with ``example_inputs``) every module seen using
+            (not ``MultiheadAttention.out_proj``, as torchao) and ``transformers``' ``Conv1D``, plus (with ``example_inputs``) every module seen using
             its own parameter as an ``F.linear`` weight, plus modules named by an ``FqnToConfig`` key.
         device: move each selected module there as it is quantized, so peak memory stays near the
             quantized size; then (unless ``config`` is an ``FqnToConfig``) the rest of the model, as
@@ -241,8 +241,9 @@ def _plan(model, config, filter_fn, seen):
         experts = _expert_params(module, seen)
         if filter_fn is not None:
             selected = filter_fn(module, fqn)
-        else:
-            selected = kind is not None or uses_linear or explicit or bool(experts and cfg is not None)
+        else:  # as torchao's default: not MultiheadAttention's out_proj, whose weight MHA reads itself
+            linear = kind is not None and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+            selected = linear or uses_linear or explicit or bool(experts and cfg is not None)
         if not selected:
             continue
         if cfg is not None and (isinstance(cfg, _LegacyCallable) or find_pass(cfg) is None):

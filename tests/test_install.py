@@ -314,7 +314,10 @@ def test_attention_modules(cfg, floor, make):
     ref = copy.deepcopy(model)
     mha = model.mha if isinstance(model, Attention) else model.self_attn
     w = mha.out_proj.weight.detach().clone()
-    assert quantize(model, cfg) == []
+    default = copy.deepcopy(model)
+    aofx.quantize_(default, cfg)  # as torchao's default filter: MHA's out_proj is not selected
+    assert scheme_of((default.mha if isinstance(model, Attention) else default.self_attn).out_proj) == ""
+    assert quantize(model, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear)) == []
     assert scheme_of(mha.out_proj) == type(cfg).__name__ and isinstance(mha.out_proj, nn.Linear)
     assert isinstance(mha.in_proj_weight, nn.Parameter)
     assert mha.out_proj.weight.shape == (128, 128) and sqnr(w, mha.out_proj.weight) > floor - MARGIN
@@ -334,7 +337,7 @@ def test_attention_modules(cfg, floor, make):
 def test_attention_modules_compile_fullgraph(cfg, make, fresh_dynamo):
     torch.manual_seed(0)
     model = normal_weights(make(), std=0.05)
-    assert quantize(model, cfg) == []
+    assert quantize(model, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear)) == []
     x = randn(2, 5, 128, dtype=torch.float32)
     y = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
