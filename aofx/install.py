@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import sys
 import warnings
 import weakref
@@ -373,9 +374,20 @@ def quantized_class(base: type, names: tuple) -> type:
     if key not in _CLASSES:
         namespace = {name: _weight_property(name) for name in names}
         namespace.update(_aofx_base=base, _aofx_names=names, __module__=__name__,
-                         __qualname__=f"Quantized{base.__qualname__}")
+                         __qualname__=f"Quantized{base.__qualname__}", forward=_forward_like(base))
         _CLASSES[key] = type(f"Quantized{base.__name__}", (QuantizedModule, base), namespace)
     return _CLASSES[key]
+
+
+def _forward_like(base: type):
+    """``QuantizedModule.forward`` showing ``base.forward``'s signature, which ``torch.export`` binds
+    ``dynamic_shapes`` (and ``inspect.signature``) to: ``({0: batch},)`` for a quantized root layer."""
+
+    def forward(self, *args, **kwargs):
+        return QuantizedModule.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.signature(base.forward)
+    return forward
 
 
 def _rebuild(base: type, names: tuple):

@@ -1,7 +1,10 @@
-"""A quantized module keeps following its Python attributes: graphs are guarded on the plain values
-(bool, int, float, str) its forward may read, and a forward that writes attributes stays float. CPU."""
+"""A quantized module still behaves like its float class: graphs are guarded on the plain values
+(bool, int, float, str) its forward may read, a forward that writes attributes stays float, calls the
+float layer rejects raise its error, copies keep their graphs, and ``forward`` keeps its signature
+(which ``torch.export`` binds ``dynamic_shapes`` to). CPU."""
 
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -11,7 +14,7 @@ from torch import nn
 
 import aofx
 from aofx.numerics import sqnr
-from tests.common import CASES as SCHEMES
+from tests.common import CASES as SCHEMES, CONFIGS
 
 
 class ScaledLinear(nn.Linear):
@@ -38,6 +41,7 @@ class Gated(nn.Module):
         return y if self.enabled else torch.zeros_like(y)
 
 
+DQ = [c for c in CONFIGS if c.id in ("int8dq", "fp8dq-row")]
 CASES = [pytest.param(cfg, floor, id=name) for name, cfg, floor in SCHEMES
          if name in ("int8wo", "int4wo-32", "fp8dq-row")]
 
@@ -108,3 +112,55 @@ def test_writing_back_a_read_weight_keeps_the_codes(cfg, floor):
     doubled = layer.weight.mul_(2)  # changed in place, then written: quantized again
     layer.weight = doubled
     assert sqnr(before["scale"].float() * 2, layer.scale.float()) > 30
+
+
+# ---------------------------------------------------------------- calls no graph accepts
+
+class FLinear(nn.Module):
+    """A unit found through example_inputs: its own weight through F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter((torch.randn(128, 256) * 0.05).bfloat16())
+
+    def forward(self, x):
+        return F.linear(x, self.w)
+
+
+@pytest.mark.parametrize("cfg", DQ)
+def test_a_call_the_float_layer_rejects_raises_and_changes_nothing(cfg):
+    x, x3 = torch.randn(4, 256).bfloat16(), torch.randn(2, 3, 256).bfloat16()
+    unit, linear = nn.Sequential(FLinear()), nn.Sequential(nn.Linear(256, 128, dtype=torch.bfloat16))
+    for model in (unit, linear):
+        aofx.quantize_(model, cfg, example_inputs=(x,))
+    want = unit(x3)  # a new rank: captured again, eagerly
+    for model in (unit, linear):
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            model(torch.randn(4, 255).bfloat16())
+        assert not model[0]._aofx.uncapturable
+    assert torch.equal(unit(x3), want)
+
+
+@pytest.mark.parametrize("cfg", DQ)
+def test_deepcopy_keeps_graphs_so_export_finds_the_aofx_op(cfg):
+    x = torch.randn(4, 256).bfloat16()
+    model = nn.Sequential(FLinear())
+    aofx.quantize_(model, cfg, example_inputs=(x,))
+    clone = copy.deepcopy(model)
+    ep = torch.export.export(clone, (x,))
+    assert any(str(n.target).startswith("aofx.") for n in ep.graph.nodes)
+    assert torch.equal(ep.module()(x), model(x))
+
+
+@pytest.mark.parametrize("cfg", DQ)
+def test_a_quantized_root_exports_with_the_float_layers_dynamic_shapes(cfg):
+    layer = nn.Linear(256, 128, dtype=torch.bfloat16)
+    aofx.quantize_(layer, cfg)
+    x, batch = torch.randn(4, 256).bfloat16(), torch.export.Dim("batch", min=1, max=64)
+    for dynamic_shapes in [({0: batch},), {"input": {0: batch}}]:  # as for the float nn.Linear
+        ep = torch.export.export(layer, (x,), dynamic_shapes=dynamic_shapes)
+        assert any(str(n.target).startswith("aofx.") for n in ep.graph.nodes)
+        for m in (1, 7, 64):
+            xm = torch.randn(m, 256).bfloat16()
+            torch.testing.assert_close(ep.module()(xm), layer(xm), rtol=0, atol=0)
+    assert str(inspect.signature(layer.forward)) == str(inspect.signature(nn.Linear(2, 2).forward))
