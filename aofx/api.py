@@ -153,8 +153,8 @@ def _record_for_transformers(model: nn.Module) -> None:
     tf = sys.modules.get("transformers")
     if tf is None or not isinstance(model, tf.PreTrainedModel) or not quantized_configs(model):
         return
-    if any(isinstance(m, QuantizedModule) and linear_like(m) is None for m in model.modules()):
-        return  # found through example_inputs: aofx.hf.save_pretrained says why it cannot save them
+    if found_by_examples(model):
+        return  # no checkpoint form: aofx.hf.save_pretrained says why it cannot save them
     from aofx import hf
 
     hf.record(model)
@@ -378,8 +378,6 @@ def _capture(units: list, skipped: list) -> list:
         for args, kwargs in _examples(unit):
             try:
                 capture = export_unit(unit.module, args, kwargs)
-                if unit.key is not None:
-                    capture.attributes = {}  # a shared linear graph: nn.Linear.forward reads no attribute
                 break
             except Exception as e:  # noqa: BLE001  (export's errors are many; the first line says which)
                 errors.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
@@ -413,6 +411,12 @@ def _examples(unit: _Unit) -> list:
         if linear_like(unit.module) is not None:
             out.append(((w.example_rows(unit.module._parameters[w.name].device),), {}))
     return out
+
+
+def found_by_examples(model: nn.Module) -> list:
+    """The fqns of quantized modules that are not linear layers: found through ``example_inputs``,
+    which a saved config cannot find again."""
+    return [fqn for fqn, m in model.named_modules() if isinstance(m, QuantizedModule) and linear_like(m) is None]
 
 
 def quantized_configs(model: nn.Module) -> dict:

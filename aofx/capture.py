@@ -223,7 +223,7 @@ class CapturedGraph:
                 raise NotImplementedError(f"aofx cannot run an exported graph with a {spec_.kind} output")
         self.out_spec = ep.call_spec.out_spec
         self.order: list[tuple] = []
-        self.attributes: dict = {}  # plain_attributes of the unit when traced; none for a shared linear graph
+        self.attributes: dict = {}  # plain_attributes of the unit when traced
 
     def placeholder_for(self, name: str) -> torch.fx.Node:
         return next(n for n in placeholders(self.gm.graph) if n.name == name)
@@ -258,7 +258,7 @@ class CapturedGraph:
             return False
         if training is not None and training != self.training:
             return False
-        if owner is not None:
+        if owner is not None and not any_rows:  # a standard linear's forward reads no attribute
             for (fqn, name), value in self.attributes.items():
                 now = getattr(owner.get_submodule(fqn) if fqn else owner, name, None)
                 if type(now) is not type(value) or now != value:

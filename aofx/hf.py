@@ -40,13 +40,13 @@ class AofxHfQuantizer(HfQuantizer):
     requires_calibration = True  # i.e. only pre-quantized checkpoints
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        quantize_(model, config_from_metadata(self.quantization_config.configs))  # meta packed buffers
+        # Meta packed buffers; quantize_ also records the configs and unties quantized heads (record).
+        quantize_(model, config_from_metadata(self.quantization_config.configs))
         for module in model.modules():
             if isinstance(module, QuantizedModule):
                 # Every tensor of a quantized layer comes from the checkpoint. Without this flag the
                 # weight initializers would read `weight`, dequantizing each layer once for nothing.
                 module._is_hf_initialized = True
-        untie_quantized(model)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False

@@ -217,8 +217,6 @@ def capture_quantized(module: nn.Module, args: tuple, kwargs: dict) -> CapturedG
     leftover = rewrite_capture(capture, {name: (w, "") for name, w in weights.items()})
     if leftover:  # quantize_ checked this on the same forward; a data-dependent path may differ
         raise RuntimeError(f"{type(module).__name__} uses {leftover} outside F.linear for these inputs")
-    if standard_linear(module):
-        capture.attributes = {}  # shared by layers of one key; nn.Linear.forward reads no attribute
     return capture
 
 

@@ -18,8 +18,7 @@ import os
 
 from torch import nn
 
-from aofx.api import quantize_, quantized_configs
-from aofx.install import QuantizedModule, linear_like
+from aofx.api import found_by_examples, quantize_, quantized_configs
 from aofx.configs import FqnToConfig, config_from_dict, config_to_dict
 
 CONFIGS_KEY, ALIASES_KEY = "aofx.configs", "aofx.aliases"
@@ -28,7 +27,7 @@ CONFIGS_KEY, ALIASES_KEY = "aofx.configs", "aofx.aliases"
 def quantized_metadata(model: nn.Module) -> dict:
     """``{parameter fqn: config dict}`` for every quantized weight of ``model``. Raises for layers that
     ``quantize_`` found through ``example_inputs``: a saved config cannot rebuild those."""
-    found = [fqn for fqn, m in model.named_modules() if isinstance(m, QuantizedModule) and linear_like(m) is None]
+    found = found_by_examples(model)
     if found:
         raise ValueError(f"cannot save {', '.join(found[:4])}: quantize_ found these through example_inputs, which "
                          "loading cannot repeat; save the whole model with torch.save instead")
