@@ -5,8 +5,6 @@ kernels through ``wrap_triton`` (so eager, ``torch.compile``, ``torch.export`` a
 see the same code), every other case runs the ``aofx.numerics`` reference.
 """
 
-import torch
-
 from aofx.ops import (  # noqa: F401  (registers the ops)
     float8_dynamic_activation_float8_weight,
     float8_weight_only,
