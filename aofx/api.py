@@ -25,7 +25,7 @@ from aofx.capture import Seen, export_unit, run_examples
 from aofx.configs import AOBaseConfig, FqnToConfig, describe
 from aofx.install import (QuantizedModule, QuantizedWeight, _SHARED, install, linear_like, rewrite_capture,
                           shared_key)
-from aofx.registry import check_registered, find_handler, find_pass
+from aofx.registry import check_registered, find_handler, find_pass, uses_handler
 
 log = logging.getLogger("aofx")
 _REMOVED_KEYWORDS = ("apply_tensor_subclass", "tensor_subclass_inserter")
@@ -151,12 +151,12 @@ def _record_for_transformers(model: nn.Module) -> None:
     """A quantized transformers model records its configs in its config (``aofx.hf.record``), so that
     its own ``save_pretrained`` writes a loadable checkpoint, unless a layer has no checkpoint form."""
     tf = sys.modules.get("transformers")
-    if tf is None or not isinstance(model, tf.PreTrainedModel) or not quantized_configs(model):
+    if tf is None or not quantized_configs(model):
         return
-    if found_by_examples(model):
-        return  # no checkpoint form: aofx.hf.save_pretrained says why it cannot save them
-    from aofx import hf
+    from aofx import hf  # also makes every PreTrainedModel.save_pretrained record its configs when it saves
 
+    if not isinstance(model, tf.PreTrainedModel) or found_by_examples(model):
+        return  # no checkpoint form: aofx.hf.save_pretrained says why it cannot save them
     hf.record(model)
 
 
@@ -232,11 +232,11 @@ def _plan(model, config, filter_fn, seen):
         kind = linear_like(module)
         if fqn_map:  # named by a key of its own (module or parameter fqn), not just by "_default"
             cfg, key = _lookup(config, [fqn])
-            keys = [key] + [_lookup(config, [f"{fqn}.{p}".lstrip(".")])[1] for p in own]
-            explicit = any(k not in (None, "_default") for k in keys)
-            exact = any(k == f for k, f in zip(keys, [fqn] + [f"{fqn}.{p}".lstrip(".") for p in own]))
+            found = [(cfg, key)] + [_lookup(config, [f"{fqn}.{p}".lstrip(".")]) for p in own]
+            explicit = any(k not in (None, "_default") for _, k in found)
+            asked = any(k not in (None, "_default") and c is not None for c, k in found)  # and not left alone
         else:
-            cfg, explicit, exact = config, False, False
+            cfg, explicit = config, False
         uses_linear = seen is not None and any(id(p) in seen.linear for p in own.values())
         experts = _expert_params(module, seen)
         if filter_fn is not None:
@@ -246,11 +246,15 @@ def _plan(model, config, filter_fn, seen):
             selected = linear or uses_linear or explicit or bool(experts and cfg is not None)
         if not selected:
             continue
-        if cfg is not None and (isinstance(cfg, _LegacyCallable) or find_pass(cfg) is None):
+        if cfg is not None and (isinstance(cfg, _LegacyCallable) or uses_handler(cfg)):
             if kind is not None or explicit or filter_fn is not None:
                 handled.append((fqn, module, cfg))
-                inside_handled.append(fqn)
+                if not fqn_map:  # torchao's filter walk stops at a match; its FqnToConfig walk visits every module
+                    inside_handled.append(fqn)
             continue
+        if not fqn_map and kind is not None:
+            inside_handled.append(fqn)  # as torchao's _replace_with_custom_fn_if_matches_filter: no recursion past a
+            # selected linear layer (a selected container holds no weight: its children are still visited)
         if isinstance(module, QuantizedModule):
             skipped.append((fqn, f"already quantized ({module._aofx.scheme})"))
             continue
@@ -267,15 +271,15 @@ def _plan(model, config, filter_fn, seen):
             if filter_fn is not None and not own and not experts:
                 skipped.append((fqn, f"filter_fn selected this {type(module).__name__}, which holds no weight of its "
                                      "own; select its linear layers instead"))
-            elif not experts and (own or exact) and (cfg is not None or explicit):
+            elif not experts and (asked if fqn_map else own and cfg is not None):  # a regex naming a container too
                 hint = "" if seen is not None else " (pass example_inputs to find modules that call F.linear)"
                 skipped.append((fqn, f"{type(module).__name__} is not a linear layer and was not seen using a "
                                      f"parameter through F.linear{hint}"))
             continue
         if fqn_map:  # a parameter named by a key that aofx cannot quantize is said, not dropped
             for p in own:
-                p_cfg, p_key = _lookup(config, [f"{fqn}.{p}".lstrip("."), fqn])
-                if p not in names and p_cfg is not None and p_key not in (None, "_default") and p_key != fqn:
+                p_cfg, p_key = _lookup(config, [f"{fqn}.{p}".lstrip(".")])
+                if p not in names and p_cfg is not None and p_key not in (None, "_default"):
                     skipped.append((f"{fqn}.{p}".lstrip("."), "aofx quantizes weights used as an F.linear weight "
                                                               "(a linear layer's weight, or one seen with example_inputs)"))
         weights = {}
@@ -283,7 +287,7 @@ def _plan(model, config, filter_fn, seen):
             w_cfg = _lookup(config, [f"{fqn}.{name}".lstrip("."), fqn])[0] if fqn_map else cfg
             if w_cfg is None:
                 continue
-            if find_pass(w_cfg) is None:
+            if uses_handler(w_cfg):
                 raise NotImplementedError(f"aofx.quantize_: {type(w_cfg).__name__} has a module handler, which does not "
                                           f"take a parameter ({fqn}.{name}); name the module instead. Nothing was "
                                           "quantized")

@@ -5,7 +5,7 @@
 * module handlers (``register_quantize_module_handler``): eager ``handler(module, config) -> module``
   transforms, torchao's extension point for user-defined configs.
 
-A config with a graph pass never needs a module handler.
+A handler registered for a built-in config, or for a subclass of one, replaces its pass (``uses_handler``).
 """
 
 from __future__ import annotations
@@ -58,6 +58,18 @@ def find_pass(config: AOBaseConfig) -> Optional[object]:
 
 def find_handler(config: AOBaseConfig) -> Optional[Callable]:
     return _lookup(_HANDLERS, type(config))
+
+
+def uses_handler(config: AOBaseConfig) -> bool:
+    """Whether a module handler, rather than a graph pass, applies ``config``: the registration on the
+    class nearest along its MRO wins, a handler over a pass on the same class (torchao looks handlers up
+    by exact type, and a later registration replaces an earlier one)."""
+    for klass in type(config).__mro__:
+        if klass in _HANDLERS:
+            return True
+        if klass in _PASSES:
+            return False
+    return False
 
 
 def check_registered(config: AOBaseConfig) -> None:
