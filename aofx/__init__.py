@@ -19,14 +19,13 @@ from aofx.configs import (
     Int8DynamicActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
     ModuleFqnToConfig,
-    PerRow,
-    PerTensor,
     float8_dynamic_activation_float8_weight,
     float8_weight_only,
     int4_weight_only,
     int8_dynamic_activation_int8_weight,
     int8_weight_only,
 )
+from aofx.granularity import Granularity, MappingType, PerAxis, PerGroup, PerRow, PerTensor, PerToken
 from aofx.registry import register_quantize_module_handler
 from aofx.serialization import init_empty_weights, load_quantized, save_quantized
 
@@ -42,8 +41,13 @@ __all__ = [
     "Int8DynamicActivationInt8WeightConfig",
     "Float8WeightOnlyConfig",
     "Float8DynamicActivationFloat8WeightConfig",
+    "Granularity",
     "PerTensor",
     "PerRow",
+    "PerGroup",
+    "PerAxis",
+    "PerToken",
+    "MappingType",
     "FqnToConfig",
     "ModuleFqnToConfig",
     "register_quantize_module_handler",

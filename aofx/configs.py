@@ -16,11 +16,13 @@ import abc
 import dataclasses
 import numbers
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
 
+from aofx.granularity import Granularity, PerRow, PerTensor, as_granularity, is_last_dim_row
 from aofx.numerics import GROUP_SIZES
 
 
@@ -29,24 +31,6 @@ class AOBaseConfig(abc.ABC):
     register a module handler for it with ``register_quantize_module_handler``."""
 
     version = 1  # torchao's default config version, which a subclass may override with a field
-
-
-@dataclass(frozen=True)
-class PerTensor:
-    """One scale for the whole tensor."""
-
-
-@dataclass(frozen=True)
-class PerRow:
-    """One scale per row: per output channel for weights, per token for activations."""
-
-
-Granularity = Union[PerTensor, PerRow]
-
-
-def _as_granularity(g):
-    """aofx's PerTensor / PerRow for one of ours or torchao's (matched by class name), else ``g``."""
-    return {"PerTensor": PerTensor, "PerRow": PerRow}.get(type(g).__name__, lambda: g)()
 
 
 # ---------------------------------------------------------------- torchao's other fields
@@ -81,11 +65,14 @@ def _check_common(config) -> None:
 
 
 def _per_row_only(config, why: str, per_row: bool = True) -> None:
-    """torchao's ``granularity`` field of a per-channel scheme: ``PerRow()`` or None, read back as
-    torchao's default ``PerRow()`` (None for a grouped scheme)."""
-    if config.granularity is not None and type(config.granularity).__name__ != "PerRow":
-        raise ValueError(f"{type(config).__name__}: granularity={config.granularity!r} is not supported; {why}")
-    config.granularity = PerRow() if per_row else None
+    """torchao's ``granularity`` field of a per-channel scheme: ``PerRow()``, an (activation, weight)
+    list of them, or None, which reads back as torchao's default ``PerRow()`` (None for a grouped scheme)."""
+    g = config.granularity
+    many = isinstance(g, (list, tuple))
+    given = [as_granularity(x) for x in g] if many else [as_granularity(g)]
+    if g is not None and (not all(map(is_last_dim_row, given)) or len(given) != (2 if many else 1)):
+        raise ValueError(f"{type(config).__name__}: granularity={g!r} is not supported; {why}")
+    config.granularity = (type(g)(given) if many else given[0]) if g is not None else PerRow() if per_row else None
 
 
 def _version_2(config) -> None:
@@ -232,8 +219,8 @@ def _granularity_pair(granularity) -> tuple:
     if granularity is None:
         return (PerTensor(), PerTensor())
     pair = tuple(granularity) if isinstance(granularity, (tuple, list)) else (granularity,) * 2
-    pair = tuple(_as_granularity(g) for g in pair)
-    if len(pair) != 2 or not all(isinstance(g, (PerTensor, PerRow)) for g in pair):
+    pair = tuple(as_granularity(g) for g in pair)
+    if len(pair) != 2 or not all(isinstance(g, PerTensor) or is_last_dim_row(g) for g in pair):
         raise ValueError("Float8DynamicActivationFloat8WeightConfig: granularity must be None, PerTensor(), PerRow() "
                          f"or an (activation, weight) pair of them; got {granularity!r}")
     return pair
@@ -247,8 +234,8 @@ class Float8DynamicActivationFloat8WeightConfig(AOBaseConfig):
         activation_dtype (torch.dtype, default torch.float8_e4m3fn): only ``torch.float8_e4m3fn``.
         weight_dtype (torch.dtype, default torch.float8_e4m3fn): only ``torch.float8_e4m3fn``.
         granularity (default None): ``None`` (= ``PerTensor()``), ``PerTensor()``, ``PerRow()``,
-            or an ``(activation, weight)`` tuple or list of them. It is normalized to an
-            ``(activation, weight)`` tuple, so ``granularity=PerRow()`` equals
+            or an ``(activation, weight)`` tuple or list of them. It is normalized, as in torchao, to an
+            ``[activation, weight]`` list, so ``granularity=PerRow()`` equals
             ``granularity=(PerRow(), PerRow())`` and ``None`` equals ``PerTensor()``.
             ``PerTensor``: one scale for the activation / the weight; ``PerRow``: one per token /
             per output channel. torchao's own ``PerTensor``/``PerRow`` objects are accepted too.
@@ -277,7 +264,7 @@ class Float8DynamicActivationFloat8WeightConfig(AOBaseConfig):
             if getattr(self, name) != torch.float8_e4m3fn:
                 raise ValueError(f"Float8DynamicActivationFloat8WeightConfig: {name}={getattr(self, name)} "
                                  "is not supported; use torch.float8_e4m3fn")
-        self.granularity = _granularity_pair(self.granularity)
+        self.granularity = list(_granularity_pair(self.granularity))
         _check_common(self)
         _check_compat(self, "packing_format", ("plain",), "the weight is a plain e4m3 tensor")
         for name in ("activation_value_lb", "activation_value_ub"):
@@ -289,15 +276,11 @@ class Float8DynamicActivationFloat8WeightConfig(AOBaseConfig):
         return _granularity_pair(self.granularity)  # normalized already, unless reassigned since
 
 
-@dataclass(init=False)
+@dataclass
 class FqnToConfig(AOBaseConfig):
     """Per-module (or per-parameter) configs: ``{key: config or None}``.
 
-    Construct it as ``FqnToConfig({...})``, ``FqnToConfig(fqn_to_config={...})`` or, with
-    torchao's older keyword, ``ModuleFqnToConfig(module_fqn_to_config={...})`` (``ModuleFqnToConfig``
-    is this class); passing two different tables is a ``ValueError``, as in torchao.
-
-    Fields:
+    Fields, as torchao's dataclass:
         fqn_to_config (dict, default empty): keys are strings, values a config object (not another
             ``FqnToConfig``) or ``None``. A key is one of
 
@@ -305,7 +288,12 @@ class FqnToConfig(AOBaseConfig):
               (``"layers.0.attn.q_proj.weight"``);
             * ``"re:<regex>"``: a regular expression that must *fullmatch* the fqn; an invalid
               regex is a ``ValueError`` naming the key;
-            * ``"_default"``: every selected module no other key covers.
+            * ``"_default"``: every selected module no other key covers. torchao deprecates it and
+              warns; so does aofx.
+        module_fqn_to_config (dict, default empty): torchao's older name for the same table (and
+            ``ModuleFqnToConfig`` is this class). Given both, non-empty and different, is a ``ValueError``;
+            otherwise the two fields hold one table.
+        version (int, default 1): torchao's config version; it changes nothing in aofx.
 
     Precedence for an fqn: the exact key, then the first ``"re:"`` key in dict order whose regex
     fullmatches it, then ``"_default"``. A value of ``None`` means "leave this module alone" and
@@ -313,18 +301,22 @@ class FqnToConfig(AOBaseConfig):
     """
 
     fqn_to_config: dict = field(default_factory=dict)
-
-    def __init__(self, fqn_to_config: Optional[dict] = None, *, module_fqn_to_config: Optional[dict] = None):
-        if fqn_to_config is not None and module_fqn_to_config is not None and fqn_to_config != module_fqn_to_config:
-            raise ValueError("FqnToConfig: pass fqn_to_config or module_fqn_to_config (torchao's older name), "
-                             "not two different tables")
-        table = fqn_to_config if fqn_to_config is not None else module_fqn_to_config
-        self.fqn_to_config = {} if table is None else table
-        self.__post_init__()
+    module_fqn_to_config: dict = field(default_factory=dict, repr=False, compare=False)
+    version: int = field(default=1, repr=False, compare=False)
 
     def __post_init__(self):
-        if not isinstance(self.fqn_to_config, dict):
-            raise TypeError(f"FqnToConfig: fqn_to_config must be a dict; got {type(self.fqn_to_config).__name__}")
+        for name in ("fqn_to_config", "module_fqn_to_config"):
+            if getattr(self, name) is None:
+                setattr(self, name, {})
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"FqnToConfig: {name} must be a dict; got {type(getattr(self, name)).__name__}")
+        if self.fqn_to_config and self.module_fqn_to_config and self.fqn_to_config != self.module_fqn_to_config:
+            raise ValueError("FqnToConfig: fqn_to_config and module_fqn_to_config (torchao's older name) are both "
+                             "given and differ; pass one table")
+        self.fqn_to_config = self.module_fqn_to_config = self.fqn_to_config or self.module_fqn_to_config
+        if "_default" in self.fqn_to_config:
+            warnings.warn("FqnToConfig: '_default' is deprecated in torchao (pytorch/ao#3229) and may go in a future "
+                          "release; name the layers, or pass the config itself with a filter_fn", stacklevel=3)
         for key, cfg in self.fqn_to_config.items():
             if not isinstance(key, str):
                 raise TypeError(f"FqnToConfig: keys must be strings (fqn, 're:<regex>' or '_default'); got {key!r}")
@@ -335,11 +327,6 @@ class FqnToConfig(AOBaseConfig):
                     raise ValueError(f"FqnToConfig: key {key!r} is not a valid regular expression ({err})") from err
             if cfg is not None and (not isinstance(cfg, AOBaseConfig) or isinstance(cfg, FqnToConfig)):
                 raise TypeError(f"FqnToConfig: value for {key!r} must be a config object or None; got {cfg!r}")
-
-    @property
-    def module_fqn_to_config(self) -> dict:
-        """torchao's older name for ``fqn_to_config``."""
-        return self.fqn_to_config
 
     def config_for(self, fqn: str):
         """The config for ``fqn``, or None when the module is not covered or is skipped."""
@@ -374,7 +361,7 @@ def describe(config: AOBaseConfig) -> str:
 _SERIALIZABLE = {cls.__name__: cls for cls in (
     Int4WeightOnlyConfig, Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Float8WeightOnlyConfig,
     Float8DynamicActivationFloat8WeightConfig)}
-_GRANULARITIES = {cls.__name__: cls for cls in (PerTensor, PerRow)}
+_GRANULARITIES = {cls.__name__: cls for cls in (PerTensor, PerRow)}  # PerRow over the last dim only
 
 
 def config_to_dict(config: AOBaseConfig) -> dict:
@@ -427,6 +414,6 @@ def config_from_dict(d: dict) -> AOBaseConfig:
             if not isinstance(value, list) or not all(g in _GRANULARITIES for g in value):
                 raise ValueError(f"config_from_dict: {name}.granularity={value!r} must be a list of "
                                  f"{' / '.join(_GRANULARITIES)}")
-            value = tuple(_GRANULARITIES[g]() for g in value)
+            value = [_GRANULARITIES[g]() for g in value]
         kwargs[key] = value
     return cls(**kwargs)
