@@ -14,6 +14,10 @@ saved tensors into them, so the float weights are never materialized.
 
 from __future__ import annotations
 
+import functools
+import re
+
+import torch
 import transformers
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -39,9 +43,15 @@ class AofxHfQuantizer(HfQuantizer):
 
     requires_calibration = True  # i.e. only pre-quantized checkpoints
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def preprocess_model(self, model, dtype=None, **kwargs):
+        self._dtype = dtype  # HfQuantizer.preprocess_model does not pass it on
+        return super().preprocess_model(model, dtype=dtype, **kwargs)
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         # Meta packed buffers; quantize_ also records the configs and unties quantized heads (record).
         quantize_(model, config_from_metadata(self.quantization_config.configs))
+        _check_packed_saved(model, checkpoint_files)
+        _keep_in_fp32(model, getattr(self, "_dtype", None))
         for module in model.modules():
             if isinstance(module, QuantizedModule):
                 # Every tensor of a quantized layer comes from the checkpoint. Without this flag the
@@ -73,6 +83,59 @@ def untie_quantized(model) -> None:
                     del tied[target]
 
 
+def _check_packed_saved(model, checkpoint_files) -> None:
+    """Raise when the checkpoint lacks packed tensors that its config names (a config recorded before the
+    model changed): transformers would otherwise "newly initialize" them and load garbage."""
+    from safetensors import safe_open
+
+    keys = set()
+    for path in checkpoint_files or []:
+        if str(path).endswith(".safetensors"):
+            with safe_open(str(path), framework="pt") as f:
+                keys.update(f.keys())
+    if not keys:
+        return
+    # Checkpoints of some models hold legacy key names that transformers renames while loading
+    # (Llava: language_model.model.layers.* for model.language_model.layers.*), so a packed tensor
+    # counts as present when some key ends with its last three name components.
+    tails = {".".join(k.split(".")[-3:]) for k in keys}
+    missing = [name for fqn, m in model.named_modules() if isinstance(m, QuantizedModule)
+               for w in m._aofx.weights.values() for b in w.buffer_names()
+               if (name := f"{fqn}.{b}".lstrip(".")) not in keys and ".".join(name.split(".")[-3:]) not in tails]
+    if missing:
+        raise ValueError(f"this checkpoint's quantization_config names quantized layers whose packed tensors it does "
+                         f"not hold ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); it was saved after "
+                         "the model changed since quantize_ recorded its configs. Save it again with "
+                         "aofx.hf.save_pretrained")
+
+
+def _keep_in_fp32(model, dtype) -> None:
+    """Quantized layers of ``_keep_in_fp32_modules`` compute in float32, as their float weights would load."""
+    plan = model._get_dtype_plan(dtype) if dtype is not None and hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return
+    pattern = re.compile("|".join(rf"(^|\.){re.escape(k)}(\.|$)" for k in plan))
+    for fqn, module in model.named_modules():
+        if isinstance(module, QuantizedModule) and pattern.search(fqn):
+            module.to(torch.float32)  # packed codes keep their dtypes; the layer computes in float32
+
+
+def _save_with_record(save):
+    @functools.wraps(save)
+    def save_pretrained(self, *args, **kwargs):
+        if quantized_configs(self) or _recorded(self.config):
+            record(self)  # from the live model, at save time: fqns from this root, current layers
+        return save(self, *args, **kwargs)
+
+    save_pretrained._aofx = True
+    return save_pretrained
+
+
+def _recorded(config) -> bool:
+    return getattr(getattr(config, "quantization_config", None), "quant_method", None) == METHOD or \
+        (isinstance(getattr(config, "quantization_config", None), dict) and config.quantization_config.get("quant_method") == METHOD)
+
+
 def _register() -> None:
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
@@ -87,8 +150,19 @@ def record(model: "transformers.PreTrainedModel") -> None:
     transformers model), so that ``model.save_pretrained`` writes a checkpoint that ``from_pretrained``
     loads quantized, or refuses with an unknown-method error where aofx.hf is not imported; without it
     transformers would load random float weights in place of the packed ones."""
-    model.config.quantization_config = AofxConfig(quantized_metadata(model))
+    for sub in _sub_configs(model.config):  # a record made by quantize_ on a submodel (language_model)
+        if _recorded(sub):
+            del sub.quantization_config
+    configs = quantized_metadata(model)
+    if configs:
+        model.config.quantization_config = AofxConfig(configs)
+    elif _recorded(model.config):
+        del model.config.quantization_config
     untie_quantized(model)
+
+
+def _sub_configs(config) -> list:
+    return [getattr(config, k) for k in getattr(config, "sub_configs", {}) if getattr(config, k, None) is not None]
 
 
 def save_pretrained(model: "transformers.PreTrainedModel", save_directory, **kwargs) -> None:
@@ -99,3 +173,5 @@ def save_pretrained(model: "transformers.PreTrainedModel", save_directory, **kwa
 
 
 _register()
+if not getattr(transformers.PreTrainedModel.save_pretrained, "_aofx", False):
+    transformers.PreTrainedModel.save_pretrained = _save_with_record(transformers.PreTrainedModel.save_pretrained)
