@@ -23,8 +23,8 @@ from torch import nn
 from aofx import passes  # noqa: F401  (registers the built-in passes)
 from aofx.capture import Seen, export_unit, run_examples
 from aofx.configs import AOBaseConfig, FqnToConfig, describe
-from aofx.install import (QuantizedModule, QuantizedWeight, _SHARED, install, linear_like, rewrite_capture,
-                          shared_key)
+from aofx.install import (QuantizedModule, QuantizedWeight, _SHARED, install, linear_like, replaced_forward,
+                          rewrite_capture, shared_key)
 from aofx.registry import check_registered, find_handler, find_pass, uses_handler
 
 log = logging.getLogger("aofx")
@@ -195,6 +195,19 @@ def _lookup(config: FqnToConfig, fqns: list) -> tuple:
     return table.get("_default"), ("_default" if "_default" in table else None)
 
 
+def _lookup_aliases(config: FqnToConfig, aliases: list, name: str = "") -> tuple:
+    """``_lookup`` for a module registered under several fqns (one instance shared, ALBERT-style), or for
+    its parameter ``name``: a key naming any of them counts, and two that say different things raise."""
+    found = [_lookup(config, [f"{a}.{name}".strip(".")] + ([a] if name else [])) for a in aliases]
+    named = {describe(c) if c is not None else None: (a, c, k) for a, (c, k) in zip(aliases, found)
+             if k not in (None, "_default")}
+    if len(named) > 1:
+        (a, c, _), (b, d, _) = list(named.values())[:2]
+        raise ValueError(f"aofx.quantize_: {a} and {b} are one module registered twice but were given different "
+                         f"configs ({c} and {d}); give them the same config; nothing was quantized")
+    return next(((c, k) for c, k in found if k not in (None, "_default")), found[0])
+
+
 def _unmatched_keys(model: nn.Module, config: FqnToConfig) -> list:
     names = [f for f, _ in model.named_modules(remove_duplicate=False)]
     names += [f for f, _ in model.named_parameters(remove_duplicate=False)]
@@ -225,14 +238,18 @@ def _plan(model, config, filter_fn, seen):
     # A weight tied between a linear layer and another module (an embedding) is the linear's to quantize.
     if seen is not None:
         seen.linear -= {id(m._parameters.get("weight")) for m in model.modules() if linear_like(m) is not None}
+    aliases = {}  # every fqn of each module instance, the first being named_modules' own
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(fqn)
     for fqn, module in model.named_modules():
         if any(fqn.startswith(prefix + ".") or (not prefix and fqn) for prefix in inside_handled):
             continue  # a handler replaces a whole subtree, as torchao's does (the root's too)
         own = dict(module.named_parameters(recurse=False))
         kind = linear_like(module)
         if fqn_map:  # named by a key of its own (module or parameter fqn), not just by "_default"
-            cfg, key = _lookup(config, [fqn])
-            found = [(cfg, key)] + [_lookup(config, [f"{fqn}.{p}".lstrip(".")]) for p in own]
+            cfg, key = _lookup_aliases(config, aliases[id(module)])
+            found = [(cfg, key)] + [_lookup_aliases(config, [f"{a}.{p}".lstrip(".") for a in aliases[id(module)]])
+                                    for p in own]
             explicit = any(k not in (None, "_default") for _, k in found)
             asked = any(k not in (None, "_default") and c is not None for c, k in found)  # and not left alone
         else:
@@ -240,7 +257,7 @@ def _plan(model, config, filter_fn, seen):
         uses_linear = seen is not None and any(id(p) in seen.linear for p in own.values())
         experts = _expert_params(module, seen)
         if filter_fn is not None:
-            selected = filter_fn(module, fqn)
+            selected = any(filter_fn(module, a) for a in aliases[id(module)])
         else:  # as torchao's default: not MultiheadAttention's out_proj, whose weight MHA reads itself
             linear = kind is not None and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
             selected = linear or uses_linear or explicit or bool(experts and cfg is not None)
@@ -257,6 +274,10 @@ def _plan(model, config, filter_fn, seen):
             # selected linear layer (a selected container holds no weight: its children are still visited)
         if isinstance(module, QuantizedModule):
             skipped.append((fqn, f"already quantized ({module._aofx.scheme})"))
+            continue
+        if replaced_forward(module):
+            skipped.append((fqn, "its forward was replaced on the instance, which the quantized layer's forward "
+                                 "cannot reach; quantize before wrapping it"))
             continue
         if kind is not None:
             names = ["weight"]
@@ -278,13 +299,13 @@ def _plan(model, config, filter_fn, seen):
             continue
         if fqn_map:  # a parameter named by a key that aofx cannot quantize is said, not dropped
             for p in own:
-                p_cfg, p_key = _lookup(config, [f"{fqn}.{p}".lstrip(".")])
+                p_cfg, p_key = _lookup_aliases(config, [f"{a}.{p}".lstrip(".") for a in aliases[id(module)]])
                 if p not in names and p_cfg is not None and p_key not in (None, "_default"):
                     skipped.append((f"{fqn}.{p}".lstrip("."), "aofx quantizes weights used as an F.linear weight "
                                                               "(a linear layer's weight, or one seen with example_inputs)"))
         weights = {}
         for name in names:
-            w_cfg = _lookup(config, [f"{fqn}.{name}".lstrip("."), fqn])[0] if fqn_map else cfg
+            w_cfg = _lookup_aliases(config, aliases[id(module)], name)[0] if fqn_map else cfg
             if w_cfg is None:
                 continue
             if uses_handler(w_cfg):
@@ -332,7 +353,11 @@ def _check_weight(module, fqn, name, config, kind: Optional[bool]):
                          "(or call its initialize_parameters) before quantize_; nothing was quantized")
     if weight.dim() != 2 or not weight.is_floating_point():
         return None, f"not a 2-D floating-point weight ({tuple(weight.shape)}, {weight.dtype})"
-    if not weight.is_meta and not torch.isfinite(weight).all():
+    if weight.numel() == 0:
+        return None, f"the weight has no elements ({tuple(weight.shape)})"
+    with torch.no_grad():  # an inference-mode parameter that requires grad cannot enter autograd
+        finite = weight.is_meta or bool(torch.isfinite(weight).all())
+    if not finite:
         raise ValueError(f"aofx.quantize_: weight {where} contains NaN or Inf; nothing was quantized")
     transposed = bool(kind)
     reason = find_pass(config).skip_reason(weight.t() if transposed else weight, config)  # (N, K)

@@ -117,10 +117,38 @@ def _public(module: torch.nn.Module) -> dict:
     return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
 
 
+_PLAIN = (bool, int, float, str, torch.dtype, torch.device, type(None))
+
+
+def _baked(v):
+    """What a graph bakes in of an attribute value: plain values, and containers of them, by value;
+    tensors are read at run time (see ``CapturedGraph``); anything else is not compared."""
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, (tuple, list)):
+        return (type(v), tuple(_baked(e) for e in v))
+    if isinstance(v, dict):
+        return (dict, tuple((k, _baked(e)) for k, e in v.items()))
+    return _Unchecked
+
+
+class _Unchecked:
+    pass
+
+
 def plain_attributes(module: torch.nn.Module) -> dict:
-    """``{(submodule fqn, name): value}`` of the plain Python values a forward may read and a graph bakes in."""
-    return {(fqn, name): v for fqn, m in module.named_modules() for name, v in _public(m).items()
-            if v is None or isinstance(v, (bool, int, float, str))}
+    """``{(submodule fqn, name): value}`` of what a forward may read and a graph bakes in: plain values
+    (and tuples, lists, dicts of them), each submodule's class, and the hooks of each submodule
+    (the unit's own hooks run outside the graph)."""
+    out = {}
+    for fqn, m in module.named_modules():
+        if fqn:  # the unit itself changes class when quantized, and its own hooks run outside the graph
+            out[(fqn, "<class>")] = getattr(type(m), "_aofx_base", type(m))  # a quantized child keeps its class
+            out[(fqn, "<hooks>")] = tuple(id(h) for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values())
+        for name, v in _public(m).items():
+            if not isinstance(v, torch.Tensor):
+                out[(fqn, name)] = _baked(v)
+    return out
 
 
 class _AttributeWrites:
@@ -202,6 +230,10 @@ class CapturedGraph:
             name = spec_.arg.name
             if spec_.kind in (InputKind.PARAMETER, InputKind.BUFFER):
                 self.sources[name] = ("state", spec_.target.removeprefix("m."))
+            elif spec_.kind == InputKind.CONSTANT_TENSOR and spec_.target.startswith("m."):
+                # a plain tensor attribute of the unit (``self.mask = torch.ones(k)``): read it from the
+                # owner at each call, so re-assigning it (or a deep copy's own tensor) is seen
+                self.sources[name] = ("state", spec_.target.removeprefix("m."))
             elif spec_.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
                 self.sources[name] = ("const", ep.constants[spec_.target])
             elif spec_.kind == InputKind.USER_INPUT:
@@ -259,10 +291,13 @@ class CapturedGraph:
         if training is not None and training != self.training:
             return False
         if owner is not None and not any_rows:  # a standard linear's forward reads no attribute
-            for (fqn, name), value in self.attributes.items():
-                now = getattr(owner.get_submodule(fqn) if fqn else owner, name, None)
-                if type(now) is not type(value) or now != value:
-                    return False
+            try:
+                now = plain_attributes(owner)
+            except Exception:  # noqa: BLE001
+                return False
+            if now.keys() != self.attributes.keys() or any(
+                    type(now[k]) is not type(v) or now[k] != v for k, v in self.attributes.items()):
+                return False
         symbols = {}
         for guard, value in zip(self.guards, leaves):
             if isinstance(value, torch.Tensor):

@@ -236,7 +236,7 @@ class Float8DynamicActivationFloat8WeightConfig(AOBaseConfig):
         granularity (default None): ``None`` (= ``PerTensor()``), ``PerTensor()``, ``PerRow()``,
             or an ``(activation, weight)`` tuple or list of them. It is normalized, as in torchao, to an
             ``[activation, weight]`` list, so ``granularity=PerRow()`` equals
-            ``granularity=(PerRow(), PerRow())`` and ``None`` equals ``PerTensor()``.
+            ``granularity=[PerRow(), PerRow()]`` and ``None`` equals ``PerTensor()``.
             ``PerTensor``: one scale for the activation / the weight; ``PerRow``: one per token /
             per output channel. torchao's own ``PerTensor``/``PerRow`` objects are accepted too.
 

@@ -66,7 +66,7 @@ class AofxHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        return True  # adapters train on top: the ops have input gradients; the packed weights get none
 
 
 def untie_quantized(model) -> None:

@@ -38,6 +38,7 @@ import copy
 import dataclasses
 import inspect
 import sys
+import types
 import warnings
 import weakref
 from typing import Optional
@@ -403,6 +404,15 @@ def install(module: nn.Module, weights: dict, packed: dict, captures: list, key)
         del module._parameters[name]
     module.__dict__["_aofx"] = LayerState(weights, captures, key)
     module.__class__ = quantized_class(type(module), tuple(weights))
+    if isinstance(module.__dict__.get("_old_forward"), types.MethodType):
+        # accelerate's hooks (device maps, offload) wrap the instance's forward around the bound original,
+        # which would keep calling the float class's forward on the dequantized weight
+        module._old_forward = types.MethodType(type(module).forward, module)
+
+
+def replaced_forward(module: nn.Module) -> bool:
+    """A forward set on the instance that a quantized class cannot reach (accelerate's hook it can)."""
+    return "forward" in module.__dict__ and not isinstance(module.__dict__.get("_old_forward"), types.MethodType)
 
 
 def requantize(module: nn.Module, name: str, value) -> None:

@@ -20,7 +20,8 @@ high nibble. q is in [0, 15] and ``w ~= (q - 8) * scale + zero`` (tinygemm's flo
 Scales are never clamped to bf16 eps (torchao 0.14-0.17 did, which costs ~7 dB on small weights):
 they are clamped to the smallest normal float32, so an all-zero row or group gives exact zeros.
 
-Extremes: any finite weight dequantizes to a finite value, in fp32 and in bf16. A group spanning
+Extremes: any finite weight dequantizes to a finite value, in fp32 and in bf16 (an fp16 int8 weight in fp16
+too). A group spanning
 more than fp32's range (-3e38 .. 3e38) gets its int4 scale and zero from float64, and int4 / int8
 codes whose dequantized value would overflow bf16 are not used. A group of only subnormals
 (|w| < 2**-126) comes back no worse than zeros: every element within min(|w|, scale / 2).
@@ -125,8 +126,13 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None):
     """Symmetric per row (``group_size=None``) or per (row, group). Returns ``(qdata, scale)``."""
     wg = _grouped(w, group_size or w.shape[1])
     scale = safe_scale(wg.abs().amax(dim=-1), 127.5)  # (N, G) fp32
-    # -128 * scale overflows bf16 only for weights within 0.4% of bf16's max: -127 there
-    qmin = torch.where(torch.isfinite((-128 * scale).to(torch.bfloat16)), -128.0, -127.0)  # (N, G)
+    # -128 * scale overflows bf16 (or an fp16 weight's own dtype) only for weights within 0.4% of its max:
+    # -127 there
+    low = -128 * scale
+    fits = torch.isfinite(low.to(torch.bfloat16))
+    if w.dtype == torch.float16:
+        fits &= torch.isfinite(low.to(torch.float16))
+    qmin = torch.where(fits, -128.0, -127.0)  # (N, G)
     q = torch.round(wg / scale[..., None])
     q = torch.maximum(q, qmin[..., None]).clamp(max=127).to(torch.int8).reshape(w.shape)
     return q, (scale[:, 0].contiguous() if group_size is None else scale)

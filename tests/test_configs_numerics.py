@@ -66,7 +66,7 @@ def test_module_fqn_to_config_keyword_is_validated():
 def test_both_fqn_keywords_must_agree_as_in_torchao(make):
     table = {"up": Int8WeightOnlyConfig()}
     assert make(table, dict(table)) == FqnToConfig(table)
-    with pytest.raises(ValueError, match="fqn_to_config or module_fqn_to_config"):
+    with pytest.raises(ValueError, match="fqn_to_config and module_fqn_to_config .* differ"):
         make(table, {"down": Int8WeightOnlyConfig()})
 
 
@@ -88,17 +88,17 @@ FP8DQ = Float8DynamicActivationFloat8WeightConfig
 
 
 @pytest.mark.parametrize("given,pair", [
-    (None, (PerTensor(), PerTensor())),
-    (PerTensor(), (PerTensor(), PerTensor())),
-    (PerRow(), (PerRow(), PerRow())),
-    ((PerRow(), PerTensor()), (PerRow(), PerTensor())),
-    ([PerTensor(), PerRow()], (PerTensor(), PerRow())),
-    ([PerRow(), PerRow()], (PerRow(), PerRow())),
+    (None, [PerTensor(), PerTensor()]),
+    (PerTensor(), [PerTensor(), PerTensor()]),
+    (PerRow(), [PerRow(), PerRow()]),
+    ((PerRow(), PerTensor()), [PerRow(), PerTensor()]),
+    ([PerTensor(), PerRow()], [PerTensor(), PerRow()]),
+    ([PerRow(), PerRow()], [PerRow(), PerRow()]),
 ], ids=["None", "PerTensor", "PerRow", "tuple", "list", "list-row"])
-def test_granularity_normalized_to_an_activation_weight_tuple(given, pair):
+def test_granularity_normalized_to_an_activation_weight_list_as_torchao(given, pair):
     cfg = FP8DQ(granularity=given)
-    assert cfg.granularity == pair and type(cfg.granularity) is tuple
-    assert cfg.granularities == pair
+    assert cfg.granularity == pair and type(cfg.granularity) is list
+    assert cfg.granularities == tuple(pair)
     assert cfg == FP8DQ(granularity=pair)
     assert dataclasses.replace(cfg) == cfg
 
@@ -119,7 +119,7 @@ def test_bad_granularity_still_rejected(bad):
 def test_describe_shows_the_normalized_pair():
     assert describe(FP8DQ(granularity=PerRow())) == (
         "Float8DynamicActivationFloat8WeightConfig(activation_dtype=torch.float8_e4m3fn, "
-        "weight_dtype=torch.float8_e4m3fn, granularity=(PerRow(), PerRow()))")
+        "weight_dtype=torch.float8_e4m3fn, granularity=[PerRow(dim=-1), PerRow(dim=-1)])")
     assert describe(FP8DQ()) == describe(FP8DQ(granularity=(PerTensor(), PerTensor())))
     assert describe(Int4WeightOnlyConfig(group_size=64)) == "Int4WeightOnlyConfig(group_size=64)"
 

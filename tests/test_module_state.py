@@ -1,9 +1,11 @@
 """A quantized module still behaves like its float class: graphs are guarded on the plain values
-(bool, int, float, str) its forward may read, a forward that writes attributes stays float, calls the
+(bool, int, float, str, dtypes, and containers of them), children and hooks its forward may read, and read
+its tensor attributes at each call; a forward that writes attributes stays float, calls the
 float layer rejects raise its error, copies keep their graphs, and ``forward`` keeps its signature
 (which ``torch.export`` binds ``dynamic_shapes`` to). CPU."""
 
 import copy
+import functools
 import inspect
 import warnings
 
@@ -164,3 +166,100 @@ def test_a_quantized_root_exports_with_the_float_layers_dynamic_shapes(cfg):
             xm = torch.randn(m, 256).bfloat16()
             torch.testing.assert_close(ep.module()(xm), layer(xm), rtol=0, atol=0)
     assert str(inspect.signature(layer.forward)) == str(inspect.signature(nn.Linear(2, 2).forward))
+
+
+class Masked(nn.Linear):
+    """A linear whose forward reads a tensor attribute, a dict, a dtype and a child: all changeable."""
+
+    def __init__(self):
+        super().__init__(64, 64)
+        self.act = nn.Tanh()
+        self.mask = torch.ones(64)
+        self.opts = {"mul": 1.0}
+        self.out_dtype = torch.float32
+
+    def forward(self, x):
+        return (self.act(super().forward(x)) * self.mask * self.opts["mul"]).to(self.out_dtype)
+
+
+def _sigmoid_hook(module, args, out):
+    return torch.sigmoid(out)
+
+
+CHANGES = {
+    "tensor attribute": lambda m: setattr(m, "mask", torch.linspace(0, 2, 64)),
+    "dict entry": lambda m: m.opts.update(mul=5.0),
+    "dtype attribute": lambda m: setattr(m, "out_dtype", torch.float64),
+    "child swapped": lambda m: setattr(m, "act", nn.Sigmoid()),
+    "hook on a child": lambda m: m.act.register_forward_hook(_sigmoid_hook),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_state_a_graph_baked_in_is_read_again(change):
+    # a captured graph holds what its forward read at capture time; changing it must not go unnoticed
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    float_model = nn.Sequential(Masked())
+    model = copy.deepcopy(float_model)
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    assert type(model[0]).__name__ == "QuantizedMasked"
+    model(x)
+    for m in (float_model[0], model[0]):
+        CHANGES[change](m)
+    want, got = float_model(x), model(x)
+    assert got.dtype == want.dtype
+    assert sqnr(want, got) > 35
+
+
+def test_a_deep_copy_has_its_own_tensor_attributes():
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    model = nn.Sequential(Masked())
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    twin = copy.deepcopy(model)
+    before = twin(x)
+    model[0].mask.zero_()
+    assert not model(x).any()
+    torch.testing.assert_close(twin(x), before, rtol=0, atol=0)
+
+
+def _wrap_forward(module):
+    """What accelerate's add_hook_to_module does (device maps, offload): the instance's forward wraps the
+    bound original, kept as ``_old_forward``."""
+    module._old_forward = module.forward
+
+    def new_forward(module, *args, **kwargs):
+        return module._old_forward(*args, **kwargs)
+
+    module.forward = functools.partial(new_forward, module)
+
+
+@pytest.mark.parametrize("cfg", DQ)
+def test_a_wrapped_forward_runs_the_quantized_op(cfg):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(64, 64))
+    hooked = copy.deepcopy(plain)
+    _wrap_forward(hooked[0])
+    aofx.quantize_(plain, cfg)
+    aofx.quantize_(hooked, cfg)
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(hooked(x), plain(x), rtol=0, atol=0)  # activations quantized too
+    ops = [str(n.target) for n in torch.export.export(hooked, (x,)).graph.nodes]
+    assert any(op.startswith("aofx.") for op in ops) and "aten.linear.default" not in ops
+
+
+def test_a_forward_replaced_on_the_instance_stays_float_and_is_named():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    model[0].forward = lambda x: 2 * x
+    with pytest.warns(UserWarning, match=r"0: its forward was replaced on the instance"):
+        aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    assert type(model[0]) is nn.Linear and type(model[1]).__name__ == "QuantizedLinear"
+
+
+def test_weights_made_in_inference_mode_are_named_not_a_crash():
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(64, 32))
+    with pytest.warns(UserWarning, match=r"0: torch.export could not capture it"):
+        aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    assert type(model[0]) is nn.Linear

@@ -49,6 +49,17 @@ def test_int8_and_fp8_match_formulas():
     assert torch.equal(q8.float(), (w / s8[:, None]).to(torch.float8_e4m3fn).float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int8_weights_near_the_dtype_max_dequantize_finite(dtype):
+    # code -128 is one step past amax: within 0.4% of the dtype's max it would overflow to -inf
+    big = torch.finfo(dtype).max * 0.999
+    w = torch.tensor([[-big, big / 2, 1.0, 0.0], [1.0, -3.0, 2.0, 0.5]], dtype=dtype)
+    q, s = numerics.quantize_int8(w)
+    deq = numerics.dequantize_int8(q, s)  # fp32
+    assert torch.isfinite(deq.to(dtype)).all() and q[0, 0] == -127 and q[1].min() == -128
+    assert ((deq - w.float()).abs() <= 0.5001 * s[:, None]).all()  # half a step
+
+
 @pytest.mark.parametrize("scheme", ["int4", "int8", "int8g", "fp8row", "fp8tensor"])
 def test_all_zero_rows_give_zeros_not_nan(scheme):
     w = torch.randn(4, 128, generator=seeded(3))
