@@ -353,6 +353,8 @@ def _check_weight(module, fqn, name, config, kind: Optional[bool]):
                          "(or call its initialize_parameters) before quantize_; nothing was quantized")
     if weight.dim() != 2 or not weight.is_floating_point():
         return None, f"not a 2-D floating-point weight ({tuple(weight.shape)}, {weight.dtype})"
+    if weight.is_inference() and not torch.is_inference_mode_enabled():  # export cannot trace it outside
+        return None, "the weight was made under torch.inference_mode(); call quantize_ under it too"
     if weight.numel() == 0:
         return None, f"the weight has no elements ({tuple(weight.shape)})"
     with torch.no_grad():  # an inference-mode parameter that requires grad cannot enter autograd

@@ -10,6 +10,9 @@ Importing this module registers the quantization method ``"aofx"`` with transfor
 ``from_pretrained`` builds the model on the meta device, where ``quantize_`` creates the packed
 buffers with their final shapes and dtypes (the saved configs, by parameter fqn), and then loads the
 saved tensors into them, so the float weights are never materialized.
+
+Importing it also wraps ``PreTrainedModel.save_pretrained`` so that saving a model with aofx layers
+records their configs from the model as it is then (a model without them saves as before).
 """
 
 from __future__ import annotations
@@ -121,6 +124,11 @@ def _keep_in_fp32(model, dtype) -> None:
 
 
 def _save_with_record(save):
+    """``PreTrainedModel.save_pretrained`` that first records the aofx configs of the model being saved.
+    transformers offers no save-time hook to a model it did not load quantized, and a record made at
+    quantize time goes stale: a quantized submodule names its layers from itself, a resized head is float
+    again, a config object shared with a float model claims its layers."""
+
     @functools.wraps(save)
     def save_pretrained(self, *args, **kwargs):
         if quantized_configs(self) or _recorded(self.config):
@@ -132,8 +140,8 @@ def _save_with_record(save):
 
 
 def _recorded(config) -> bool:
-    return getattr(getattr(config, "quantization_config", None), "quant_method", None) == METHOD or \
-        (isinstance(getattr(config, "quantization_config", None), dict) and config.quantization_config.get("quant_method") == METHOD)
+    q = getattr(config, "quantization_config", None)
+    return (q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)) == METHOD
 
 
 def _register() -> None:

@@ -127,7 +127,8 @@ def e2e_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|" + ("---|---|" if aoti else "")]
     for call in _calls(rows):
         base = call[0]["tok_s"]
-        command = "`--configs " + ",".join(r["config"] for r in call) + (" --aoti`" if aoti else "`")
+        packaged = any("aoti_tok_s" in r for r in call)
+        command = "`--configs " + ",".join(r["config"] for r in call) + (" --aoti`" if packaged else "`")
         for i, r in enumerate(call):
             line = (f"| {command if i == 0 else ''} | {r['config']} | {r['tok_s']:.1f} | "
                     f"{r['tok_s'] / base:.2f} | {r['weight_gb']:.2f} GB |")

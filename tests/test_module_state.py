@@ -260,6 +260,11 @@ def test_a_forward_replaced_on_the_instance_stays_float_and_is_named():
 def test_weights_made_in_inference_mode_are_named_not_a_crash():
     with torch.inference_mode():
         model = nn.Sequential(nn.Linear(64, 32))
-    with pytest.warns(UserWarning, match=r"0: torch.export could not capture it"):
+    with pytest.warns(UserWarning, match=r"0.weight: the weight was made under torch.inference_mode"):
         aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
     assert type(model[0]) is nn.Linear
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        want = model(x)
+        aofx.quantize_(model, aofx.Int8WeightOnlyConfig())  # as the warning says
+        assert type(model[0]).__name__ == "QuantizedLinear" and sqnr(want, model(x)) > 35

@@ -59,3 +59,10 @@ def test_layer_table_marks_unmeasured_cells_and_keeps_a_slow_peer_nonzero():
     lines = tables.layer_table(rows).splitlines()
     assert lines[4] == "| int8wo | 14336×4096 | 1.50× (30.0 µs)<br>ao 2.00 | 1.50× (30.0 µs)<br>ao 0.0012 |"
     assert lines[5] == "| int8wo | 4096×14336 | 1.50× (30.0 µs) | n/m |"
+
+
+def test_e2e_table_says_aoti_only_for_calls_that_packaged():
+    rows = [_row("bf16", 100.0), _row("int8wo", 200.0), _row("bf16", 110.0, aoti_tok_s=120.0)]
+    lines = tables.e2e_table(rows).splitlines()
+    assert lines[2] == "| `--configs bf16,int8wo` | bf16 | 100.0 | 1.00 | 16.00 GB | - | - |"
+    assert lines[4] == "| `--configs bf16 --aoti` | bf16 | 110.0 | 1.00 | 16.00 GB | 120.0 | 1.09 |"
