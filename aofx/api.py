@@ -197,15 +197,20 @@ def _lookup(config: FqnToConfig, fqns: list) -> tuple:
 
 def _lookup_aliases(config: FqnToConfig, aliases: list, name: str = "") -> tuple:
     """``_lookup`` for a module registered under several fqns (one instance shared, ALBERT-style), or for
-    its parameter ``name``: a key naming any of them counts, and two that say different things raise."""
-    found = [_lookup(config, [f"{a}.{name}".strip(".")] + ([a] if name else [])) for a in aliases]
-    named = {describe(c) if c is not None else None: (a, c, k) for a, (c, k) in zip(aliases, found)
-             if k not in (None, "_default")}
+    its parameter ``name``: a key naming any of them counts, an exact key over a regex, and two of the same
+    kind that say different things raise."""
+    found = [(a, *_lookup(config, [f"{a}.{name}".strip(".")] + ([a] if name else []))) for a in aliases]
+
+    def rank(key):  # 0: an exact name, 1: a regex, 2: "_default" or nothing
+        return 2 if key in (None, "_default") else 1 if key.startswith("re:") else 0
+
+    best = min(rank(k) for _, _, k in found)
+    named = {describe(c) if c is not None else None: (a, c) for a, c, k in found if rank(k) == best < 2}
     if len(named) > 1:
-        (a, c, _), (b, d, _) = list(named.values())[:2]
+        (a, c), (b, d) = list(named.values())[:2]
         raise ValueError(f"aofx.quantize_: {a} and {b} are one module registered twice but were given different "
                          f"configs ({c} and {d}); give them the same config; nothing was quantized")
-    return next(((c, k) for c, k in found if k not in (None, "_default")), found[0])
+    return next((c, k) for _, c, k in found if rank(k) == best)
 
 
 def _unmatched_keys(model: nn.Module, config: FqnToConfig) -> list:
@@ -233,7 +238,8 @@ def _expert_params(module: nn.Module, seen: Optional[Seen]) -> list:
 
 def _plan(model, config, filter_fn, seen):
     """``(handled, units, skipped)``: modules for handlers, units for passes, and what stays float."""
-    handled, units, skipped, inside_handled = [], [], [], []
+    handled, units, skipped, inside_handled = [], [], [], set()
+    weighty_keys = set()  # keys that decided for a module holding a weight (or named exactly)
     fqn_map = isinstance(config, FqnToConfig)
     # A weight tied between a linear layer and another module (an embedding) is the linear's to quantize.
     if seen is not None:
@@ -242,7 +248,8 @@ def _plan(model, config, filter_fn, seen):
     for fqn, module in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(module), []).append(fqn)
     for fqn, module in model.named_modules():
-        if any(fqn.startswith(prefix + ".") or (not prefix and fqn) for prefix in inside_handled):
+        parts = fqn.split(".") if fqn else []
+        if any(".".join(parts[:i]) in inside_handled for i in range(len(parts))):  # O(depth), not O(taken layers)
             continue  # a handler replaces a whole subtree, as torchao's does (the root's too)
         own = dict(module.named_parameters(recurse=False))
         kind = linear_like(module)
@@ -252,8 +259,12 @@ def _plan(model, config, filter_fn, seen):
                                     for p in own]
             explicit = any(k not in (None, "_default") for _, k in found)
             asked = any(k not in (None, "_default") and c is not None for c, k in found)  # and not left alone
+            exact = any(k in aliases[id(module)] for _, k in found[:1]) or any(
+                k is not None and not k.startswith("re:") and k != "_default" for _, k in found[1:])
+            if own or exact:
+                weighty_keys.update(k for _, k in found)
         else:
-            cfg, explicit = config, False
+            cfg, explicit, exact = config, False, False
         uses_linear = seen is not None and any(id(p) in seen.linear for p in own.values())
         experts = _expert_params(module, seen)
         if filter_fn is not None:
@@ -267,10 +278,10 @@ def _plan(model, config, filter_fn, seen):
             if kind is not None or explicit or filter_fn is not None:
                 handled.append((fqn, module, cfg))
                 if not fqn_map:  # torchao's filter walk stops at a match; its FqnToConfig walk visits every module
-                    inside_handled.append(fqn)
+                    inside_handled.add(fqn)
             continue
         if not fqn_map and kind is not None:
-            inside_handled.append(fqn)  # as torchao's _replace_with_custom_fn_if_matches_filter: no recursion past a
+            inside_handled.add(fqn)  # as torchao's _replace_with_custom_fn_if_matches_filter: no recursion past a
             # selected linear layer (a selected container holds no weight: its children are still visited)
         if isinstance(module, QuantizedModule):
             skipped.append((fqn, f"already quantized ({module._aofx.scheme})"))
@@ -292,7 +303,7 @@ def _plan(model, config, filter_fn, seen):
             if filter_fn is not None and not own and not experts:
                 skipped.append((fqn, f"filter_fn selected this {type(module).__name__}, which holds no weight of its "
                                      "own; select its linear layers instead"))
-            elif not experts and (asked if fqn_map else own and cfg is not None):  # a regex naming a container too
+            elif not experts and (own or exact) and (asked if fqn_map else cfg is not None):
                 hint = "" if seen is not None else " (pass example_inputs to find modules that call F.linear)"
                 skipped.append((fqn, f"{type(module).__name__} is not a linear layer and was not seen using a "
                                      f"parameter through F.linear{hint}"))
@@ -321,7 +332,12 @@ def _plan(model, config, filter_fn, seen):
             inputs = seen.inputs.get(id(module)) if seen is not None else None
             units.append(_Unit(fqn, module, weights, inputs))
     if fqn_map:
-        skipped += [(key, "FqnToConfig key matches no module or parameter") for key in _unmatched_keys(model, config)]
+        unmatched = _unmatched_keys(model, config)
+        skipped += [(key, "FqnToConfig key matches no module or parameter") for key in unmatched]
+        # a regex that names only containers (torchao would hand each to the config's handler, and fail)
+        skipped += [(key, "FqnToConfig key matches only modules that hold no weight; name their linear layers")
+                    for key, c in config.fqn_to_config.items()
+                    if key.startswith("re:") and c is not None and key not in weighty_keys and key not in unmatched]
     return handled, units, skipped
 
 

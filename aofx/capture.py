@@ -295,8 +295,9 @@ class CapturedGraph:
                 now = plain_attributes(owner)
             except Exception:  # noqa: BLE001
                 return False
-            if now.keys() != self.attributes.keys() or any(
-                    type(now[k]) is not type(v) or now[k] != v for k, v in self.attributes.items()):
+            # `is` first: an unchanged NaN equals itself here, as inside tuples
+            if now.keys() != self.attributes.keys() or any(type(now[k]) is not type(v) or (now[k] is not v and now[k] != v)
+                                                          for k, v in self.attributes.items()):
                 return False
         symbols = {}
         for guard, value in zip(self.guards, leaves):

@@ -98,18 +98,27 @@ def _check_packed_saved(model, checkpoint_files) -> None:
                 keys.update(f.keys())
     if not keys:
         return
-    # Checkpoints of some models hold legacy key names that transformers renames while loading
-    # (Llava: language_model.model.layers.* for model.language_model.layers.*), so a packed tensor
-    # counts as present when some key ends with its last three name components.
-    tails = {".".join(k.split(".")[-3:]) for k in keys}
+    # Checkpoints of some models hold legacy key names that transformers renames while loading (Llava:
+    # language_model.model.layers.* for model.language_model.layers.*), so a packed tensor also counts as
+    # present when a key ends with its name from the part before its first index (layers.1.mlp.up_proj.qdata,
+    # which keeps every block index) or, without an index, with its last three parts.
+    tails = {tail for k in keys for tail in _tails(k)}
     missing = [name for fqn, m in model.named_modules() if isinstance(m, QuantizedModule)
                for w in m._aofx.weights.values() for b in w.buffer_names()
-               if (name := f"{fqn}.{b}".lstrip(".")) not in keys and ".".join(name.split(".")[-3:]) not in tails]
+               if (name := f"{fqn}.{b}".lstrip(".")) not in keys and _tails(name)[-1] not in tails]
     if missing:
         raise ValueError(f"this checkpoint's quantization_config names quantized layers whose packed tensors it does "
                          f"not hold ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); it was saved after "
                          "the model changed since quantize_ recorded its configs. Save it again with "
                          "aofx.hf.save_pretrained")
+
+
+def _tails(key: str) -> list:
+    """Every suffix of ``key`` that ``_check_packed_saved`` may match, the one it requires last."""
+    parts = key.split(".")
+    first_index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    start = max(first_index - 1, 0) if first_index is not None else max(len(parts) - 3, 0)
+    return [".".join(parts[i:]) for i in range(start + 1)]
 
 
 def _keep_in_fp32(model, dtype) -> None:
@@ -158,10 +167,10 @@ def record(model: "transformers.PreTrainedModel") -> None:
     transformers model), so that ``model.save_pretrained`` writes a checkpoint that ``from_pretrained``
     loads quantized, or refuses with an unknown-method error where aofx.hf is not imported; without it
     transformers would load random float weights in place of the packed ones."""
+    configs = quantized_metadata(model)  # raises for layers without a checkpoint form, before any change
     for sub in _sub_configs(model.config):  # a record made by quantize_ on a submodel (language_model)
         if _recorded(sub):
             del sub.quantization_config
-    configs = quantized_metadata(model)
     if configs:
         model.config.quantization_config = AofxConfig(configs)
     elif _recorded(model.config):

@@ -234,6 +234,13 @@ class QuantizedModule:
 
     def forward(self, *args, **kwargs):
         state = self.__dict__["_aofx"]
+        has_bias = getattr(self, "bias", None) is not None
+        if state.shared_key is not None and has_bias != state.shared_key[2]:  # shared_key[2]: it had a bias
+            # a bias given to (or taken from) the layer after quantize_: the shared graph of the old key
+            # would drop it; take the graph of the new key (eagerly), or run the float forward meanwhile
+            if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+                return self._aofx_base.forward(self, *args, **kwargs)
+            refresh_shared(self)
         if state.shared_key is not None:  # a standard linear: rows are independent, run (M, K)
             x = args[0] if args else next(iter(kwargs.values()))
             leaves, spec = [x.reshape(-1, x.shape[-1])], _LINEAR_SPEC  # (M, K)
@@ -241,10 +248,16 @@ class QuantizedModule:
         else:
             leaves, spec = pytree.tree_flatten((args, kwargs))
             training = modes(self)
+        def run(capture):
+            out = capture.run(self, leaves)
+            return out.reshape(*x.shape[:-1], out.shape[-1]) if state.shared_key is not None else out
+
+        def accepts(capture):
+            return capture.accepts(leaves, spec, training, any_rows=state.shared_key is not None, owner=self)
+
         for capture in state.captures:
-            if capture.accepts(leaves, spec, training, any_rows=state.shared_key is not None, owner=self):
-                out = capture.run(self, leaves)
-                return out.reshape(*x.shape[:-1], out.shape[-1]) if state.shared_key is not None else out
+            if accepts(capture):
+                return run(capture)
         if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or state.uncapturable
                 or (state.shared_key is not None and x.shape[-1] != _in_features(state))):
             # weights dequantized on read; a linear given the wrong width raises the float layer's own error
@@ -262,7 +275,15 @@ class QuantizedModule:
         state.captures.append(capture)
         if state.shared_key is not None:
             _SHARED.setdefault(state.shared_key, capture)
-        return self.forward(*args, **kwargs)
+        # a graph that rejects the very inputs it was traced on (state that never compares equal) is not
+        # run, and not traced again on every call: the layer runs its original forward from then on
+        if accepts(capture):
+            return run(capture)
+        state.uncapturable = True
+        warnings.warn(f"aofx: {type(self).__name__}'s graph does not accept the inputs it was captured for (its "
+                      "state changes on every call); it runs its original forward with the weight dequantized "
+                      "from now on", UserWarning)
+        return self._aofx_base.forward(self, *args, **kwargs)
 
     def _get_name(self) -> str:
         return self._aofx_base.__name__  # repr reads as the user's class (as torchao's), plus the scheme
@@ -282,6 +303,8 @@ class QuantizedModule:
             object.__setattr__(self, name, value)  # the property's setter, even for a Parameter
         else:
             super().__setattr__(name, value)
+            if name == "bias" and "_aofx" in self.__dict__:
+                refresh_shared(self)  # a bias added or removed changes the standard linear's graph key
 
     def _apply(self, fn, recurse=True):
         state = self.__dict__["_aofx"]

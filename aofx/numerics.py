@@ -161,8 +161,10 @@ def quantize_int8_per_token(x: torch.Tensor):
 def int8_dynamic_activation_int8_weight_linear(x, qdata, scale, bias=None):
     k = x.shape[-1]
     xq, sx = quantize_int8_per_token(x.reshape(-1, k))
-    # exact: |sum| < 2**53 for K < 2**39; CUDA has no int32 matmul, and on CPU float64 is as fast
-    acc = xq.double() @ qdata.double().t()  # (M, N)
+    if xq.device.type == "cpu":
+        acc = xq.to(torch.int32) @ qdata.to(torch.int32).t()  # (M, N), exact
+    else:  # CUDA has no int32 matmul; float64 is exact too (|sum| < 2**53 for K < 2**39)
+        acc = xq.double() @ qdata.double().t()
     y = acc.float() * sx[:, None] * scale.float()[None, :]
     if bias is not None:
         y = y + bias.float()

@@ -172,6 +172,20 @@ def test_from_pretrained_refuses_missing_packed_tensors(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_refuses_a_block_missing_its_packed_tensors(tmp_path):
+    # layer 0's tensors of the same name must not vouch for layer 1's
+    from safetensors.torch import load_file, save_file
+
+    model = llama()
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = {k: v for k, v in load_file(path).items() if not k.startswith("model.layers.1.mlp.up_proj.")}
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"packed tensors.*model\.layers\.1\.mlp\.up_proj\.qdata"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
 # ---------------------------------------------------------------- other architectures
 
 

@@ -268,3 +268,36 @@ def test_weights_made_in_inference_mode_are_named_not_a_crash():
         want = model(x)
         aofx.quantize_(model, aofx.Int8WeightOnlyConfig())  # as the warning says
         assert type(model[0]).__name__ == "QuantizedLinear" and sqnr(want, model(x)) > 35
+
+
+@pytest.mark.parametrize("cfg,floor", CASES)
+def test_a_bias_given_after_quantize_is_added(cfg, floor, fresh_dynamo):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32, bias=False)
+    aofx.quantize_(layer, cfg)
+    x = torch.randn(4, 64)
+    layer.bias = nn.Parameter(torch.full((32,), 3.0))
+    want = F.linear(x, layer.weight, layer.bias)
+    assert sqnr(want, layer(x)) > floor and sqnr(want, torch.compile(layer, fullgraph=True)(x)) > floor
+    assert (layer(x) - F.linear(x, layer.weight)).mean() > 2.5  # the bias of 3 is there
+    layer.bias = None
+    assert sqnr(F.linear(x, layer.weight), layer(x)) > floor
+
+
+def test_a_nan_attribute_does_not_force_a_capture_on_every_call():
+    class Clipped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(16, 16))
+            self.clip = float("nan")  # "no clipping": never equal to itself
+
+        def forward(self, x):
+            return F.linear(x, self.weight)
+
+    model, x = Clipped(), torch.randn(2, 16)
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig(), example_inputs=(x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            model(x)
+    assert len(model._aofx.captures) == 1 and not model._aofx.uncapturable

@@ -154,6 +154,17 @@ class Block(nn.Module):
         return self.fc(x) * self.norm_w
 
 
+def test_a_regex_over_a_subtree_names_only_what_holds_a_weight():
+    model = nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)),
+                           "norm": nn.LayerNorm(32)})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        aofx.quantize_(model, aofx.FqnToConfig({"re:.*": aofx.Int8WeightOnlyConfig()}))
+    (msg,) = _messages(record)  # the LayerNorm, asked for and left float; not the containers or the GELU
+    assert "norm: LayerNorm is not a linear layer" in msg and "GELU" not in msg and "Sequential" not in msg
+    assert _quantized(model) == {"mlp.0": True, "mlp.2": True}
+
+
 def test_a_container_key_mapped_to_none_does_not_warn():
     model = nn.ModuleDict({"block": Block(), "head": nn.Linear(32, 32)})
     with warnings.catch_warnings(record=True) as record:
@@ -163,7 +174,7 @@ def test_a_container_key_mapped_to_none_does_not_warn():
     assert _quantized(model) == {"block.fc": False, "head": True}
 
 
-def test_a_regex_key_matching_only_containers_names_them():
+def test_a_regex_key_matching_only_containers_is_named():
     model = nn.Module()
     model.layers = nn.ModuleList([Nested(), Nested()])  # no parameter of their own
     with warnings.catch_warnings(record=True) as record:
@@ -171,7 +182,7 @@ def test_a_regex_key_matching_only_containers_names_them():
         aofx.quantize_(model, aofx.FqnToConfig({r"re:layers\.\d+": aofx.Int8WeightOnlyConfig()}))
     msgs = [m for m in _messages(record) if "skipped" in m]
     assert len(msgs) == 1
-    assert "layers.0: Nested is not a linear layer" in msgs[0] and "layers.1: Nested" in msgs[0]
+    assert r"re:layers\.\d+: FqnToConfig key matches only modules that hold no weight" in msgs[0]
     assert not any(_quantized(model).values())
 
 
@@ -277,6 +288,13 @@ def test_two_configs_for_two_aliases_raise_before_anything_changes():
     with pytest.raises(ValueError, match=r"0\.fc and 1\.fc"):
         aofx.quantize_(model, cfg)
     assert type(model[0].fc) is nn.Linear
+
+
+def test_an_exact_key_beats_a_regex_across_aliases():
+    model = _aliased()
+    aofx.quantize_(model, aofx.FqnToConfig({"2.fc": aofx.Int8WeightOnlyConfig(),
+                                            r"re:\d\.fc": aofx.Int4WeightOnlyConfig(group_size=32)}))
+    assert "Int8WeightOnlyConfig" in repr(model[0].fc)
 
 
 # --- layers with no elements
