@@ -3,8 +3,8 @@
 Promises (docs/design.md, "Invariants"): the model stays the same object with the same module tree;
 a quantized module gets a generated subclass of its own class (``aofx.install``); every error about
 the user's input is raised before anything is mutated; every weight the user asked for is quantized
-or named, with the reason, in one ``UserWarning``. A little over 400 lines, to keep the selection
-rules and every check that runs before mutation in one file.
+or named, with the reason, in one ``UserWarning``. About 470 lines, to keep torchao's selection
+rules (filters, fqn keys, aliases) and every check that runs before mutation in one file.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def _plan(model, config, filter_fn, seen):
     for fqn, module in model.named_modules():
         parts = fqn.split(".") if fqn else []
         if any(".".join(parts[:i]) in inside_handled for i in range(len(parts))):  # O(depth), not O(taken layers)
-            continue  # a handler replaces a whole subtree, as torchao's does (the root's too)
+            continue  # inside a taken layer or a handler's module: torchao's walk stops there (at the root too)
         own = dict(module.named_parameters(recurse=False))
         kind = linear_like(module)
         if fqn_map:  # named by a key of its own (module or parameter fqn), not just by "_default"

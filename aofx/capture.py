@@ -120,6 +120,10 @@ def _public(module: torch.nn.Module) -> dict:
 _PLAIN = (bool, int, float, str, torch.dtype, torch.device, type(None))
 
 
+class _Unchecked:
+    """Stands for an attribute value that is not compared (an arbitrary object)."""
+
+
 def _baked(v):
     """What a graph bakes in of an attribute value: plain values, and containers of them, by value;
     tensors are read at run time (see ``CapturedGraph``); anything else is not compared."""
@@ -132,8 +136,9 @@ def _baked(v):
     return _Unchecked
 
 
-class _Unchecked:
-    pass
+def _same(now, then) -> bool:
+    """``is`` first: an unchanged NaN equals itself, as it does inside tuples."""
+    return type(now) is type(then) and (now is then or now == then)
 
 
 def plain_attributes(module: torch.nn.Module) -> dict:
@@ -295,9 +300,7 @@ class CapturedGraph:
                 now = plain_attributes(owner)
             except Exception:  # noqa: BLE001
                 return False
-            # `is` first: an unchanged NaN equals itself here, as inside tuples
-            if now.keys() != self.attributes.keys() or any(type(now[k]) is not type(v) or (now[k] is not v and now[k] != v)
-                                                          for k, v in self.attributes.items()):
+            if now.keys() != self.attributes.keys() or not all(_same(now[k], v) for k, v in self.attributes.items()):
                 return False
         symbols = {}
         for guard, value in zip(self.guards, leaves):

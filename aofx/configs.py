@@ -18,7 +18,7 @@ import numbers
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 
@@ -68,11 +68,14 @@ def _per_row_only(config, why: str, per_row: bool = True) -> None:
     """torchao's ``granularity`` field of a per-channel scheme: ``PerRow()``, an (activation, weight)
     list of them, or None, which reads back as torchao's default ``PerRow()`` (None for a grouped scheme)."""
     g = config.granularity
-    many = isinstance(g, (list, tuple))
-    given = [as_granularity(x) for x in g] if many else [as_granularity(g)]
-    if g is not None and (not all(map(is_last_dim_row, given)) or len(given) != (2 if many else 1)):
+    if g is None:
+        config.granularity = PerRow() if per_row else None
+        return
+    pair = isinstance(g, (list, tuple))
+    given = [as_granularity(x) for x in (g if pair else [g])]
+    if len(given) != (2 if pair else 1) or not all(map(is_last_dim_row, given)):
         raise ValueError(f"{type(config).__name__}: granularity={g!r} is not supported; {why}")
-    config.granularity = (type(g)(given) if many else given[0]) if g is not None else PerRow() if per_row else None
+    config.granularity = type(g)(given) if pair else given[0]
 
 
 def _version_2(config) -> None:

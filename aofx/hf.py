@@ -107,10 +107,11 @@ def _check_packed_saved(model, checkpoint_files) -> None:
                for w in m._aofx.weights.values() for b in w.buffer_names()
                if (name := f"{fqn}.{b}".lstrip(".")) not in keys and _tails(name)[-1] not in tails]
     if missing:
+        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
         raise ValueError(f"this checkpoint's quantization_config names quantized layers whose packed tensors it does "
-                         f"not hold ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); it was saved after "
-                         "the model changed since quantize_ recorded its configs. Save it again with "
-                         "aofx.hf.save_pretrained")
+                         f"not hold ({shown}); it was saved without aofx.hf, after the model changed since "
+                         "quantize_ recorded its configs, or edited. Save the quantized model again with "
+                         "save_pretrained after `import aofx.hf`")
 
 
 def _tails(key: str) -> list:

@@ -28,8 +28,8 @@ weight is packed:
 The packed tensors are buffers named ``<prefix><key>`` (``qdata``, ``scale``, ``zero``), where the
 prefix is empty for the ``weight`` of a Linear-like module and ``"<name>_"`` otherwise.
 
-A little over 400 lines: the class, its weight property, moves and pickling keep one invariant (the
-packed buffers stand in for the weight), so they stay together.
+About 470 lines: the class, its weight property, moves and pickling keep one invariant (the packed
+buffers stand in for the weight), so they stay together.
 """
 
 from __future__ import annotations
@@ -248,6 +248,7 @@ class QuantizedModule:
         else:
             leaves, spec = pytree.tree_flatten((args, kwargs))
             training = modes(self)
+
         def run(capture):
             out = capture.run(self, leaves)
             return out.reshape(*x.shape[:-1], out.shape[-1]) if state.shared_key is not None else out
