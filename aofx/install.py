@@ -234,6 +234,13 @@ class QuantizedModule:
 
     def forward(self, *args, **kwargs):
         state = self.__dict__["_aofx"]
+        if _fx_symbolic_tracing():  # fx traces into this class, which is not torch.nn's
+            if state.shared_key is None:
+                return self._aofx_base.forward(self, *args, **kwargs)  # on the weight dequantized on read
+            (w,) = state.weights.values()  # a standard linear shows up as its op on the packed buffers
+            packed = [self._buffers[b] for b in w.buffer_names()]
+            x = args[0] if args else next(iter(kwargs.values()))
+            return w.rewrite.op(*w.rewrite.op_args(x, packed, self.bias, w.config))
         has_bias = getattr(self, "bias", None) is not None
         if state.shared_key is not None and has_bias != state.shared_key[2]:  # shared_key[2]: it had a bias
             # a bias given to (or taken from) the layer after quantize_: the shared graph of the old key
@@ -416,6 +423,12 @@ def _forward_like(base: type):
 def _rebuild(base: type, names: tuple):
     cls = quantized_class(base, names)
     return cls.__new__(cls)
+
+
+def _fx_symbolic_tracing() -> bool:
+    """``torch.fx.symbolic_trace`` is running (export and compile set fx's flag too: torch's own
+    ``is_fx_symbolic_tracing``, which torch 2.11 may lack)."""
+    return torch.fx._symbolic_trace._is_fx_tracing_flag and not torch.compiler.is_compiling()
 
 
 def install(module: nn.Module, weights: dict, packed: dict, captures: list, key) -> None:

@@ -301,3 +301,15 @@ def test_a_nan_attribute_does_not_force_a_capture_on_every_call():
         for _ in range(3):
             model(x)
     assert len(model._aofx.captures) == 1 and not model._aofx.uncapturable
+
+
+@pytest.mark.parametrize("cfg,floor", CASES)
+def test_fx_symbolic_trace_shows_each_layer_as_its_op(cfg, floor):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32, bias=False))
+    aofx.quantize_(model, cfg)
+    gm = torch.fx.symbolic_trace(model)
+    ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert len(ops) == 2 and all(op.startswith("aofx.") for op in ops)
+    x = torch.randn(3, 5, 64)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
