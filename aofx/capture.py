@@ -125,10 +125,13 @@ class _Unchecked:
 
 
 def _baked(v):
-    """What a graph bakes in of an attribute value: plain values, and containers of them, by value;
-    tensors are read at run time (see ``CapturedGraph``); anything else is not compared."""
+    """What a graph bakes in of an attribute value: plain values, and containers of them, by value; a
+    tensor inside a container by identity and version (the graph holds it as a constant); anything else
+    is not compared. Tensor attributes themselves are read at run time (see ``CapturedGraph``)."""
     if isinstance(v, _PLAIN):
         return v
+    if isinstance(v, torch.Tensor):
+        return ("tensor", id(v), v._version)
     if isinstance(v, (tuple, list)):
         return (type(v), tuple(_baked(e) for e in v))
     if isinstance(v, dict):

@@ -313,3 +313,22 @@ def test_fx_symbolic_trace_shows_each_layer_as_its_op(cfg, floor):
     assert len(ops) == 2 and all(op.startswith("aofx.") for op in ops)
     x = torch.randn(3, 5, 64)
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_a_tensor_inside_a_list_attribute_is_read_again_when_changed():
+    class Scaled(nn.Linear):
+        def __init__(self):
+            super().__init__(64, 64)
+            self.scales = [torch.ones(64)]
+
+        def forward(self, x):
+            return super().forward(x) * self.scales[0]
+
+    torch.manual_seed(0)
+    model, x = Scaled(), torch.randn(4, 64)
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    before = model(x)
+    model.scales[0].mul_(2)  # in place
+    torch.testing.assert_close(model(x), 2 * before)
+    model.scales[0] = torch.zeros(64)  # replaced
+    assert not model(x).any()
