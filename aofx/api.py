@@ -311,7 +311,9 @@ def _plan(model, config, filter_fn, seen):
         if fqn_map:  # a parameter named by a key that aofx cannot quantize is said, not dropped
             for p in own:
                 p_cfg, p_key = _lookup_aliases(config, [f"{a}.{p}".lstrip(".") for a in aliases[id(module)]])
-                if p not in names and p_cfg is not None and p_key not in (None, "_default"):
+                module_named = key in aliases[id(module)]  # an exact module key beats a regex on its parameters
+                if (p not in names and p_cfg is not None and p_key not in (None, "_default")
+                        and not (module_named and p_key.startswith("re:"))):
                     skipped.append((f"{fqn}.{p}".lstrip("."), "aofx quantizes weights used as an F.linear weight "
                                                               "(a linear layer's weight, or one seen with example_inputs)"))
         weights = {}

@@ -88,7 +88,7 @@ def untie_quantized(model) -> None:
 
 def _check_packed_saved(model, checkpoint_files) -> None:
     """Raise when the checkpoint lacks packed tensors that its config names (a config recorded before the
-    model changed): transformers would otherwise "newly initialize" them and load garbage."""
+    model changed, or edited): transformers would otherwise "newly initialize" them and load garbage."""
     from safetensors import safe_open
 
     keys = set()
@@ -98,20 +98,26 @@ def _check_packed_saved(model, checkpoint_files) -> None:
                 keys.update(f.keys())
     if not keys:
         return
-    # Checkpoints of some models hold legacy key names that transformers renames while loading (Llava:
-    # language_model.model.layers.* for model.language_model.layers.*), so a packed tensor also counts as
-    # present when a key ends with its name from the part before its first index (layers.1.mlp.up_proj.qdata,
-    # which keeps every block index) or, without an index, with its last three parts.
+    expected = {}  # packed tensor -> its names (tied layers register one tensor on each)
+    for fqn, m in model.named_modules():
+        if isinstance(m, QuantizedModule):
+            for w in m._aofx.weights.values():
+                for b in w.buffer_names():
+                    expected.setdefault(id(m._buffers[b]), []).append((f"{fqn}.{b}".lstrip("."), b))
+    # transformers renames keys while loading (ViT saves encoder.layer.0.attention.attention.query for the
+    # module it calls layers.0.attention.q_proj), so names alone cannot say what is missing: the count of
+    # packed tensors can, and the names then say which (a key ending with the name from the part before
+    # its first index, layers.1.mlp.up_proj.qdata, which keeps block indices)
+    suffixes = {b for names in expected.values() for _, b in names}
+    if sum(k.rsplit(".", 1)[-1] in suffixes for k in keys) >= len(expected):
+        return
     tails = {tail for k in keys for tail in _tails(k)}
-    missing = [name for fqn, m in model.named_modules() if isinstance(m, QuantizedModule)
-               for w in m._aofx.weights.values() for b in w.buffer_names()
-               if (name := f"{fqn}.{b}".lstrip(".")) not in keys and _tails(name)[-1] not in tails]
-    if missing:
-        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
-        raise ValueError(f"this checkpoint's quantization_config names quantized layers whose packed tensors it does "
-                         f"not hold ({shown}); it was saved without aofx.hf, after the model changed since "
-                         "quantize_ recorded its configs, or edited. Save the quantized model again with "
-                         "save_pretrained after `import aofx.hf`")
+    missing = [names[0][0] for names in expected.values()
+               if not any(n in keys or _tails(n)[-1] in tails for n, _ in names)]
+    shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "") if missing else "names renamed on load"
+    raise ValueError(f"this checkpoint holds fewer packed tensors than its quantization_config names ({shown}); "
+                     "it was saved without aofx.hf, after the model changed since quantize_ recorded its configs, "
+                     "or edited. Save the quantized model again with save_pretrained after `import aofx.hf`")
 
 
 def _tails(key: str) -> list:

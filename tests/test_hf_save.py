@@ -248,3 +248,17 @@ def test_llava_language_model_only(tmp_path):
     back = save_and_reload(model, tmp_path, cls=transformers.LlavaForConditionalGeneration)
     torch.testing.assert_close(logits(back, inputs), ref, rtol=0, atol=0)
     assert quantized(back) == layers
+
+
+def test_a_model_whose_keys_transformers_renames_reloads(tmp_path):
+    # ViT is saved under its legacy names (encoder.layer.0.attention.attention.query) and renamed on load
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128, image_size=32,
+        patch_size=8, num_labels=5)).eval()
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    x = torch.randn(2, 3, 32, 32)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert quantized(reloaded) == quantized(model)
+    torch.testing.assert_close(reloaded(pixel_values=x).logits, model(pixel_values=x).logits, rtol=0, atol=0)

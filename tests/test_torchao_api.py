@@ -314,3 +314,11 @@ def test_zero_feature_linears_are_skipped_with_a_warning():
     assert [isinstance(m, QuantizedModule) for m in model] == [True, False, False]
     assert model[1](torch.randn(2, 4)).shape == (2, 0)
     assert torch.equal(model(x), y)  # Linear(0, 4) returns its bias
+
+
+def test_an_exact_none_key_covers_the_layers_bias_against_a_regex():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        aofx.quantize_(model, aofx.FqnToConfig({"re:1.*": aofx.Int8WeightOnlyConfig(), "1": None}))
+    assert _messages(record) == [] and not any(_quantized(model).values())
