@@ -177,8 +177,9 @@ def _as_config(config) -> AOBaseConfig:
 
 # ---------------------------------------------------------------- planning
 
-def _lookup(config: FqnToConfig, fqns: list) -> tuple:
-    """``(config, matching key)`` for ``fqns``: ``[parameter fqn, module fqn]``, or one module fqn.
+def _lookup(config: FqnToConfig, fqns: list, param: bool = False) -> tuple:
+    """``(config, matching key)`` for ``fqns``: ``[parameter fqn, module fqn]``, or one module fqn (one
+    parameter fqn with ``param``).
 
     torchao's order: exact keys, then regexes on the parameter fqn, then on the module fqn, then
     ``"_default"``. torchao applies every regex that matches a parameter, so there a ``None`` only
@@ -190,16 +191,17 @@ def _lookup(config: FqnToConfig, fqns: list) -> tuple:
     for i, fqn in enumerate(fqns):
         hits = [(cfg, key) for key, cfg in table.items() if key.startswith("re:") and re.fullmatch(key[3:], fqn)]
         if hits:
-            is_param = i == 0 and len(fqns) > 1
+            is_param = i == 0 and (len(fqns) > 1 or param)
             return next((h for h in hits if h[0] is not None), hits[0]) if is_param else hits[0]
     return table.get("_default"), ("_default" if "_default" in table else None)
 
 
-def _lookup_aliases(config: FqnToConfig, aliases: list, name: str = "") -> tuple:
+def _lookup_aliases(config: FqnToConfig, aliases: list, name: str = "", param_only: bool = False) -> tuple:
     """``_lookup`` for a module registered under several fqns (one instance shared, ALBERT-style), or for
-    its parameter ``name``: a key naming any of them counts, an exact key over a regex, and two of the same
-    kind that say different things raise."""
-    found = [(a, *_lookup(config, [f"{a}.{name}".strip(".")] + ([a] if name else []))) for a in aliases]
+    its parameter ``name`` (by the parameter's keys alone with ``param_only``): a key naming any of them
+    counts, an exact key over a regex, and two of the same kind that say different things raise."""
+    found = [(a, *_lookup(config, [f"{a}.{name}".strip(".")] + ([a] if name and not param_only else []),
+                          param=param_only)) for a in aliases]
 
     def rank(key):  # 0: an exact name, 1: a regex, 2: "_default" or nothing
         return 2 if key in (None, "_default") else 1 if key.startswith("re:") else 0
@@ -255,8 +257,7 @@ def _plan(model, config, filter_fn, seen):
         kind = linear_like(module)
         if fqn_map:  # named by a key of its own (module or parameter fqn), not just by "_default"
             cfg, key = _lookup_aliases(config, aliases[id(module)])
-            found = [(cfg, key)] + [_lookup_aliases(config, [f"{a}.{p}".lstrip(".") for a in aliases[id(module)]])
-                                    for p in own]
+            found = [(cfg, key)] + [_lookup_aliases(config, aliases[id(module)], p, param_only=True) for p in own]
             explicit = any(k not in (None, "_default") for _, k in found)
             asked = any(k not in (None, "_default") and c is not None for c, k in found)  # and not left alone
             exact = any(k in aliases[id(module)] for _, k in found[:1]) or any(
@@ -310,7 +311,7 @@ def _plan(model, config, filter_fn, seen):
             continue
         if fqn_map:  # a parameter named by a key that aofx cannot quantize is said, not dropped
             for p in own:
-                p_cfg, p_key = _lookup_aliases(config, [f"{a}.{p}".lstrip(".") for a in aliases[id(module)]])
+                p_cfg, p_key = _lookup_aliases(config, aliases[id(module)], p, param_only=True)
                 module_named = key in aliases[id(module)]  # an exact module key beats a regex on its parameters
                 if (p not in names and p_cfg is not None and p_key not in (None, "_default")
                         and not (module_named and p_key.startswith("re:"))):

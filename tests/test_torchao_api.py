@@ -322,3 +322,11 @@ def test_an_exact_none_key_covers_the_layers_bias_against_a_regex():
         warnings.simplefilter("always")
         aofx.quantize_(model, aofx.FqnToConfig({"re:1.*": aofx.Int8WeightOnlyConfig(), "1": None}))
     assert _messages(record) == [] and not any(_quantized(model).values())
+
+
+def test_a_parameter_regex_that_quantized_a_weight_is_not_called_container_only():
+    model = nn.ModuleDict({"linear1": nn.Linear(32, 32), "linear2": nn.Linear(32, 32)})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        aofx.quantize_(model, aofx.FqnToConfig({"re:linear.*": None, r"re:linear1\.weight": aofx.Int8WeightOnlyConfig()}))
+    assert _messages(record) == [] and _quantized(model) == {"linear1": True, "linear2": False}
