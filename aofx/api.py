@@ -260,12 +260,13 @@ def _plan(model, config, filter_fn, seen):
             found = [(cfg, key)] + [_lookup_aliases(config, aliases[id(module)], p, param_only=True) for p in own]
             explicit = any(k not in (None, "_default") for _, k in found)
             asked = any(k not in (None, "_default") and c is not None for c, k in found)  # and not left alone
-            exact = any(k in aliases[id(module)] for _, k in found[:1]) or any(
-                k is not None and not k.startswith("re:") and k != "_default" for _, k in found[1:])
+            module_named = key in aliases[id(module)]  # an exact module key, which beats regexes on its parameters
+            exact = module_named or any(k is not None and not k.startswith("re:") and k != "_default"
+                                        for _, k in found[1:])
             if own or exact:
                 weighty_keys.update(k for _, k in found)
         else:
-            cfg, explicit, exact = config, False, False
+            cfg, explicit, exact, module_named = config, False, False, False
         uses_linear = seen is not None and any(id(p) in seen.linear for p in own.values())
         experts = _expert_params(module, seen)
         if filter_fn is not None:
@@ -312,7 +313,6 @@ def _plan(model, config, filter_fn, seen):
         if fqn_map:  # a parameter named by a key that aofx cannot quantize is said, not dropped
             for p in own:
                 p_cfg, p_key = _lookup_aliases(config, aliases[id(module)], p, param_only=True)
-                module_named = key in aliases[id(module)]  # an exact module key beats a regex on its parameters
                 if (p not in names and p_cfg is not None and p_key not in (None, "_default")
                         and not (module_named and p_key.startswith("re:"))):
                     skipped.append((f"{fqn}.{p}".lstrip("."), "aofx quantizes weights used as an F.linear weight "
@@ -376,9 +376,7 @@ def _check_weight(module, fqn, name, config, kind: Optional[bool]):
         return None, "the weight was made under torch.inference_mode(); call quantize_ under it too"
     if weight.numel() == 0:
         return None, f"the weight has no elements ({tuple(weight.shape)})"
-    with torch.no_grad():  # an inference-mode parameter that requires grad cannot enter autograd
-        finite = weight.is_meta or bool(torch.isfinite(weight).all())
-    if not finite:
+    if not weight.is_meta and not torch.isfinite(weight).all():
         raise ValueError(f"aofx.quantize_: weight {where} contains NaN or Inf; nothing was quantized")
     transposed = bool(kind)
     reason = find_pass(config).skip_reason(weight.t() if transposed else weight, config)  # (N, K)

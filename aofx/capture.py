@@ -12,9 +12,10 @@ Guards. An exported graph is only valid for inputs like the example it was trace
 pytree structure, dtypes and ranks, the same size on every dimension export specialized (a size-1
 example dimension, or one tied to a weight), and the same non-tensor values (a float scale or a
 bool flag is baked in), and the same train/eval flags of the unit and its submodules (dropout is
-baked in too), and the same plain attribute values (bool, int, float, str, None) of the unit and its
-submodules, which the forward may read (a LoRA-style ``scaling``, an on/off flag). ``CapturedGraph.accepts``
-checks all of these, as ``torch.export``'s own input guards do; the caller captures again, or falls
+baked in too), and the same attributes of the unit and its submodules that the forward may read and a
+graph bakes in (``plain_attributes``: plain values and containers of them, such as a LoRA-style
+``scaling`` or an on/off flag, each submodule's class and hooks); tensor attributes are read at each
+call instead. ``CapturedGraph.accepts`` checks all of these, as ``torch.export``'s own input guards do; the caller captures again, or falls
 back, when no graph accepts. A forward that sets attributes of its modules (a call counter, a cached
 input) cannot be repeated by a graph: ``export_unit`` undoes what the trace set and raises.
 """

@@ -241,13 +241,6 @@ class QuantizedModule:
             packed = [self._buffers[b] for b in w.buffer_names()]
             x = args[0] if args else next(iter(kwargs.values()))
             return w.rewrite.op(*w.rewrite.op_args(x, packed, self.bias, w.config))
-        has_bias = getattr(self, "bias", None) is not None
-        if state.shared_key is not None and has_bias != state.shared_key[2]:  # shared_key[2]: it had a bias
-            # a bias given to (or taken from) the layer after quantize_: the shared graph of the old key
-            # would drop it; take the graph of the new key (eagerly), or run the float forward meanwhile
-            if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-                return self._aofx_base.forward(self, *args, **kwargs)
-            refresh_shared(self)
         if state.shared_key is not None:  # a standard linear: rows are independent, run (M, K)
             x = args[0] if args else next(iter(kwargs.values()))
             leaves, spec = [x.reshape(-1, x.shape[-1])], _LINEAR_SPEC  # (M, K)

@@ -20,10 +20,9 @@ high nibble. q is in [0, 15] and ``w ~= (q - 8) * scale + zero`` (tinygemm's flo
 Scales are never clamped to bf16 eps (torchao 0.14-0.17 did, which costs ~7 dB on small weights):
 they are clamped to the smallest normal float32, so an all-zero row or group gives exact zeros.
 
-Extremes: any finite weight dequantizes to a finite value, in fp32 and in bf16 (an fp16 int8 weight in fp16
-too). A group spanning
-more than fp32's range (-3e38 .. 3e38) gets its int4 scale and zero from float64, and int4 / int8
-codes whose dequantized value would overflow bf16 are not used. A group of only subnormals
+Extremes: any finite weight dequantizes to a finite value, in fp32 and in bf16 (an fp16 int8 weight in
+fp16 too). A group spanning more than fp32's range (-3e38 .. 3e38) gets its int4 scale and zero from
+float64, and int4 / int8 codes whose dequantized value would overflow bf16 are not used. A group of only subnormals
 (|w| < 2**-126) comes back no worse than zeros: every element within min(|w|, scale / 2).
 """
 
