@@ -243,6 +243,7 @@ def _plan(model, config, filter_fn, seen):
     handled, units, skipped, inside_handled = [], [], [], set()
     weighty_keys = set()  # keys that decided for a module holding a weight (or named exactly)
     fqn_map = isinstance(config, FqnToConfig)
+    regexes = {k for k in config.fqn_to_config if k.startswith("re:")} if fqn_map else set()
     # A weight tied between a linear layer and another module (an embedding) is the linear's to quantize.
     if seen is not None:
         seen.linear -= {id(m._parameters.get("weight")) for m in model.modules() if linear_like(m) is not None}
@@ -265,6 +266,9 @@ def _plan(model, config, filter_fn, seen):
                                         for _, k in found[1:])
             if own or exact:
                 weighty_keys.update(k for _, k in found)
+                # a regex that names this module, though a stronger key decided for it, names a weight too
+                names = [f"{a}.{p}".strip(".") for a in aliases[id(module)] for p in ["", *own]]
+                weighty_keys.update(k for k in regexes - weighty_keys if any(re.fullmatch(k[3:], n) for n in names))
         else:
             cfg, explicit, exact, module_named = config, False, False, False
         uses_linear = seen is not None and any(id(p) in seen.linear for p in own.values())

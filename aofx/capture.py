@@ -161,8 +161,10 @@ def plain_attributes(module: torch.nn.Module) -> dict:
 
 
 class _AttributeWrites:
-    """While tracing: the public attributes the forward sets on the unit's modules (a call counter, a
-    cached input), recorded and then undone, so the trace leaves the model as it was."""
+    """While tracing: the attributes the forward sets on the unit's modules (a call counter, public or
+    ``_private``, a cached input), recorded and then undone, so the trace leaves the model as it was.
+    Setting an attribute to the object it already holds (``self.buf += 1`` on a buffer, updated in place,
+    which the graph repeats) is not a write."""
 
     def __init__(self, module: torch.nn.Module):
         self.fqns = {id(m): fqn for fqn, m in module.named_modules()}
@@ -175,7 +177,7 @@ class _AttributeWrites:
         fqns, names, setattr_ = self.fqns, self.names, self.setattr
 
         def record(m, name, value):
-            if id(m) in fqns and not name.startswith("_") and name != "training":
+            if id(m) in fqns and name != "training" and not _holds(m, name, value):
                 names.append(f"{fqns[id(m)]}.{name}".lstrip("."))
             setattr_(m, name, value)
 
@@ -190,6 +192,11 @@ class _AttributeWrites:
                 vars(m).update(self.saved[id(m)])
         self.names = list(dict.fromkeys(self.names))
         return False
+
+
+def _holds(m: torch.nn.Module, name: str, value) -> bool:
+    held = vars(m).get(name, m._parameters.get(name, m._buffers.get(name, m._modules.get(name, _Unchecked))))
+    return held is value
 
 
 def modes(module: torch.nn.Module) -> tuple:

@@ -98,7 +98,8 @@ def _check_group_size(config, group_size, allow_none: bool) -> None:
 
 @dataclass
 class Int4WeightOnlyConfig(AOBaseConfig):
-    """int4 weights, asymmetric per group of ``group_size`` input features; bf16 activations.
+    """int4 weights, asymmetric per group of ``group_size`` input features; bf16 or fp16 activations
+    (other float dtypes run the pure-torch reference).
 
     Fields:
         group_size (int, default 128): input features that share one bf16 scale and zero point;
@@ -300,7 +301,9 @@ class FqnToConfig(AOBaseConfig):
 
     Precedence for an fqn: the exact key, then the first ``"re:"`` key in dict order whose regex
     fullmatches it, then ``"_default"``. A value of ``None`` means "leave this module alone" and
-    stops the search, so an exact ``None`` beats a matching regex or ``"_default"``.
+    stops the search, so an exact ``None`` beats a matching regex or ``"_default"``. ``quantize_``
+    looks up each layer's parameter fqns (``"layers.0.weight"``) before its module fqn, and there, as
+    torchao applies every parameter regex that matches, a regex mapped to ``None`` passes to the next.
     """
 
     fqn_to_config: dict = field(default_factory=dict)
@@ -332,7 +335,8 @@ class FqnToConfig(AOBaseConfig):
                 raise TypeError(f"FqnToConfig: value for {key!r} must be a config object or None; got {cfg!r}")
 
     def config_for(self, fqn: str):
-        """The config for ``fqn``, or None when the module is not covered or is skipped."""
+        """The config for a module ``fqn`` by the precedence above, or None when it is not covered or is
+        skipped (``quantize_`` looks up parameter fqns by a rule of their own: see above)."""
         table = self.fqn_to_config
         if fqn in table:
             return table[fqn]

@@ -172,8 +172,9 @@ def _register() -> None:
 def record(model: "transformers.PreTrainedModel") -> None:
     """Record the aofx configs as ``model.config.quantization_config`` (``quantize_`` calls this on a
     transformers model), so that ``model.save_pretrained`` writes a checkpoint that ``from_pretrained``
-    loads quantized, or refuses with an unknown-method error where aofx.hf is not imported; without it
-    transformers would load random float weights in place of the packed ones."""
+    loads quantized once aofx.hf is imported. Without the record, or without the import (transformers
+    skips a quantization method it does not know), the model loads float, with random weights in place
+    of the packed ones."""
     configs = quantized_metadata(model)  # raises for layers without a checkpoint form, before any change
     for sub in _sub_configs(model.config):  # a record made by quantize_ on a submodel (language_model)
         if _recorded(sub):

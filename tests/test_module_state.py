@@ -87,6 +87,45 @@ def test_a_forward_that_writes_attributes_stays_float_and_is_named():
     assert model[0].calls == 1 and model[0].last.shape == (2, 64)
 
 
+class PrivateCounting(nn.Linear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._calls = 0
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self._calls += 1  # a private attribute: the quantized layer could not keep counting
+        return super().forward(x)
+
+
+class BufferCounting(PrivateCounting):
+    def forward(self, x):
+        self.seen += 1  # in place on the buffer, then set to the same object: the graph repeats it
+        return nn.Linear.forward(self, x)
+
+
+def test_a_forward_that_writes_a_private_attribute_stays_float_and_is_named():
+    model = nn.Sequential(PrivateCounting(64, 32), nn.Linear(32, 32))
+    with pytest.warns(UserWarning, match=r"0: torch.export could not capture it: .*sets _calls"):
+        aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    assert type(model[0]) is PrivateCounting and model[0]._calls == 0
+    model(torch.randn(2, 64))
+    model(torch.randn(2, 64))
+    assert model[0]._calls == 2
+
+
+def test_a_buffer_updated_in_place_with_plus_equals_is_quantized_and_kept_counting():
+    model = nn.Sequential(BufferCounting(64, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aofx.quantize_(model, aofx.Int8WeightOnlyConfig(), example_inputs=(torch.randn(2, 64),))
+    assert type(model[0]).__name__ == "QuantizedBufferCounting"
+    count = float(model[0].seen)  # the example run counted once
+    model(torch.randn(2, 64))
+    model(torch.randn(3, 64))
+    assert float(model[0].seen) == count + 2
+
+
 def test_shared_linear_graphs_ignore_attributes_their_forward_never_reads():
     layers = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     layers[0].note, layers[1].note = "a", "b"  # nn.Linear.forward reads neither

@@ -186,6 +186,18 @@ def test_a_regex_key_matching_only_containers_is_named():
     assert not any(_quantized(model).values())
 
 
+def test_a_regex_overridden_by_exact_keys_is_not_called_container_only():
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Linear(32, 32), nn.Linear(32, 32)])
+    i8 = aofx.Int8WeightOnlyConfig()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        aofx.quantize_(model, aofx.FqnToConfig({"layers.0": i8, "layers.1": i8,
+                                                r"re:layers\.\d": aofx.Int4WeightOnlyConfig(group_size=32)}))
+    assert _messages(record) == []
+    assert all(m._aofx.scheme.startswith("Int8WeightOnlyConfig") for m in model.layers)
+
+
 # --- torchao's granularity classes and MappingType
 
 
