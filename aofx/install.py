@@ -125,6 +125,8 @@ class LayerState:
         self.reads: dict = {}  # id of a tensor `weight` returned, still alive -> (name, its version, packed)
 
     def remember_read(self, name: str, value: torch.Tensor, packed: tuple) -> None:
+        if value.is_inference():  # made under torch.inference_mode(): it has no version to compare
+            return
         key = id(value)
         weakref.finalize(value, self.reads.pop, key, None)  # dropped with the tensor, packed tensors too
         self.reads[key] = (name, value._version, packed)
@@ -134,7 +136,7 @@ class LayerState:
         its own), unmodified and of the layer's current shape and dtype; else None."""
         read_name, version, packed = self.reads.get(id(value), (None, None, None))
         w = self.weights[name]
-        if read_name != name or value._version != version:
+        if read_name != name or value.is_inference() or value._version != version:
             return None
         return packed if (tuple(value.shape), value.dtype) == (w.shape, w.dtype) else None
 
@@ -241,6 +243,9 @@ class QuantizedModule:
             packed = [self._buffers[b] for b in w.buffer_names()]
             x = args[0] if args else next(iter(kwargs.values()))
             return w.rewrite.op(*w.rewrite.op_args(x, packed, self.bias, w.config))
+        if any(isinstance(a, torch.Tensor) and a.is_nested for a in (*args, *kwargs.values())):
+            # rows of ragged lengths (nn.TransformerEncoder's padding fast path) have no (M, K) view
+            return self._aofx_base.forward(self, *args, **kwargs)  # on the weight dequantized on read
         if state.shared_key is not None:  # a standard linear: rows are independent, run (M, K)
             x = args[0] if args else next(iter(kwargs.values()))
             leaves, spec = [x.reshape(-1, x.shape[-1])], _LINEAR_SPEC  # (M, K)
