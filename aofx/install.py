@@ -244,8 +244,12 @@ class QuantizedModule:
             x = args[0] if args else next(iter(kwargs.values()))
             return w.rewrite.op(*w.rewrite.op_args(x, packed, self.bias, w.config))
         if any(isinstance(a, torch.Tensor) and a.is_nested for a in (*args, *kwargs.values())):
-            # rows of ragged lengths (nn.TransformerEncoder's padding fast path) have no (M, K) view
-            return self._aofx_base.forward(self, *args, **kwargs)  # on the weight dequantized on read
+            # Ragged rows (nn.TransformerEncoder's padding path) have no (M, K) view: a standard linear
+            # runs each sequence; another module its own forward on the weight dequantized on read.
+            if state.shared_key is None:
+                return self._aofx_base.forward(self, *args, **kwargs)
+            x = args[0] if args else next(iter(kwargs.values()))
+            return torch.nested.as_nested_tensor([self(t) for t in x.unbind()], layout=x.layout)
         if state.shared_key is not None:  # a standard linear: rows are independent, run (M, K)
             x = args[0] if args else next(iter(kwargs.values()))
             leaves, spec = [x.reshape(-1, x.shape[-1])], _LINEAR_SPEC  # (M, K)

@@ -11,7 +11,8 @@ from torch import nn
 import aofx
 from aofx.numerics import sqnr
 
-CONFIGS = [aofx.Int8WeightOnlyConfig(), aofx.Int4WeightOnlyConfig(group_size=32)]
+CONFIGS = [aofx.Int8WeightOnlyConfig(), aofx.Int4WeightOnlyConfig(group_size=32),
+           aofx.Int8DynamicActivationInt8WeightConfig()]
 
 
 def _dequantized_copy(float_model: nn.Module, quantized: nn.Module) -> nn.Module:
@@ -26,18 +27,18 @@ def _dequantized_copy(float_model: nn.Module, quantized: nn.Module) -> nn.Module
 
 
 @pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
-@pytest.mark.parametrize("config", CONFIGS, ids=["int8wo", "int4wo"])
-def test_a_nested_input_gives_each_sequence_its_linear(layout, config):
+@pytest.mark.parametrize("config", CONFIGS, ids=["int8wo", "int4wo", "int8dq"])
+def test_a_nested_input_gives_each_sequence_its_quantized_linear(layout, config):
     torch.manual_seed(0)
     layer = nn.Linear(64, 32).to(torch.bfloat16)
     aofx.quantize_(layer, config)
     seqs = [torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(5, 64, dtype=torch.bfloat16)]
     with torch.no_grad():
         out = layer(torch.nested.nested_tensor(seqs, layout=layout))
-        w = layer.weight
-        assert out.is_nested
-        for got, x in zip(out.unbind(), seqs):
-            torch.testing.assert_close(got, F.linear(x, w, layer.bias))
+        assert out.is_nested and out.layout == layout
+        for got, x in zip(out.unbind(), seqs):  # the scheme's own answer (int8dq quantizes x too)
+            torch.testing.assert_close(got, layer(x), rtol=0, atol=0)
+            assert sqnr(F.linear(x, layer.weight, layer.bias), got) > 25
 
 
 @pytest.mark.parametrize("hooked", [False, True], ids=["fast_path", "nested_to_linears"])
@@ -57,6 +58,21 @@ def test_transformer_encoder_padding_path_matches_the_dequantized_float_encoder(
     with torch.no_grad():
         want, got = ref(src, src_key_padding_mask=pad), model(src, src_key_padding_mask=pad)
     assert sqnr(want, got) > 60
+
+
+def test_a_nested_input_reaches_a_captured_unit_as_its_own_forward():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    torch.manual_seed(0)
+    layer = Scaled(64, 32).to(torch.bfloat16)
+    aofx.quantize_(layer, aofx.Int8WeightOnlyConfig())
+    seqs = [torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(5, 64, dtype=torch.bfloat16)]
+    with torch.no_grad():
+        out = layer(torch.nested.nested_tensor(seqs, layout=torch.jagged))
+        for got, x in zip(out.unbind(), seqs):
+            torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias) * 2)
 
 
 class ReadsWeightDtype(nn.Module):
