@@ -14,11 +14,7 @@ weight is packed:
   drops the unused computation). Writing a tensor to it quantizes the new value with the layer's
   config; writing back an unchanged tensor it returned restores the codes it was read from
   (``torch.func.functional_call`` does that), since quantizing it again would drift. In-place
-  writes to the returned tensor (``copy_``, ``.data.copy_``, ``nn.init`` functions, a loader's
-  ``narrow(...).copy_``) reach the layer when the tensor is dropped: it is compared with the codes it
-  came from and, if changed, quantized into the layer (after a write through ``.data`` or a view that
-  outlives it, at the layer's next eager call, weight read, ``state_dict`` or move). Replacing its
-  storage (``.data = t``) only warns: the new data cannot be reached; assign ``layer.weight = t``.
+  writes to the returned tensor do not reach the layer.
 * ``_apply``: ``.to(device)``, ``.cuda()`` and friends move the packed tensors; a dtype change
   (``.to(dtype)``, ``.half()``, ``.float()``) never casts packed codes or scales. It changes the
   dtype the layer computes in, as it does for a float layer.
@@ -127,55 +123,13 @@ class LayerState:
         self.shared_key = shared_key
         self.uncapturable = False  # an eager capture failed: misses run the original forward
         self.reads: dict = {}  # id of a tensor `weight` returned, still alive -> (name, its version, packed)
-        self.pending: list = []  # dropped reads whose storage is still held elsewhere (``settle``)
 
-    def remember_read(self, module: nn.Module, name: str, value: torch.Tensor, packed: tuple) -> None:
+    def remember_read(self, name: str, value: torch.Tensor, packed: tuple) -> None:
         if value.is_inference():  # made under torch.inference_mode(): it has no version to compare
             return
         key = id(value)
-        # The alias shares the storage, so it sees writes made through value, its views or its .data, and
-        # lives as long as value does (or, below, as another holder of the storage): no memory of its own.
-        alias = value.detach()
-        holders = _holders(alias)
-        done = weakref.finalize(value, self._read_dropped, weakref.ref(module), key, name, alias, packed, holders)
-        done.atexit = False
+        weakref.finalize(value, self.reads.pop, key, None)  # dropped with the tensor, packed tensors too
         self.reads[key] = (name, value._version, packed)
-
-    def _read_dropped(self, module_ref, key, name, alias, packed, holders) -> None:
-        """A tensor the weight property returned is gone. If its storage lives on (``weight.data``, a view,
-        that a write may still come through), the check waits for the layer's next eager call, weight read
-        or state_dict (``settle``); otherwise it runs now."""
-        self.reads.pop(key, None)
-        now = _holders(alias)
-        if now < holders:  # it let go of its storage: `.data = t` replaced it, with data aofx cannot reach
-            module = module_ref()
-            warnings.warn(f"aofx: a tensor read from the quantized {type(module).__name__}.{name} had its .data "
-                          f"replaced; the layer keeps its weight. Assign `layer.{name} = t` instead", stacklevel=2)
-        elif now > holders:
-            self.pending.append((module_ref, name, alias, packed))
-        else:
-            self._take_write(module_ref, name, alias, packed)
-
-    def settle(self) -> None:
-        """Apply the in-place writes to dropped reads whose storage outlived them."""
-        pending, self.pending = self.pending, []
-        for args in pending:
-            self._take_write(*args)
-
-    def _take_write(self, module_ref, name: str, alias: torch.Tensor, packed: tuple) -> None:
-        """If ``alias`` (a dropped read) differs from the codes it came from, the layer takes it."""
-        module = module_ref()
-        w = self.weights.get(name)
-        if module is None or w is None or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE):
-            return
-        if any(module._buffers.get(b) is not t for b, t in zip(w.buffer_names(), packed)):
-            return  # the layer took another weight since that read: the later one stands
-        try:
-            if not torch.equal(alias, _dequantized(w, packed)):
-                requantize(module, name, alias)
-        except Exception as e:  # noqa: BLE001  (a finalizer cannot raise to the writer)
-            warnings.warn(f"aofx: an in-place write to a quantized {type(module).__name__}.{name} could not be "
-                          f"applied, the layer keeps its weight: {type(e).__name__}: {e}", stacklevel=2)
 
     def packed_behind(self, name: str, value) -> Optional[tuple]:
         """The packed tensors ``value`` was read from, if it is such a read (still alive, so its id is
@@ -191,7 +145,7 @@ class LayerState:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.reads, self.pending = {}, []
+        self.reads = {}
 
     def __deepcopy__(self, memo):
         # A copy shares the graphs (they hold no tensor of their owner; they read its state when run),
@@ -199,7 +153,7 @@ class LayerState:
         new = copy.copy(self)
         new.weights = copy.deepcopy(self.weights, memo)
         new.captures = list(self.captures)
-        new.reads, new.pending = {}, []
+        new.reads = {}
         return new
 
     @property
@@ -282,8 +236,6 @@ class QuantizedModule:
 
     def forward(self, *args, **kwargs):
         state = self.__dict__["_aofx"]
-        if state.pending and not torch.compiler.is_compiling():
-            state.settle()
         if _fx_symbolic_tracing():  # fx traces into this class, which is not torch.nn's
             if state.shared_key is None:
                 return self._aofx_base.forward(self, *args, **kwargs)  # on the weight dequantized on read
@@ -364,13 +316,8 @@ class QuantizedModule:
             if name == "bias" and "_aofx" in self.__dict__:
                 refresh_shared(self)  # a bias added or removed changes the standard linear's graph key
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self._aofx.settle()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
     def _apply(self, fn, recurse=True):
         state = self.__dict__["_aofx"]
-        state.settle()
         names = [n for w in state.weights.values() for n in w.buffer_names()]
         order = list(self._buffers)
         packed = {n: self._buffers.pop(n) for n in names}
@@ -427,13 +374,12 @@ def _float8_from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _weight_property(name: str) -> property:
     def read(self):
-        if self._aofx.pending and not torch.compiler.is_compiling():
-            self._aofx.settle()
         w = self._aofx.weights[name]
-        packed = tuple(self._buffers[n] for n in w.buffer_names())
-        value = _dequantized(w, packed)
+        packed = dict(zip(w.rewrite.packed_names, (self._buffers[n] for n in w.buffer_names())))
+        value = w.rewrite.dequantize(packed, w.config).to(w.dtype)  # (N, K)
+        value = value.t() if w.transposed else value
         if not torch.compiler.is_compiling():
-            self._aofx.remember_read(self, name, value, packed)
+            self._aofx.remember_read(name, value, tuple(packed.values()))
         return value
 
     def write(self, value):
@@ -447,16 +393,6 @@ def _weight_property(name: str) -> property:
             self._buffers.update(zip(self._aofx.weights[name].buffer_names(), packed))
 
     return property(read, write, doc=f"The dequantized ``{name}`` (a new tensor on each read).")
-
-
-def _holders(t: torch.Tensor) -> int:
-    """How many tensors hold ``t``'s storage (torch counts the wrapper this call makes too)."""
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-
-
-def _dequantized(w, packed: tuple) -> torch.Tensor:
-    value = w.rewrite.dequantize(dict(zip(w.rewrite.packed_names, packed)), w.config).to(w.dtype)  # (N, K)
-    return value.t() if w.transposed else value
 
 
 _CLASSES: dict = {}
