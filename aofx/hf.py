@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
+from typing import Optional
 
 import torch
 import transformers
@@ -89,6 +91,18 @@ def untie_quantized(model) -> None:
 def _check_packed_saved(model, checkpoint_files) -> None:
     """Raise when the checkpoint lacks packed tensors that its config names (a config recorded before the
     model changed, or edited): transformers would otherwise "newly initialize" them and load garbage."""
+    missing = _missing_packed(model, checkpoint_files)
+    if missing is not None:
+        raise ValueError(f"this checkpoint holds fewer packed tensors than its quantization_config names ({missing}); "
+                         "it was saved without aofx.hf, after the model changed since quantize_ recorded its configs, "
+                         "or edited, or transformers merged this architecture's weights while saving it (GTE's "
+                         "qkv_proj). Save the quantized model again with save_pretrained after `import aofx.hf`, "
+                         "or with aofx.save_quantized")
+
+
+def _missing_packed(model, checkpoint_files) -> Optional[str]:
+    """None when the safetensors files hold every packed tensor of the model's quantized layers (by count),
+    else the names of those that seem missing."""
     from safetensors import safe_open
 
     keys = set()
@@ -97,7 +111,7 @@ def _check_packed_saved(model, checkpoint_files) -> None:
             with safe_open(str(path), framework="pt") as f:
                 keys.update(f.keys())
     if not keys:
-        return
+        return None
     expected = {}  # packed tensor -> its names (tied layers register one tensor on each)
     for fqn, m in model.named_modules():
         if isinstance(m, QuantizedModule):
@@ -110,14 +124,11 @@ def _check_packed_saved(model, checkpoint_files) -> None:
     # its first index, layers.1.mlp.up_proj.qdata, which keeps block indices)
     suffixes = {b for names in expected.values() for _, b in names}
     if sum(k.rsplit(".", 1)[-1] in suffixes for k in keys) >= len(expected):
-        return
+        return None
     tails = {tail for k in keys for tail in _tails(k)}
     missing = [names[0][0] for names in expected.values()
                if not any(n in keys or _tails(n)[-1] in tails for n, _ in names)]
-    shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "") if missing else "names renamed on load"
-    raise ValueError(f"this checkpoint holds fewer packed tensors than its quantization_config names ({shown}); "
-                     "it was saved without aofx.hf, after the model changed since quantize_ recorded its configs, "
-                     "or edited. Save the quantized model again with save_pretrained after `import aofx.hf`")
+    return ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "") if missing else "names renamed"
 
 
 def _tails(key: str) -> list:
@@ -147,9 +158,18 @@ def _save_with_record(save):
 
     @functools.wraps(save)
     def save_pretrained(self, *args, **kwargs):
-        if quantized_configs(self) or _recorded(self.config):
+        quantized = bool(quantized_configs(self))
+        if quantized or _recorded(self.config):
             record(self)  # from the live model, at save time: fqns from this root, current layers
-        return save(self, *args, **kwargs)
+        out = save(self, *args, **kwargs)
+        directory = Path(args[0] if args else kwargs["save_directory"])
+        missing = _missing_packed(self, sorted(directory.glob("*.safetensors"))) if quantized else None
+        if missing is not None:  # say so now, not when a load fails later
+            raise ValueError(f"{type(self).__name__}.save_pretrained: transformers merged or renamed this model's "
+                             f"packed tensors while writing {directory} ({missing}: this architecture converts its "
+                             "weights on save), so that checkpoint will not load. Save the quantized model with "
+                             "aofx.save_quantized(model, path) instead")
+        return out
 
     save_pretrained._aofx = True
     return save_pretrained

@@ -262,3 +262,26 @@ def test_a_model_whose_keys_transformers_renames_reloads(tmp_path):
     reloaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path).eval()
     assert quantized(reloaded) == quantized(model)
     torch.testing.assert_close(reloaded(pixel_values=x).logits, model(pixel_values=x).logits, rtol=0, atol=0)
+
+
+def test_an_architecture_that_merges_weights_on_save_is_refused_at_save_time(tmp_path):
+    """GTE's checkpoint conversion merges q/k/v into qkv_proj (and gate/up) while saving; packed tensors
+    merged that way cannot load, so save_pretrained says so, and aofx.save_quantized works instead."""
+    torch.manual_seed(0)
+    config = transformers.GteConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=FFN, max_position_embeddings=128)
+    model = transformers.GteForMaskedLM(config).eval().to(torch.bfloat16)
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    float_model = transformers.GteForMaskedLM(config).eval().to(torch.bfloat16)
+    float_model.save_pretrained(tmp_path / "float")  # the float model round-trips (for contrast)
+    transformers.GteForMaskedLM.from_pretrained(tmp_path / "float")
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    with pytest.raises(ValueError, match=r"GteForMaskedLM.save_pretrained: transformers merged or renamed .* "
+                                         r"aofx\.save_quantized"):
+        model.save_pretrained(tmp_path / "quant")
+    aofx.save_quantized(model, tmp_path / "model.safetensors")
+    with aofx.init_empty_weights():
+        skeleton = transformers.GteForMaskedLM(config).to(torch.bfloat16)
+    aofx.load_quantized(skeleton, tmp_path / "model.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(skeleton.eval()(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
