@@ -17,6 +17,7 @@ records their configs from the model as it is then (a model without them saves a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from pathlib import Path
@@ -161,7 +162,8 @@ def _save_with_record(save):
         quantized = bool(quantized_configs(self))
         if quantized or _recorded(self.config):
             record(self)  # from the live model, at save time: fqns from this root, current layers
-        out = save(self, *args, **kwargs)
+        with _shared_packed_cloned(self):
+            out = save(self, *args, **kwargs)
         directory = Path(args[0] if args else kwargs["save_directory"])
         missing = _missing_packed(self, sorted(directory.glob("*.safetensors"))) if quantized else None
         if missing is not None:  # say so now, not when a load fails later
@@ -173,6 +175,28 @@ def _save_with_record(save):
 
     save_pretrained._aofx = True
     return save_pretrained
+
+
+@contextlib.contextmanager
+def _shared_packed_cloned(model):
+    """While saving: layers that share packed tensors (one weight tied between two linear layers) write
+    their own copies, which safetensors requires and transformers' tied-weight keys (named for the float
+    ``weight``) cannot dedupe; the reloaded layers hold equal, untied tensors."""
+    seen, restore = set(), []
+    for m in model.modules():
+        if isinstance(m, QuantizedModule):
+            for w in m._aofx.weights.values():
+                for b in w.buffer_names():
+                    t = m._buffers[b]
+                    if id(t) in seen:
+                        restore.append((m, b, t))
+                        m._buffers[b] = t.clone()
+                    seen.add(id(t))
+    try:
+        yield
+    finally:
+        for m, b, t in restore:
+            m._buffers[b] = t
 
 
 def _recorded(config) -> bool:

@@ -285,3 +285,25 @@ def test_an_architecture_that_merges_weights_on_save_is_refused_at_save_time(tmp
     aofx.load_quantized(skeleton, tmp_path / "model.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(skeleton.eval()(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_two_quantized_linears_sharing_a_tied_weight_save_and_reload(tmp_path):
+    """NeoMME ties its embedding projection to its unembedding projection, both nn.Linear: quantized,
+    they share packed tensors, which safetensors refuses; the save writes a copy for each."""
+    config = transformers.NeoMMEConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=FFN, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        layer_types=["sliding_attention", "full_attention"],
+        per_layer_config={"0": {"sliding_window": 1024}, "1": {"sliding_window": None}})
+    torch.manual_seed(0)
+    model = transformers.NeoMMEForMaskedLM(config).eval().to(torch.bfloat16)
+    tied = model.model.embed_tokens.embedding_projection
+    assert model.unembedding_projection.weight is tied.weight
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    assert model.unembedding_projection.qdata is tied.qdata
+    model.save_pretrained(tmp_path)
+    assert model.unembedding_projection.qdata is tied.qdata  # still shared after saving
+    back = transformers.NeoMMEForMaskedLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
