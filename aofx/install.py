@@ -249,7 +249,8 @@ class QuantizedModule:
             if state.shared_key is None:
                 return self._aofx_base.forward(self, *args, **kwargs)
             x = args[0] if args else next(iter(kwargs.values()))
-            return torch.nested.as_nested_tensor([self(t) for t in x.unbind()], layout=x.layout)
+            rows = [QuantizedModule.forward(self, t) for t in x.unbind()]  # not self(t): hooks ran once already
+            return torch.nested.as_nested_tensor(rows, layout=x.layout)
         if state.shared_key is not None:  # a standard linear: rows are independent, run (M, K)
             x = args[0] if args else next(iter(kwargs.values()))
             leaves, spec = [x.reshape(-1, x.shape[-1])], _LINEAR_SPEC  # (M, K)

@@ -33,9 +33,12 @@ def test_a_nested_input_gives_each_sequence_its_quantized_linear(layout, config)
     layer = nn.Linear(64, 32).to(torch.bfloat16)
     aofx.quantize_(layer, config)
     seqs = [torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(5, 64, dtype=torch.bfloat16)]
+    calls = []
+    hook = layer.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
         out = layer(torch.nested.nested_tensor(seqs, layout=layout))
-        assert out.is_nested and out.layout == layout
+        assert out.is_nested and out.layout == layout and len(calls) == 1  # the hook runs once per call
+        hook.remove()
         for got, x in zip(out.unbind(), seqs):  # the scheme's own answer (int8dq quantizes x too)
             torch.testing.assert_close(got, layer(x), rtol=0, atol=0)
             assert sqnr(F.linear(x, layer.weight, layer.bias), got) > 25
