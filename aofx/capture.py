@@ -15,9 +15,10 @@ bool flag is baked in), and the same train/eval flags of the unit and its submod
 baked in too), and the same attributes of the unit and its submodules that the forward may read and a
 graph bakes in (``plain_attributes``: plain values and containers of them, such as a LoRA-style
 ``scaling`` or an on/off flag, each submodule's class and hooks); tensor attributes are read at each
-call instead. ``CapturedGraph.accepts`` checks all of these, as ``torch.export``'s own input guards do; the caller captures again, or falls
-back, when no graph accepts. A forward that sets attributes of its modules (a call counter, a cached
-input) cannot be repeated by a graph: ``export_unit`` undoes what the trace set and raises.
+call instead. ``CapturedGraph.accepts`` checks all of these, as ``torch.export``'s own input guards do;
+the caller captures again, or falls back, when no graph accepts. A forward that sets attributes of its
+modules (a call counter, a cached input) cannot be repeated by a graph: ``export_unit`` undoes what the
+trace set and raises.
 """
 
 from __future__ import annotations
@@ -195,8 +196,11 @@ class _AttributeWrites:
 
 
 def _holds(m: torch.nn.Module, name: str, value) -> bool:
-    held = vars(m).get(name, m._parameters.get(name, m._buffers.get(name, m._modules.get(name, _Unchecked))))
-    return held is value
+    """Whether ``m.<name>`` already is ``value`` (a plain attribute, parameter, buffer or submodule)."""
+    for table in (vars(m), m._parameters, m._buffers, m._modules):
+        if name in table:
+            return table[name] is value
+    return False
 
 
 def modes(module: torch.nn.Module) -> tuple:

@@ -243,20 +243,19 @@ class QuantizedModule:
             packed = [self._buffers[b] for b in w.buffer_names()]
             x = args[0] if args else next(iter(kwargs.values()))
             return w.rewrite.op(*w.rewrite.op_args(x, packed, self.bias, w.config))
-        if any(isinstance(a, torch.Tensor) and a.is_nested for a in (*args, *kwargs.values())):
-            # Ragged rows (nn.TransformerEncoder's padding path) have no (M, K) view: a standard linear
-            # runs each sequence; another module its own forward on the weight dequantized on read.
-            if state.shared_key is None:
-                return self._aofx_base.forward(self, *args, **kwargs)
-            x = args[0] if args else next(iter(kwargs.values()))
-            rows = [QuantizedModule.forward(self, t) for t in x.unbind()]  # not self(t): hooks ran once already
-            return torch.nested.as_nested_tensor(rows, layout=x.layout)
+        # Ragged (nested) inputs, as nn.TransformerEncoder's padding path makes, have no (M, K) view: a
+        # standard linear runs each sequence, another module its own forward on the weight dequantized on read.
         if state.shared_key is not None:  # a standard linear: rows are independent, run (M, K)
             x = args[0] if args else next(iter(kwargs.values()))
+            if x.is_nested:  # QuantizedModule.forward, not self(t): the hooks ran once already
+                return torch.nested.as_nested_tensor([QuantizedModule.forward(self, t) for t in x.unbind()],
+                                                     layout=x.layout)
             leaves, spec = [x.reshape(-1, x.shape[-1])], _LINEAR_SPEC  # (M, K)
             training = None  # nn.Linear and Conv1D behave the same in train and eval
         else:
             leaves, spec = pytree.tree_flatten((args, kwargs))
+            if any(isinstance(leaf, torch.Tensor) and leaf.is_nested for leaf in leaves):
+                return self._aofx_base.forward(self, *args, **kwargs)
             training = modes(self)
 
         def run(capture):
