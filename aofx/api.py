@@ -267,8 +267,8 @@ def _plan(model, config, filter_fn, seen):
             if own or exact:
                 weighty_keys.update(k for _, k in found)
                 # a regex that names this module, though a stronger key decided for it, names a weight too
-                names = [f"{a}.{p}".strip(".") for a in aliases[id(module)] for p in ["", *own]]
-                weighty_keys.update(k for k in regexes - weighty_keys if any(re.fullmatch(k[3:], n) for n in names))
+                fqns = [f"{a}.{p}".strip(".") for a in aliases[id(module)] for p in ["", *own]]
+                weighty_keys.update(k for k in regexes - weighty_keys if any(re.fullmatch(k[3:], f) for f in fqns))
         else:
             cfg, explicit, exact, module_named = config, False, False, False
         uses_linear = seen is not None and any(id(p) in seen.linear for p in own.values())
