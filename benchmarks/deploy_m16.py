@@ -1,4 +1,4 @@
-"""Why a package of the 4096x14336 weight-only stack trails ``torch.compile`` at M = 16 (bench_deploy's 0.94).
+"""Why a package of the 4096x14336 weight-only stack trailed ``torch.compile`` at M = 16 (bench_deploy's 0.94).
 
 One process, one quantized stack of 4 distinct 4096x14336 layers, x of 16 rows, five ways, each timed as
 ``bench_layers.time_stack`` times a stack (CUDA-graph replays), per layer:
@@ -15,7 +15,8 @@ after a ``######## VARIANT <name>`` line.
 Findings (``results/h100_deploy_m16.log``): the two dynamic-M variants of each path are slower by the same
 2 us, and the static ones agree, so the cost is the symbolic M, not the package or its branches. Their
 ``_codes_mm_kernel`` launches differ in one specialization: a static M of 16 is marked divisible by 16
-(Triton's ``tt.divisibility``), a symbolic M is not.
+(Triton's ``tt.divisibility``), a symbolic M is not. Since then the 16-row tiles load rows past M without
+a mask, and the package matches compile there (``results/h200_rows.json``).
 """
 
 from __future__ import annotations
