@@ -1,10 +1,11 @@
-"""What a symbolic M costs in generated code: none of the memory instructions may change.
+"""What a symbolic M costs in generated code: none of the memory instructions may change, and the weight-only
+GEMM's 16-row tiles (M <= 16) must compile to the same PTX.
 
 ``torch.compile`` passes M as a number, which Triton specializes (a multiple of 16 is marked so); an
 AOTInductor package passes a symbolic M, which is not. A kernel whose loads or stores vectorize only when
 M is a multiple of 16 therefore runs slower in a package. Each case compiles a kernel for sm_90 (Triton's
 NVIDIA backend needs no GPU for that) with and without that mark on M and compares the PTX's global and
-asynchronous memory instructions. The compiling runs in a subprocess without TRITON_INTERPRET, which the
+asynchronous memory instructions (or, for the whole-PTX cases, all of it). The compiling runs in a subprocess without TRITON_INTERPRET, which the
 test session sets and under which ``triton.jit`` gives interpreter functions that cannot be compiled.
 """
 
@@ -28,18 +29,22 @@ from aofx.kernels import common, mm
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
-def memory_instructions(kernel, pointers: dict, constexprs: dict, multiples_of_16: set) -> collections.Counter:
-    """PTX global / cp.async instructions of ``kernel`` with ``pointers`` ({name: '*type'}) 16-byte aligned,
-    ``constexprs`` (NUM_WARPS / NUM_STAGES, where given, are also the launch options; an int argument of 1
-is one too, as Triton specializes it), the named int
-    arguments marked multiples of 16 and the other arguments i32."""
+def ptx(kernel, pointers: dict, constexprs: dict, multiples_of_16: set) -> str:
+    """PTX of ``kernel`` with ``pointers`` ({name: '*type'}) 16-byte aligned, ``constexprs`` (NUM_WARPS /
+    NUM_STAGES, where given, are also the launch options; an int argument of 1 is one too, as Triton
+    specializes it), the named int arguments marked multiples of 16 and the other arguments i32."""
     names = kernel.arg_names
     signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in multiples_of_16}
     options = {"num_warps": constexprs.get("NUM_WARPS", 4), "num_stages": constexprs.get("NUM_STAGES", 3)}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=HOPPER,
-                              options=options)
-    return collections.Counter(re.findall(r"\b(?:ld|st)\.global[\w.:]*|\bcp\.async\.\w+", compiled.asm["ptx"]))
+    return triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=HOPPER,
+                          options=options).asm["ptx"]
+
+
+def memory_instructions(kernel, pointers: dict, constexprs: dict, multiples_of_16: set) -> collections.Counter:
+    """The global and cp.async instructions of ``ptx(...)``."""
+    return collections.Counter(re.findall(r"\b(?:ld|st)\.global[\w.:]*|\bcp\.async\.\w+",
+                                          ptx(kernel, pointers, constexprs, multiples_of_16)))
 
 
 # int8 weight-only, M = 16 on 4096 x 14336: 16 x 64 x 256 swap_ab tiles, K split 4 ways, then the split sum
@@ -67,11 +72,24 @@ CASES = {
 }
 
 
+# The weight-only M <= 16 tiles as the table picks them for 4096 x 14336 (16 x 32 x 512, 4 stages), without and
+# with swap_ab. With a row mask on x they compiled to more predicated code for a symbolic M, and a package ran
+# ~2 us a layer slower than compile at M = 16 with the same memory instructions; they now compile the same.
+_M16_TILE = dict(HAS_BIAS=False, GROUP_SIZE=0, EVEN_K=True, E4M3_PTX=False, SPLIT_K=1, BLOCK_M=16, BLOCK_N=32,
+                 BLOCK_K=512, GROUP_M=8, NUM_WARPS=4, NUM_STAGES=4)
+WHOLE_PTX_CASES = {f"codes mm 16-row swap_ab={swap}": (*CASES["codes mm"][:2], dict(_M16_TILE, SWAP_AB=swap),
+                                                       CASES["codes mm"][3])
+                   for swap in (False, True)}
+
+
 def main():
-    """In the subprocess: ``{case: [instructions with M a multiple of 16, without]}`` as JSON."""
+    """In the subprocess, as JSON: ``{case: [instructions with M a multiple of 16, without]}`` and, for the
+    whole-PTX cases, ``{case: [PTX with that mark, without]}``."""
     found = {case: [memory_instructions(kernel, pointers, constexprs, static | {"M"}),
                     memory_instructions(kernel, pointers, constexprs, static)]
              for case, (kernel, pointers, constexprs, static) in CASES.items()}
+    found |= {case: [ptx(kernel, pointers, constexprs, static | {"M"}), ptx(kernel, pointers, constexprs, static)]
+              for case, (kernel, pointers, constexprs, static) in WHOLE_PTX_CASES.items()}
     print(json.dumps(found))
 
 
@@ -90,6 +108,13 @@ def test_a_symbolic_m_keeps_every_memory_instruction(case):
     assert with_m == without_m
     # the comparison is of vector code: 16-byte global accesses or asynchronous copies
     assert any(".v4." in op or op.startswith("cp.async") for op in with_m), with_m
+
+
+@pytest.mark.parametrize("case", WHOLE_PTX_CASES)
+def test_a_symbolic_m_leaves_the_16_row_weight_only_tile_unchanged(case):
+    with_m, without_m = _compiled()[case]
+    assert "cp.async" in with_m or ".v4." in with_m  # vector code, as above
+    assert with_m == without_m
 
 
 if __name__ == "__main__":
