@@ -225,8 +225,11 @@ def _granularity_pair(granularity) -> tuple:
     pair = tuple(granularity) if isinstance(granularity, (tuple, list)) else (granularity,) * 2
     pair = tuple(as_granularity(g) for g in pair)
     if len(pair) != 2 or not all(isinstance(g, PerTensor) or is_last_dim_row(g) for g in pair):
-        raise ValueError("Float8DynamicActivationFloat8WeightConfig: granularity must be None, PerTensor(), PerRow() "
-                         f"or an (activation, weight) pair of them; got {granularity!r}")
+        # torchao's wording first (its tests match it): a pair of other types, or another form
+        is_pair = len(pair) == 2 and isinstance(granularity, (tuple, list))
+        what = "Unsupported granularity types" if is_pair else "Invalid granularity specification"
+        raise ValueError(f"Float8DynamicActivationFloat8WeightConfig: {what}: {granularity!r}; granularity must be "
+                         "None, PerTensor(), PerRow() or an (activation, weight) pair of them")
     return pair
 
 

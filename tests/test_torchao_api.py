@@ -212,6 +212,19 @@ def test_per_row_has_torchaos_dim():
         aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerRow(dim=0))
 
 
+def test_fp8_granularity_errors_use_torchaos_wording():
+    # torchao's own tests match these phrases; a mixed (activation, weight) pair is aofx's addition, and valid
+    class Unsupported:
+        pass
+
+    with pytest.raises(ValueError, match="Invalid granularity specification"):
+        aofx.float8_dynamic_activation_float8_weight(granularity="invalid")
+    with pytest.raises(ValueError, match="Unsupported granularity types"):
+        aofx.float8_dynamic_activation_float8_weight(granularity=(Unsupported(), Unsupported()))
+    assert aofx.float8_dynamic_activation_float8_weight(granularity=(aofx.PerTensor(), aofx.PerRow())).granularities \
+        == (aofx.PerTensor(), aofx.PerRow())
+
+
 def test_int8_configs_take_torchaos_granularity_forms():
     cfg = aofx.Int8DynamicActivationInt8WeightConfig(granularity=[aofx.PerRow(), aofx.PerRow()])
     assert cfg.granularity == [aofx.PerRow(), aofx.PerRow()]
