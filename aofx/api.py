@@ -25,7 +25,7 @@ from aofx.capture import Seen, export_unit, run_examples
 from aofx.configs import AOBaseConfig, FqnToConfig, describe
 from aofx.install import (QuantizedModule, QuantizedWeight, _SHARED, install, linear_like, replaced_forward,
                           rewrite_capture, shared_key)
-from aofx.registry import check_registered, find_handler, find_pass, uses_handler
+from aofx.registry import check_registered, find_handler, find_pass, handler_takes_parameter, uses_handler
 
 log = logging.getLogger("aofx")
 _REMOVED_KEYWORDS = ("apply_tensor_subclass", "tensor_subclass_inserter")
@@ -99,6 +99,8 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
         ValueError: a weight with NaN or Inf, an uninitialized lazy layer, a packed buffer name
             that is already taken, or one tied weight given two configs; each names the layer, and
             the model is left exactly as it was. Also ``filter_fn`` together with an ``FqnToConfig``.
+        NotImplementedError: an ``FqnToConfig`` key naming a parameter, for a config whose handler
+            takes no ``parameter_name`` (as torchao); nothing is changed.
     """
     for key in removed:
         if key in _REMOVED_KEYWORDS:
@@ -119,8 +121,8 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
     handled, units, skipped = _plan(model, config, filter_fn, seen)
     _check_tied(units)
     # 3. handlers (user configs), then capture each unit; a unit that cannot be captured is skipped
-    for fqn, module, cfg in handled:
-        _apply_handler(model, fqn, module.to(device) if device is not None else module, cfg)
+    for fqn, module, cfg, parameter_name in handled:
+        _apply_handler(model, fqn, module.to(device) if device is not None else module, cfg, parameter_name)
     units = _capture(units, skipped)
     if skipped:
         lines = "\n".join(f"  {fqn}: {why}" for fqn, why in skipped)
@@ -282,7 +284,7 @@ def _plan(model, config, filter_fn, seen):
             continue
         if cfg is not None and (isinstance(cfg, _LegacyCallable) or uses_handler(cfg)):
             if kind is not None or explicit or filter_fn is not None:
-                handled.append((fqn, module, cfg))
+                handled.append((fqn, module, cfg, None))
                 if not fqn_map:  # torchao's filter walk stops at a match; its FqnToConfig walk visits every module
                     inside_handled.add(fqn)
             continue
@@ -327,9 +329,13 @@ def _plan(model, config, filter_fn, seen):
             if w_cfg is None:
                 continue
             if uses_handler(w_cfg):
-                raise NotImplementedError(f"aofx.quantize_: {type(w_cfg).__name__} has a module handler, which does not "
-                                          f"take a parameter ({fqn}.{name}); name the module instead. Nothing was "
-                                          "quantized")
+                if not handler_takes_parameter(w_cfg):  # torchao's wording
+                    raise NotImplementedError(
+                        f"aofx.quantize_: {type(w_cfg).__name__}'s handler does not yet support parameter "
+                        f"quantization ({fqn}.{name}): it takes no parameter_name; name the module instead. "
+                        "Nothing was quantized")
+                handled.append((fqn, module, w_cfg, name))
+                continue
             w, why = _check_weight(module, fqn, name, w_cfg, kind)
             if w is None:
                 skipped.append((f"{fqn}.{name}".lstrip("."), why))
@@ -395,8 +401,13 @@ def _check_weight(module, fqn, name, config, kind: Optional[bool]):
     return w, None
 
 
-def _apply_handler(model, fqn, module, cfg):
-    new = cfg.fn(module) if isinstance(cfg, _LegacyCallable) else find_handler(cfg)(module, cfg)
+def _apply_handler(model, fqn, module, cfg, parameter_name=None):
+    if isinstance(cfg, _LegacyCallable):
+        new = cfg.fn(module)
+    elif parameter_name is not None:  # a parameter key, for a handler that takes one
+        new = find_handler(cfg)(module, cfg, parameter_name=parameter_name)
+    else:
+        new = find_handler(cfg)(module, cfg)
     if new is None or new is module:
         return
     if not fqn:

@@ -3,13 +3,16 @@
 * graph passes (``register_pass``): the built-in schemes; ``quantize_`` captures the module with
   ``torch.export`` and the pass rewrites ``aten.linear`` into an ``aofx`` op.
 * module handlers (``register_quantize_module_handler``): eager ``handler(module, config) -> module``
-  transforms, torchao's extension point for user-defined configs.
+  transforms, torchao's extension point for user-defined configs. As in torchao, a handler with a
+  ``parameter_name`` keyword also takes an ``FqnToConfig`` key naming a parameter
+  (``handler(module, config, parameter_name="weight")``).
 
 A handler registered for a built-in config, or for a subclass of one, replaces its pass (``uses_handler``).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 from aofx.configs import AOBaseConfig
@@ -58,6 +61,15 @@ def find_pass(config: AOBaseConfig) -> Optional[object]:
 
 def find_handler(config: AOBaseConfig) -> Optional[Callable]:
     return _lookup(_HANDLERS, type(config))
+
+
+def handler_takes_parameter(config: AOBaseConfig) -> bool:
+    """Whether ``config``'s handler takes ``parameter_name`` (torchao's test for parameter-level handlers)."""
+    handler = find_handler(config)
+    try:
+        return handler is not None and "parameter_name" in inspect.signature(handler).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        return False
 
 
 def uses_handler(config: AOBaseConfig) -> bool:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import aofx
+from aofx.install import QuantizedModule
 from aofx.registry import find_pass
 from tests.common import scheme_of, two_layer
 
@@ -360,9 +361,34 @@ def test_a_parameter_key_for_a_handler_config_raises_before_anything_changes():
     aofx.register_quantize_module_handler(ModuleOnly)(lambda module, config: module)
     model = nn.Sequential(nn.Linear(10, 5), nn.Linear(5, 5))
     cfg = aofx.FqnToConfig({"1": aofx.Int8WeightOnlyConfig(), "0.weight": ModuleOnly()})
-    with pytest.raises(NotImplementedError, match=r"ModuleOnly has a module handler.*0\.weight"):
+    with pytest.raises(NotImplementedError, match=r"ModuleOnly's handler does not yet support parameter "
+                                                  r"quantization \(0\.weight\)"):  # torchao's wording
         aofx.quantize_(model, cfg)
     assert type(model[1]) is nn.Linear
+
+
+def test_a_parameter_key_reaches_a_handler_that_takes_parameter_name():
+    # torchao's parameter-level handlers: handler(module, config, parameter_name=...)
+    @dataclasses.dataclass
+    class ScaleParam(aofx.AOBaseConfig):
+        factor: float = 2.0
+
+    calls = []
+
+    @aofx.register_quantize_module_handler(ScaleParam)
+    def _scale(module, config, parameter_name=None):
+        calls.append(parameter_name)
+        with torch.no_grad():
+            getattr(module, parameter_name).mul_(config.factor)
+        return module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    w0 = model[0].weight.detach().clone()
+    aofx.quantize_(model, aofx.FqnToConfig({"0.weight": ScaleParam(), "1": aofx.Int8WeightOnlyConfig()}))
+    assert calls == ["weight"]
+    assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, 2 * w0)
+    assert isinstance(model[1], QuantizedModule)
 
 
 def test_torchao_config_defaults_and_removed_versions():
