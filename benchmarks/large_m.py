@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from aofx import numerics
 from aofx.kernels import float8_dynamic_activation_float8_weight as fp8dq
 from aofx.kernels import int8_dynamic_activation_int8_weight as int8dq
 from aofx.kernels.quantize import quantize_per_token
@@ -40,17 +41,11 @@ def _torch_fp8_row(x, w_t, s_w):
     return torch._scaled_mm(xq, w_t, scale_a=s_x, scale_b=s_w, out_dtype=torch.bfloat16, use_fast_accum=True)
 
 
-def _per_row(w: torch.Tensor, qmax: float, dtype: torch.dtype):
-    s = w.float().abs().amax(1).clamp(min=1e-12) / qmax
-    q = w.float() / s[:, None]
-    return (q.round().clamp(-qmax, qmax) if dtype == torch.int8 else q).to(dtype), s
-
-
 def shape_rows(n: int, k: int, ms=(128, 1024)) -> list[dict]:
     torch.manual_seed(0)
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
-    e4m3 = [_per_row(w, 448.0, torch.float8_e4m3fn) for w in weights]
-    int8 = [_per_row(w, 127.0, torch.int8) for w in weights]
+    e4m3 = [numerics.quantize_float8(w, per_row=True) for w in weights]
+    int8 = [numerics.quantize_int8(w) for w in weights]
     compiled = torch.compile(_torch_fp8_row, dynamic=False)
     rows = []
     for m in ms:
