@@ -13,8 +13,9 @@ weight is packed:
   code that reads ``.weight.dtype`` in every forward pays for it in eager mode; ``torch.compile``
   drops the unused computation). Writing a tensor to it quantizes the new value with the layer's
   config; writing back an unchanged tensor it returned restores the codes it was read from
-  (``torch.func.functional_call`` does that), since quantizing it again would drift. In-place
-  writes to the returned tensor do not reach the layer.
+  (``torch.func.functional_call`` does that), since quantizing it again would drift. An in-place
+  write to the returned tensor (not through ``.data``) quantizes the layer again from it, at the
+  layer's next call or when the tensor is dropped.
 * ``_apply``: ``.to(device)``, ``.cuda()`` and friends move the packed tensors; a dtype change
   (``.to(dtype)``, ``.half()``, ``.float()``) never casts packed codes or scales. It changes the
   dtype the layer computes in, as it does for a float layer.
@@ -28,7 +29,7 @@ weight is packed:
 The packed tensors are buffers named ``<prefix><key>`` (``qdata``, ``scale``, ``zero``), where the
 prefix is empty for the ``weight`` of a Linear-like module and ``"<name>_"`` otherwise.
 
-About 470 lines: the class, its weight property, moves and pickling keep one invariant (the packed
+About 540 lines: the class, its weight property, moves and pickling keep one invariant (the packed
 buffers stand in for the weight), so they stay together.
 """
 
@@ -122,19 +123,43 @@ class LayerState:
         self.captures = captures  # CapturedGraph list, tried in order
         self.shared_key = shared_key
         self.uncapturable = False  # an eager capture failed: misses run the original forward
-        self.reads: dict = {}  # id of a tensor `weight` returned, still alive -> (name, its version, packed)
+        self.reads: dict = {}  # id of a live tensor `weight` returned -> (name, its version, packed, alias)
 
-    def remember_read(self, name: str, value: torch.Tensor, packed: tuple) -> None:
+    def remember_read(self, module: nn.Module, name: str, value: torch.Tensor, packed: tuple) -> None:
         if value.is_inference():  # made under torch.inference_mode(): it has no version to compare
             return
         key = id(value)
-        weakref.finalize(value, self.reads.pop, key, None)  # dropped with the tensor, packed tensors too
-        self.reads[key] = (name, value._version, packed)
+        # A detached alias shares the read's storage and version counter: it tells, even after the read
+        # itself is dropped, whether it was written in place (RWKV rescales its weights so).
+        self.reads[key] = (name, value._version, packed, value.detach())
+        weakref.finalize(value, self.released, weakref.ref(module), key)
+
+    def released(self, module_ref, key) -> None:
+        """A read tensor was dropped: what was written into it in place reaches the layer."""
+        entry = self.reads.pop(key, None)
+        module = module_ref()
+        if entry is not None and module is not None:
+            self.write_back(module, key, entry)
+
+    def apply_writes(self, module: nn.Module) -> None:
+        """Quantize again, from the tensor, each weight whose read was written in place since."""
+        for key, entry in list(self.reads.items()):
+            self.write_back(module, key, entry)
+
+    def write_back(self, module: nn.Module, key, entry: tuple) -> None:
+        name, version, packed, alias = entry
+        w = self.weights[name]
+        current = tuple(module._buffers[n] for n in w.buffer_names())
+        if alias._version == version or any(a is not b for a, b in zip(packed, current)):
+            return  # unchanged, or the layer was set again since: the later write wins
+        requantize(module, name, alias)
+        if key in self.reads:  # later checks compare against the codes just made
+            self.reads[key] = (name, alias._version, tuple(module._buffers[n] for n in w.buffer_names()), alias)
 
     def packed_behind(self, name: str, value) -> Optional[tuple]:
         """The packed tensors ``value`` was read from, if it is such a read (still alive, so its id is
         its own), unmodified and of the layer's current shape and dtype; else None."""
-        read_name, version, packed = self.reads.get(id(value), (None, None, None))
+        read_name, version, packed, _ = self.reads.get(id(value), (None, None, None, None))
         w = self.weights[name]
         if read_name != name or value.is_inference() or value._version != version:
             return None
@@ -236,6 +261,8 @@ class QuantizedModule:
 
     def forward(self, *args, **kwargs):
         state = self.__dict__["_aofx"]
+        if state.reads and not torch.compiler.is_compiling():
+            state.apply_writes(self)  # a weight read earlier and written in place since
         if _fx_symbolic_tracing():  # fx traces into this class, which is not torch.nn's
             if state.shared_key is None:
                 return self._aofx_base.forward(self, *args, **kwargs)  # on the weight dequantized on read
@@ -340,6 +367,23 @@ class QuantizedModule:
         refresh_shared(self)
         return self
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # torch casts a saved tensor into a buffer of another dtype: another scheme's codes (e4m3 into int8,
+        # same names and shapes) would load as garbage. Such a layer reports the error and loads nothing.
+        state = self.__dict__["_aofx"]
+        wrong = [f"{prefix}{n} is {state_dict[prefix + n].dtype} in the state_dict, but {self._buffers[n].dtype} "
+                 f"in this layer ({state.scheme})"
+                 for w in state.weights.values() for n in w.buffer_names()
+                 if isinstance(state_dict.get(prefix + n), torch.Tensor)
+                 and _codes_differ(state_dict[prefix + n].dtype, self._buffers[n].dtype)]
+        if wrong:
+            error_msgs.append(f"aofx: {'; '.join(wrong)}: load a state_dict saved from a model quantized with "
+                              "the same config")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def __setstate__(self, state):
         super().__setstate__(state)
         layer = self.__dict__["_aofx"]
@@ -354,6 +398,13 @@ class QuantizedModule:
         state["_buffers"] = {k: _Float8Bits(v) if v is not None and v.dtype in _FLOAT8 else v
                              for k, v in self._buffers.items()}
         return _rebuild, (self._aofx_base, self._aofx_names), state
+
+
+def _codes_differ(saved: torch.dtype, own: torch.dtype) -> bool:
+    """Packed tensors of different kinds: integer or float8 codes of another dtype. Scales cast between
+    16- and 32-bit floats load as torch loads any float buffer."""
+    wide = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return saved != own and not (saved in wide and own in wide)
 
 
 # pickle cannot rebuild float8 tensors (torch.save can): they travel as their uint8 bits.
@@ -379,7 +430,10 @@ def _weight_property(name: str) -> property:
         value = w.rewrite.dequantize(packed, w.config).to(w.dtype)  # (N, K)
         value = value.t() if w.transposed else value
         if not torch.compiler.is_compiling():
-            self._aofx.remember_read(name, value, tuple(packed.values()))
+            # transformers' initializers (from_pretrained initializes what it did not load) skip a tensor so
+            # marked: a quantized weight holds loaded or trained values, and a write into the read now lands
+            value._is_hf_initialized = True
+            self._aofx.remember_read(self, name, value, tuple(packed.values()))
         return value
 
     def write(self, value):

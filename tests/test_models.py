@@ -449,3 +449,24 @@ def test_mixtral_warns_expert_weights_stay_float(zoo, scheme):
     params = dict(q.model.named_parameters())
     for k in experts:  # still float parameters
         assert params[k].dtype == torch.bfloat16 and params[k].dim() == 3
+
+
+@pytest.mark.parametrize("scheme", ["int8wo", "fp8dq-row"])
+def test_rwkv_rescales_its_quantized_weights_in_place(scheme):
+    """RWKV's first eval forward divides some weights in place (``weight.div_``) and scales the hidden
+    states to match: the division must reach the quantized layers."""
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    torch.manual_seed(0)
+    cfg = RwkvConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=4, attention_hidden_size=HIDDEN,
+                     intermediate_size=2 * HIDDEN, context_length=64, rescale_every=1)
+    model = RwkvForCausalLM(cfg).to(torch.bfloat16).eval()
+    quantized = copy.deepcopy(model)  # neither has run: both rescale on their first forward
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        aofx.quantize_(quantized, SCHEMES[scheme])
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, quantized(input_ids=ids).logits
+    assert quantized.rwkv.layers_are_rescaled
+    assert sqnr(want.float(), got.float()) >= FLOORS[scheme]

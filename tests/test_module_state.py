@@ -155,6 +155,56 @@ def test_writing_back_a_read_weight_keeps_the_codes(cfg, floor):
     assert sqnr(before["scale"].float() * 2, layer.scale.float()) > 30
 
 
+
+class RescaledStack(nn.Module):
+    """RWKV-style: the first eval forward divides some weights in place and scales the input to match."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(256, 256) for _ in range(3))
+        self.rescaled = False
+
+    def forward(self, x):
+        if not self.rescaled:
+            with torch.no_grad():
+                for i, layer in enumerate(self.layers):
+                    layer.weight.div_(2 ** i)  # a read, written in place, dropped at once
+            self.rescaled = True
+        for i, layer in enumerate(self.layers):
+            x = layer(x * 2 ** i)
+        return x
+
+
+@pytest.mark.parametrize("cfg,floor", CASES)
+def test_an_in_place_write_into_a_read_weight_reaches_the_layer(cfg, floor):
+    torch.manual_seed(0)
+    model = RescaledStack().bfloat16()
+    quantized = copy.deepcopy(model)
+    aofx.quantize_(quantized, cfg)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    assert sqnr(model(x).float(), quantized(x).float()) > floor - 6  # three layers deep
+    layer, ref = quantized.layers[0], model.layers[0]
+    with torch.no_grad():
+        w = layer.weight  # kept alive across the call: the write is seen at the next forward
+        w.mul_(-1)
+        ref.weight.mul_(-1)
+        assert sqnr(ref(x).float(), layer(x).float()) > floor
+        w.mul_(-1)  # written again after that forward
+        ref.weight.mul_(-1)
+        del w
+        assert sqnr(ref(x).float(), layer(x).float()) > floor
+
+
+def test_a_read_written_in_place_after_the_layer_was_set_again_does_not_win():
+    layer = nn.Linear(256, 64)
+    aofx.quantize_(layer, aofx.Int8WeightOnlyConfig())
+    stale = layer.weight
+    new = torch.randn(64, 256)
+    layer.weight = new  # a later assignment
+    stale.zero_()
+    x = torch.randn(2, 256)
+    assert sqnr(F.linear(x, new, layer.bias), layer(x)) > 30
+
 # ---------------------------------------------------------------- calls no graph accepts
 
 class FLinear(nn.Module):

@@ -149,3 +149,33 @@ def test_save_refuses_layers_found_through_example_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"cannot save 0: quantize_ found these through example_inputs"):
         aofx.save_quantized(model, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+_KINDS = {"int8": aofx.Int8WeightOnlyConfig(), "e4m3": aofx.Float8WeightOnlyConfig(),
+          "e4m3-dynamic": aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerRow()),
+          "int8-dynamic": aofx.Int8DynamicActivationInt8WeightConfig()}
+
+
+@pytest.mark.parametrize("saved,target", [("int8", "e4m3"), ("e4m3", "int8"), ("e4m3-dynamic", "int8-dynamic"),
+                                          ("int8-dynamic", "e4m3-dynamic")])
+@pytest.mark.parametrize("assign", [False, True])
+def test_another_schemes_codes_are_refused_and_load_nothing(saved, target, assign):
+    # Same buffer names and shapes: torch alone would cast e4m3 codes to int8 (or back) and compute garbage.
+    source, model = _build(), _build()
+    aofx.quantize_(source, _KINDS[saved])
+    aofx.quantize_(model, _KINDS[target])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"aofx: 3\.qdata is torch\.\w+ in the state_dict.*same config"):
+        model.load_state_dict(source.state_dict(), assign=assign)
+    after = model.state_dict()
+    for key in ("0.qdata", "3.qdata", "3.scale"):
+        assert after[key].dtype == before[key].dtype and torch.equal(after[key], before[key]), key
+
+
+def test_int8_weight_only_and_dynamic_codes_load_into_each_other():
+    # Both keep int8 codes and a per-row fp32 scale: one scheme's state_dict is the other's.
+    source, model = _build(), _build()
+    aofx.quantize_(source, _KINDS["int8"])
+    aofx.quantize_(model, _KINDS["int8-dynamic"])
+    model.load_state_dict(source.state_dict())
+    assert torch.equal(model.state_dict()["3.qdata"], source.state_dict()["3.qdata"])
