@@ -15,16 +15,20 @@ bool flag is baked in), and the same train/eval flags of the unit and its submod
 baked in too), and the same attributes of the unit and its submodules that the forward may read and a
 graph bakes in (``plain_attributes``: plain values and containers of them, such as a LoRA-style
 ``scaling`` or an on/off flag, each submodule's class and hooks); tensor attributes are read at each
-call instead. ``CapturedGraph.accepts`` checks all of these, as ``torch.export``'s own input guards do;
-the caller captures again, or falls back, when no graph accepts. A forward that sets attributes of its
-modules (a call counter, a cached input) cannot be repeated by a graph: ``export_unit`` undoes what the
-trace set and raises.
+call instead; and, where the forward read it while traced (``torch.is_grad_enabled``,
+``torch.is_inference_mode_enabled``, ``torch.is_autocast_enabled``, the autocast dtype), the same grad
+mode, inference mode or autocast state (``ambient``). ``CapturedGraph.accepts`` checks all of these, as
+``torch.export``'s own input guards do; the caller captures again, or falls back, when no graph accepts.
+A forward branching on a plain Python global (a module-level flag) keeps the branch it took when traced,
+as ``torch.export`` bakes it in. A forward that sets attributes of its modules (a call counter, a cached
+input) cannot be repeated by a graph: ``export_unit`` undoes what the trace set and raises.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import NamedTuple
 
 import sympy
@@ -106,12 +110,14 @@ def export_unit(module: torch.nn.Module, args: tuple, kwargs: dict | None = None
     # Size-1 dimensions stay static (export would specialize them anyway, with a warning).
     dynamic = tuple({i: Dim.AUTO for i in range(a.dim()) if a.shape[i] != 1} if isinstance(a, torch.Tensor) else None
                     for a in leaves)
-    with _AttributeWrites(module) as writes:
+    now = ambient(_AMBIENT_READERS)
+    with _AttributeWrites(module) as writes, _AmbientReads() as reads:
         ep = torch.export.export(_Flat(module, spec), tuple(leaves), dynamic_shapes=(dynamic,), strict=False)
     if writes.names:
         raise RuntimeError(f"its forward sets {', '.join(writes.names)}, which a captured graph cannot repeat")
     capture = CapturedGraph(ep, spec, leaves, modes(module))
     capture.attributes = plain_attributes(module)
+    capture.ambient = tuple((kind, value) for kind, value in now if kind in reads.kinds) or None
     return capture
 
 
@@ -203,6 +209,64 @@ def _holds(m: torch.nn.Module, name: str, value) -> bool:
     return False
 
 
+# Ambient torch state a forward may branch on, and a graph then bakes in: kind -> the torch functions reading it.
+_AMBIENT_READERS = {
+    "grad": ("is_grad_enabled",),
+    "inference": ("is_inference_mode_enabled",),
+    "autocast": ("is_autocast_enabled", "is_autocast_cpu_enabled", "get_autocast_dtype",
+                 "get_autocast_gpu_dtype", "get_autocast_cpu_dtype"),
+}
+
+
+def ambient(kinds) -> tuple:
+    """``((kind, value), ...)``: the current grad mode, inference mode or autocast state (enabled and
+    dtype on CPU and CUDA), for each of ``kinds``. Read through ``torch``'s attributes, so that a graph
+    chosen by it inside an enclosing unit's trace guards that unit's graph too."""
+    out = []
+    for kind in kinds:
+        if kind == "grad":
+            value = torch.is_grad_enabled()
+        elif kind == "inference":
+            value = torch.is_inference_mode_enabled()
+        else:
+            value = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+        out.append((kind, value))
+    return tuple(out)
+
+
+class _AmbientReads:
+    """While tracing: the kinds of ambient state that code outside torch (the forward) reads through
+    ``torch.is_grad_enabled`` and the like. Torch's own reads (export's, ``torch.autocast``'s) are not
+    branches of the forward."""
+
+    def __init__(self):
+        self.kinds: set[str] = set()
+        self.saved: dict = {}
+
+    def __enter__(self):
+        for kind, names in _AMBIENT_READERS.items():
+            for name in names:
+                if hasattr(torch, name):
+                    self.saved[name] = fn = getattr(torch, name)
+                    setattr(torch, name, self._spy(kind, fn))
+        return self
+
+    def _spy(self, kind: str, fn):
+        kinds = self.kinds
+
+        @functools.wraps(fn)
+        def spy(*args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").partition(".")[0] != "torch":
+                kinds.add(kind)
+            return fn(*args, **kwargs)
+        return spy
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch, name, fn)
+        return False
+
+
 def modes(module: torch.nn.Module) -> tuple:
     """The train/eval flags of ``module`` and its submodules: a graph bakes them in (dropout)."""
     return tuple(m.training for m in module.modules())
@@ -276,6 +340,7 @@ class CapturedGraph:
         self.out_spec = ep.call_spec.out_spec
         self.order: list[tuple] = []
         self.attributes: dict = {}  # plain_attributes of the unit when traced
+        self.ambient: tuple | None = None  # the ambient state the forward read, as when traced (see ambient)
 
     def placeholder_for(self, name: str) -> torch.fx.Node:
         return next(n for n in placeholders(self.gm.graph) if n.name == name)
@@ -303,13 +368,20 @@ class CapturedGraph:
     def accepts(self, leaves: list, spec, training: tuple | None = None, any_rows: bool = False,
                 owner: torch.nn.Module | None = None) -> bool:
         """Whether inputs with these pytree ``leaves`` and ``spec`` (and, when given, the unit's
-        train/eval flags and its ``owner``'s plain attributes) satisfy the capture's guards.
-        ``any_rows``: the graph is a standard linear's, valid for every number of rows, so only its
-        static sizes are checked."""
+        train/eval flags and its ``owner``'s plain attributes) satisfy the capture's guards, in the
+        current ambient state. ``any_rows``: the graph is a standard linear's, valid for every number
+        of rows, so only its static sizes are checked."""
         if spec != self.spec or len(leaves) != len(self.guards):
             return False
         if training is not None and training != self.training:
             return False
+        if not any_rows and self.ambient is not None:
+            kinds = [kind for kind, _ in self.ambient]
+            # dynamo cannot read inference mode; the original forward runs (and reads it) instead
+            if "inference" in kinds and torch.compiler.is_dynamo_compiling():
+                return False
+            if ambient(kinds) != self.ambient:
+                return False
         if owner is not None and not any_rows:  # a standard linear's forward reads no attribute
             try:
                 now = plain_attributes(owner)

@@ -1,6 +1,7 @@
 """The capture contract (aofx/api.py, aofx/capture.py): layers never share a graph they should not,
 layers that cannot be rewritten stay float and are named, ``example_inputs``, ``FqnToConfig``
-selection and hooks. CPU only. One file for one contract, hence a little over 400 lines."""
+selection, hooks, and the ambient grad/inference/autocast mode a forward reads. CPU only. One file for
+one contract, hence about 500 lines."""
 
 import copy
 import dataclasses
@@ -399,3 +400,105 @@ def test_unpickled_model_exports_with_aofx_ops_in_a_fresh_process():
         assert _aofx_ops(loaded, randn(3, 64)) == 2  # no layer fell back to dequantizing
     finally:
         install._SHARED.update(saved)
+
+
+# ---------------------------------------------------------------- ambient torch state
+
+AMBIENT_DB = 30.0  # int8 weight-only gives about 40 dB; a graph baked for the other mode 0 dB or less
+GRAD = ("grad", torch.enable_grad)
+NO_GRAD = ("no_grad", torch.no_grad)
+INFERENCE = ("inference_mode", torch.inference_mode)
+AUTOCAST = ("autocast", lambda: torch.autocast("cpu", dtype=BF16))
+
+
+class GradModeLinear(nn.Linear):
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return y * 2 if torch.is_grad_enabled() else y
+
+
+class InferenceModeLinear(nn.Linear):
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return y * 7 if torch.is_inference_mode_enabled() else y
+
+
+class AutocastLinear(nn.Linear):
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return y * 5 if torch.is_autocast_enabled("cpu") else y
+
+
+class Branches(nn.Module):
+    """A layer branching on ambient torch state, beside a standard linear and a subclass that reads none."""
+
+    def __init__(self, branch, dtype=BF16):
+        super().__init__()
+        self.branch = branch(256, 128, dtype=dtype)
+        self.plain = nn.Linear(256, 128, dtype=dtype)
+        self.scaled = ScaledLinear(256, 128, dtype=dtype)
+        normal_weights(self)
+
+    def forward(self, x):
+        return {name: layer(x) for name, layer in self.named_children()}
+
+
+def _matches(ref, model, x, modes):
+    for label, mode in modes:
+        with mode():
+            want, got = ref(x), model(x)
+        for name in want:
+            db = sqnr(want[name].float(), got[name].float())
+            assert db > AMBIENT_DB, f"{name} under {label}: SQNR {db:.1f} dB"
+
+
+def _check_modes(branch, modes, dtype=BF16):
+    """Quantize ``Branches(branch)``, run it under ``modes`` in turn, and return it and its float copy."""
+    model = Branches(branch, dtype)
+    ref = copy.deepcopy(model)
+    assert quantize(model, aofx.Int8WeightOnlyConfig()) == []
+    assert scheme_of(model.branch) == "Int8WeightOnlyConfig"
+    _matches(ref, model, randn(4, 256, dtype=dtype), modes)
+    assert len(model.branch._aofx.captures) == 2  # one per mode, both kept: alternating captures no more
+    assert len(model.plain._aofx.captures) == len(model.scaled._aofx.captures) == 1  # they read no mode
+    return model, ref
+
+
+def test_grad_mode_branch_follows_the_callers_mode():
+    model, ref = _check_modes(GradModeLinear, [GRAD, NO_GRAD, GRAD, NO_GRAD, GRAD])
+    x = randn(2, 3, 256, seed=5)
+    _matches(ref, copy.deepcopy(model), x, [NO_GRAD, GRAD])  # the copy shares the graphs and their guards
+    _matches(ref, pickle.loads(pickle.dumps(model)), x, [NO_GRAD, GRAD, NO_GRAD])  # captured again
+
+
+def test_inference_mode_branch_follows_the_callers_mode():
+    _check_modes(InferenceModeLinear, [GRAD, INFERENCE, NO_GRAD, INFERENCE, GRAD])
+
+
+def test_autocast_branch_follows_the_callers_mode():
+    _check_modes(AutocastLinear, [GRAD, AUTOCAST, GRAD, AUTOCAST], dtype=torch.float32)
+
+
+class GradProj(nn.Module):
+    """Uses its own weight through F.linear; doubles the result while grad mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(128, 256, generator=seeded(5)) * 0.02)
+
+    def forward(self, x):
+        y = F.linear(x, self.w)
+        return y * 2 if torch.is_grad_enabled() else y
+
+
+def test_example_inputs_unit_branching_on_grad_mode_runs_under_no_grad():
+    model = nn.Sequential(GradProj())
+    ref = copy.deepcopy(model)
+    x = randn(4, 256, dtype=torch.float32, seed=3)
+    assert quantize(model, aofx.Int8WeightOnlyConfig(), example_inputs=(x,)) == []  # captured with grad on
+    assert scheme_of(model[0]) == "Int8WeightOnlyConfig"
+    for label, mode in (NO_GRAD, GRAD, NO_GRAD):
+        with mode():
+            db = sqnr(ref(x), model(x))
+        assert db > AMBIENT_DB, f"under {label}: SQNR {db:.1f} dB"
+    assert len(model[0]._aofx.captures) == 2
