@@ -22,7 +22,7 @@ from torch import nn
 
 from aofx import passes  # noqa: F401  (registers the built-in passes)
 from aofx.capture import Seen, export_unit, run_examples
-from aofx.configs import AOBaseConfig, FqnToConfig, describe
+from aofx.configs import AOBaseConfig, FqnToConfig, check_version, describe
 from aofx.install import (QuantizedModule, QuantizedWeight, _SHARED, install, linear_like, replaced_forward,
                           rewrite_capture, shared_key)
 from aofx.registry import check_registered, find_handler, find_pass, handler_takes_parameter, uses_handler
@@ -96,6 +96,8 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
     Raises:
         TypeError: a config that is not registered (the message lists the registered types), a
             removed keyword (``apply_tensor_subclass=``), or a non-config argument.
+        UnsupportedVersionError: (a ValueError and an AssertionError) ``version=1`` of the int4 or fp8
+            configs, which torchao 0.18 removed; nothing is changed.
         ValueError: a weight with NaN or Inf, an uninitialized lazy layer, a packed buffer name
             that is already taken, or one tied weight given two configs; each names the layer, and
             the model is left exactly as it was. Also ``filter_fn`` together with an ``FqnToConfig``.
@@ -125,7 +127,7 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
         _apply_handler(model, fqn, module.to(device) if device is not None else module, cfg, parameter_name)
     units = _capture(units, skipped)
     if skipped:
-        lines = "\n".join(f"  {fqn}: {why}" for fqn, why in skipped)
+        lines = "\n".join(f"  {fqn or '(the model)'}: {why}" for fqn, why in skipped)
         warnings.warn(f"aofx.quantize_ skipped {len(skipped)} weight(s) or layer(s), left as they were:\n{lines}",
                       UserWarning, stacklevel=2)
     # 4. quantize, one weight at a time on `device`; tied parameters once
@@ -151,12 +153,14 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
 
 def _record_for_transformers(model: nn.Module) -> None:
     """A quantized transformers model records its configs in its config (``aofx.hf.record``), so that
-    its own ``save_pretrained`` writes a loadable checkpoint, unless a layer has no checkpoint form."""
+    its own ``save_pretrained`` writes a loadable checkpoint, unless a layer has no checkpoint form; its
+    configs say ``_is_quantized`` as after a quantized load (``aofx.hf.mark_quantized``)."""
     tf = sys.modules.get("transformers")
     if tf is None or not quantized_configs(model):
         return
     from aofx import hf  # also makes every PreTrainedModel.save_pretrained record its configs when it saves
 
+    hf.mark_quantized(model)
     if not isinstance(model, tf.PreTrainedModel) or found_by_examples(model):
         return  # no checkpoint form: aofx.hf.save_pretrained says why it cannot save them
     hf.record(model)
@@ -167,6 +171,8 @@ def _as_config(config) -> AOBaseConfig:
         for cfg in config.fqn_to_config.values() if isinstance(config, FqnToConfig) else [config]:
             if cfg is not None:
                 check_registered(cfg)
+                if not uses_handler(cfg):  # a user's handler decides about its versions itself
+                    check_version(cfg)
         return config
     if callable(config) and not isinstance(config, type):
         warnings.warn("passing a callable to quantize_ is deprecated; pass a config object instead, "
@@ -449,8 +455,8 @@ def _capture(units: list, skipped: list) -> list:
             skipped.append((unit.fqn, f"torch.export could not capture it: {why}"))
             continue
         if errors:
-            warnings.warn(f"aofx.quantize_: {unit.fqn} could not be captured with its recorded inputs ({errors[0]}); "
-                          "it was captured alone as a linear layer instead", UserWarning, stacklevel=3)
+            warnings.warn(f"aofx.quantize_: {unit.fqn or 'the model'} could not be captured with its recorded inputs "
+                          f"({errors[0]}); it was captured alone as a linear layer instead", UserWarning, stacklevel=3)
         leftover = rewrite_capture(capture, planned)
         mine = [fqn for fqn in leftover if fqn in unit.weights]
         if mine:

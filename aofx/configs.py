@@ -84,6 +84,22 @@ def _version_2(config) -> None:
         raise ValueError(f"version 1 of {type(config).__name__} has been removed (as in torchao); use version=2")
 
 
+class UnsupportedVersionError(ValueError, AssertionError):
+    """A config version that torchao 0.18 builds but whose ``quantize_`` fails (an ``AssertionError``
+    there); a ``ValueError`` too, as aofx's other refusals of a config value."""
+
+
+def check_version(config) -> None:
+    """torchao 0.18 removed version 1 of the int4 and fp8 configs: it builds them, and its ``quantize_``
+    asserts ``version == 2``. ``quantize_`` calls this before changing anything."""
+    if isinstance(config, (Int4WeightOnlyConfig, Float8WeightOnlyConfig, Float8DynamicActivationFloat8WeightConfig)) \
+            and config.version != 2:
+        name = type(config).__name__
+        raise UnsupportedVersionError(f"Unexpected version: {config.version!r} (torchao 0.18 removed version "
+                                      f"{config.version!r} of {name}, and its quantize_ refuses it too); use "
+                                      "version=2, the default; nothing was quantized")
+
+
 def _check_group_size(config, group_size, allow_none: bool) -> None:
     if group_size is None and allow_none:
         return
@@ -107,7 +123,8 @@ class Int4WeightOnlyConfig(AOBaseConfig):
             or bool is a ``TypeError``, any other int a ``ValueError``.
 
     torchao's other fields are accepted and change nothing: ``set_inductor_config`` (any bool),
-    ``version`` (1 or 2), ``int4_packing_format`` (plain, preshuffled, plain_int32 or
+    ``version`` (2; 1 builds, as in torchao 0.18, and ``quantize_`` refuses it with
+    ``UnsupportedVersionError``), ``int4_packing_format`` (plain, preshuffled, plain_int32 or
     tile_packed_to_4d: aofx has its own layout), ``int4_tile_packed_ntile``, and
     ``int4_choose_qparams_algorithm`` ("tinygemm" only, which is what aofx computes; "hqq" is a
     ``ValueError``). They are left out of ``repr``, equality and saved metadata.
@@ -201,8 +218,9 @@ class Float8WeightOnlyConfig(AOBaseConfig):
         weight_dtype (torch.dtype, default torch.float8_e4m3fn): the only allowed value is
             ``torch.float8_e4m3fn``.
 
-    torchao's ``set_inductor_config`` (any bool), ``version`` (1 or 2) and ``granularity`` (``PerRow()``
-    or None) are accepted and left out of ``repr``, equality and metadata.
+    torchao's ``set_inductor_config`` (any bool), ``version`` (2; 1 builds, as in torchao 0.18, and
+    ``quantize_`` refuses it) and ``granularity`` (``PerRow()`` or None) are accepted and left out of
+    ``repr``, equality and metadata.
     """
 
     weight_dtype: torch.dtype = torch.float8_e4m3fn
@@ -251,7 +269,7 @@ class Float8DynamicActivationFloat8WeightConfig(AOBaseConfig):
     metadata: ``packing_format`` ("plain" only), ``activation_value_lb`` / ``activation_value_ub`` (None
     only: a clamped scale is another scheme), and, as kernel choices that aofx makes itself,
     ``mm_config``, ``kernel_preference`` and ``alg_id``; ``set_inductor_config`` (any bool), ``version``
-    (1 or 2).
+    (2; 1 builds, as in torchao 0.18, and ``quantize_`` refuses it).
     """
 
     activation_dtype: torch.dtype = torch.float8_e4m3fn

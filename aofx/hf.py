@@ -230,6 +230,18 @@ def record(model: "transformers.PreTrainedModel") -> None:
     untie_quantized(model)
 
 
+def mark_quantized(model) -> None:
+    """Set ``config._is_quantized = True``, as transformers' quantizers do on a quantized load, on the config
+    of every module of ``model`` that holds one (each ``PreTrainedModel``, and the layers of a part of a model
+    given to ``quantize_``). Some models branch on it: Jamba's and FalconMamba's mixers call ``dt_proj``
+    only then (else they read ``dt_proj.weight``, dequantized), so a model quantized in session computes as
+    its reloaded checkpoint does. transformers leaves the flag out of ``config.json``."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, transformers.PretrainedConfig):
+            config._is_quantized = True
+
+
 def _sub_configs(config) -> list:
     return [getattr(config, k) for k in getattr(config, "sub_configs", {}) if getattr(config, k, None) is not None]
 

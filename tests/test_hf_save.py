@@ -307,3 +307,31 @@ def test_two_quantized_linears_sharing_a_tied_weight_save_and_reload(tmp_path):
     ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_falcon_mamba_computes_in_session_as_reloaded(tmp_path):
+    """FalconMamba's (and Jamba's) mixer calls ``dt_proj`` only where ``config._is_quantized`` is set, which
+    transformers sets on a quantized load; else it reads ``dt_proj.weight`` (dequantized, its activations never
+    quantized). ``quantize_`` sets it too, so the model computes in session as its checkpoint reloads."""
+    config = transformers.FalconMambaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, state_size=16, num_hidden_layers=2,
+                                            expand=2, conv_kernel=4, time_step_rank=16, use_mambapy=False)
+    torch.manual_seed(0)
+    model = transformers.FalconMambaForCausalLM(config).eval()
+    aofx.quantize_(model, aofx.Int8DynamicActivationInt8WeightConfig())
+    assert "backbone.layers.0.mixer.dt_proj" in quantized(model) and model.config._is_quantized is True
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+
+    def run(m):
+        calls = []
+        hook = m.backbone.layers[0].mixer.dt_proj.register_forward_hook(lambda *a: calls.append(1))
+        with torch.no_grad():
+            out = m(input_ids=ids).logits
+        hook.remove()
+        assert calls, "dt_proj's quantized forward did not run"
+        return out
+
+    ref = run(model)
+    back = save_and_reload(model, tmp_path, cls=transformers.FalconMambaForCausalLM)
+    assert "_is_quantized" not in json.loads((tmp_path / "config.json").read_text())  # transformers drops it
+    assert back.config._is_quantized is True and quantized(back) == quantized(model)
+    torch.testing.assert_close(run(back), ref, rtol=0, atol=0)

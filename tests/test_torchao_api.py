@@ -355,3 +355,43 @@ def test_a_parameter_regex_that_quantized_a_weight_is_not_called_container_only(
         warnings.simplefilter("always")
         aofx.quantize_(model, aofx.FqnToConfig({"re:linear.*": None, r"re:linear1\.weight": aofx.Int8WeightOnlyConfig()}))
     assert _messages(record) == [] and _quantized(model) == {"linear1": True, "linear2": False}
+
+
+# --- version=1 of the int4 and fp8 configs: torchao 0.18 builds it, and its quantize_ asserts version == 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: aofx.Int4WeightOnlyConfig(group_size=32, **kw),
+    lambda **kw: aofx.Float8WeightOnlyConfig(**kw),
+    lambda **kw: aofx.Float8DynamicActivationFloat8WeightConfig(granularity=aofx.PerRow(), **kw),
+], ids=["int4", "fp8_weight_only", "fp8_dynamic"])
+@pytest.mark.parametrize("wrap", [lambda c: c, lambda c: aofx.FqnToConfig({"1": c})], ids=["config", "fqn_to_config"])
+def test_version_1_of_int4_and_fp8_configs_is_refused_by_quantize(make, wrap):
+    from aofx.configs import UnsupportedVersionError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = make(version=1)  # builds, as in torchao
+    for error in (ValueError, AssertionError, UnsupportedVersionError):
+        with pytest.raises(error, match=rf"^Unexpected version: 1 \(torchao 0\.18 removed version 1 of "
+                                        rf"{type(config).__name__}.*use version=2"):
+            aofx.quantize_(model, wrap(config))
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    aofx.quantize_(model, wrap(make(version=2)))
+    assert isinstance(model[1], QuantizedModule)
+
+
+# --- the skip warning names the root
+
+
+def test_a_skipped_root_is_named_in_the_warning():
+    model = Block()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        aofx.quantize_(model, aofx.Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: True)
+    (msg,) = _messages(record)
+    assert "\n  (the model): Block is not a linear layer" in msg and "\n  : " not in msg
+    assert _quantized(model) == {"fc": True}
