@@ -261,7 +261,7 @@ class QuantizedModule:
 
     def forward(self, *args, **kwargs):
         state = self.__dict__["_aofx"]
-        if state.reads and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and state.reads:  # (no guard on reads under dynamo)
             state.apply_writes(self)  # a weight read earlier and written in place since
         if _fx_symbolic_tracing():  # fx traces into this class, which is not torch.nn's
             if state.shared_key is None:
