@@ -55,7 +55,12 @@ class AofxHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         # Meta packed buffers; quantize_ also records the configs and unties quantized heads (record).
-        quantize_(model, config_from_metadata(self.quantization_config.configs))
+        configs = _in_model(model, self.quantization_config.configs)
+        if self.quantization_config.configs and not configs:
+            raise ValueError(f"this checkpoint's quantization_config names layers that {type(model).__name__} lacks "
+                             f"(such as {next(iter(self.quantization_config.configs))}): it was saved from another "
+                             "architecture")
+        quantize_(model, config_from_metadata(configs))
         _check_packed_saved(model, checkpoint_files)
         _keep_in_fp32(model, getattr(self, "_dtype", None))
         for module in model.modules():
@@ -73,6 +78,22 @@ class AofxHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True  # adapters train on top: the ops have input gradients; the packed weights get none
+
+
+def _in_model(model, configs: dict) -> dict:
+    """The saved configs under the model's own fqns. transformers loads a checkpoint saved with a head into
+    the bare model (``AutoModel``) and back by stripping or adding ``base_model_prefix`` to its keys; the
+    configs follow. A config whose layer the model lacks (the head, in the bare model) is left out, as
+    transformers leaves out its tensors."""
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = {}
+    for fqn, cfg in configs.items():
+        for name in (fqn, fqn.removeprefix(f"{prefix}.") if prefix else fqn, f"{prefix}.{fqn}" if prefix else fqn):
+            if name in names:
+                out[name] = cfg
+                break
+    return out
 
 
 def untie_quantized(model) -> None:

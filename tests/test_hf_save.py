@@ -335,3 +335,36 @@ def test_falcon_mamba_computes_in_session_as_reloaded(tmp_path):
     assert "_is_quantized" not in json.loads((tmp_path / "config.json").read_text())  # transformers drops it
     assert back.config._is_quantized is True and quantized(back) == quantized(model)
     torch.testing.assert_close(run(back), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [aofx.Int8WeightOnlyConfig(), aofx.Int4WeightOnlyConfig(group_size=128)],
+                         ids=["int8wo", "int4wo-128"])
+def test_a_checkpoint_loads_into_the_bare_model_and_back(config, tmp_path):
+    # transformers strips or adds base_model_prefix ("model.") when a checkpoint saved with a head loads
+    # into the bare model, and back; the quantized layers must follow, not come back float and random.
+    full = llama()
+    aofx.quantize_(full, config)
+    full.save_pretrained(tmp_path / "full")
+    bare = transformers.AutoModel.from_pretrained(tmp_path / "full").eval()
+    assert quantized(bare) == {k.removeprefix("model.") for k in quantized(full) if k.startswith("model.")}
+    with torch.no_grad():
+        torch.testing.assert_close(bare(**LM_INPUTS).last_hidden_state, full.model(**LM_INPUTS).last_hidden_state,
+                                   rtol=0, atol=0)
+    bare.save_pretrained(tmp_path / "bare")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "bare").eval()
+    assert quantized(again) >= {f"model.{k}" for k in quantized(bare)}
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(**LM_INPUTS).last_hidden_state,
+                                   bare(**LM_INPUTS).last_hidden_state, rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
+    model = llama()
+    aofx.quantize_(model, aofx.Int8WeightOnlyConfig())
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["configs"] = {f"nowhere.{k}": v
+                                                for k, v in config["quantization_config"]["configs"].items()}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="names layers that LlamaForCausalLM lacks"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
