@@ -19,7 +19,8 @@ import os
 from torch import nn
 
 from aofx.api import found_by_examples, quantize_, quantized_configs
-from aofx.configs import FqnToConfig, config_from_dict, config_to_dict
+from aofx.configs import FqnToConfig, config_from_dict, config_to_dict, describe
+from aofx.install import linear_like
 
 CONFIGS_KEY, ALIASES_KEY = "aofx.configs", "aofx.aliases"
 
@@ -87,11 +88,19 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None, stric
 
     with safe_open(os.fspath(path), framework="pt") as f:
         metadata = f.metadata() or {}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     if CONFIGS_KEY not in metadata:
         raise ValueError(f"{path} has no {CONFIGS_KEY!r} metadata: it was not written by aofx.save_quantized")
-    quantize_(model, config_from_metadata(json.loads(metadata[CONFIGS_KEY])))
+    aliases = json.loads(metadata.get(ALIASES_KEY, "{}"))
+    shapes.update({alias: shapes[name] for alias, name in aliases.items() if name in shapes})
+    saved = config_from_metadata(json.loads(metadata[CONFIGS_KEY]))
+    problems = _misfits(model, saved.fqn_to_config, shapes, strict)
+    if problems:  # before quantize_, so that a model the file does not fit is left as it was
+        raise ValueError(f"{path} does not fit this model, which is left unchanged: " + "; ".join(problems[:8])
+                         + ("; ..." if len(problems) > 8 else ""))
+    quantize_(model, saved)
     state = load_file(os.fspath(path), device=str(device or "cpu"))
-    for alias, name in json.loads(metadata.get(ALIASES_KEY, "{}")).items():
+    for alias, name in aliases.items():
         state[alias] = state[name]
     model.load_state_dict(state, strict=strict, assign=True)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -100,3 +109,39 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None, stric
                          f"build the model under aofx.init_empty_weights(), which keeps buffers real): "
                          f"{', '.join(leftover[:8])}")
     return model
+
+
+_PACKED = ("qdata", "scale", "zero")
+
+
+def _misfits(model: nn.Module, configs: dict, shapes: dict, strict: bool) -> list[str]:
+    """What keeps the file (``shapes``: {key: shape}, ``configs``: {weight fqn: config}) from loading into
+    ``model``: layers it lacks or quantized with another config, tensors of other shapes, and, with
+    ``strict``, missing and unexpected keys. Packed tensors stand for their weight, whose rows they keep."""
+    done = quantized_configs(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    state = {k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items()}
+    problems, packed = [], set()
+    for fqn, cfg in configs.items():
+        owner, _, name = fqn.rpartition(".")
+        stem = f"{owner}.{'' if name == 'weight' else name + '_'}".lstrip(".")
+        packed.update(f"{stem}{k}" for k in _PACKED)
+        if fqn in done:
+            if done[fqn] != cfg:
+                problems.append(f"{fqn} is quantized with {describe(done[fqn])}, the file holds {describe(cfg)}")
+        elif fqn not in params:
+            problems.append(f"the file quantizes {fqn}, which the model lacks")
+        elif stem + "qdata" in shapes:
+            n, k = params[fqn].shape[::-1] if linear_like(model.get_submodule(owner)) else params[fqn].shape
+            if shapes[stem + "qdata"] not in ((n, k), (n, k // 2)):  # int4 packs two codes a byte
+                problems.append(f"{fqn} is {tuple(params[fqn].shape)}, the file's {stem}qdata {shapes[stem + 'qdata']}")
+    for key, shape in state.items():
+        if key in configs or key in packed:
+            continue
+        if key in shapes and shapes[key] != shape:
+            problems.append(f"{key} is {shape}, {shapes[key]} in the file")
+        elif key not in shapes and strict:
+            problems.append(f"{key} is not in the file")
+    if strict:
+        problems += [f"the file's {k} is not in the model" for k in shapes if k not in state and k not in packed]
+    return problems

@@ -179,3 +179,33 @@ def test_int8_weight_only_and_dynamic_codes_load_into_each_other():
     aofx.quantize_(model, _KINDS["int8-dynamic"])
     model.load_state_dict(source.state_dict())
     assert torch.equal(model.state_dict()["3.qdata"], source.state_dict()["3.qdata"])
+
+
+def test_load_into_a_model_quantized_with_another_config_is_refused(tmp_path):
+    # int8wo and int8dq pack alike: the codes would load, and the model would keep computing int8dq.
+    source, model = _build(), _build()
+    aofx.quantize_(source, _KINDS["int8"])
+    aofx.save_quantized(source, tmp_path / "m.safetensors")
+    aofx.quantize_(model, _KINDS["int8-dynamic"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"3\.weight is quantized with Int8DynamicActivationInt8WeightConfig"):
+        aofx.load_quantized(model, tmp_path / "m.safetensors")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("other", ["wider", "deeper"])
+def test_a_file_that_does_not_fit_leaves_the_model_float(other, tmp_path):
+    source = _build()
+    aofx.quantize_(source, _KINDS["int8"])
+    aofx.save_quantized(source, tmp_path / "m.safetensors")
+    torch.manual_seed(1)
+    width = 256 if other == "wider" else 128
+    layers = [nn.Linear(128, width, bias=False), nn.ReLU(), nn.Linear(width, 128, bias=False), nn.Linear(128, 32)]
+    if other == "deeper":
+        layers.append(nn.Linear(32, 32))
+    model = nn.Sequential(*layers).bfloat16()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit this model, which is left unchanged"):
+        aofx.load_quantized(model, tmp_path / "m.safetensors")
+    assert model.state_dict().keys() == before.keys()  # not quantized
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
