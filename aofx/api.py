@@ -147,8 +147,29 @@ def quantize_(model: nn.Module, config=None, filter_fn: Optional[Callable] = Non
     if device is not None and not isinstance(config, FqnToConfig):
         model.to(device)  # as torchao: the whole model ends on `device`, not only its quantized layers
     _record_for_transformers(model)
+    _refuse_diffusers_save()
     if units:
         log.info("aofx: quantized %d module(s) in %.1f s", len(units), time.perf_counter() - start)
+
+
+def _refuse_diffusers_save() -> None:
+    """diffusers' own ``save_pretrained`` would write the packed tensors without their configs, and its
+    ``from_pretrained`` would then initialize those layers afresh: it refuses a quantized model instead."""
+    mixin = getattr(sys.modules.get("diffusers"), "ModelMixin", None)
+    if mixin is None or getattr(mixin.save_pretrained, "_aofx", False):
+        return
+    save = mixin.save_pretrained
+
+    def save_pretrained(self, *args, **kwargs):
+        if quantized_configs(self):
+            raise ValueError(f"{type(self).__name__} has aofx-quantized layers, which diffusers' save_pretrained "
+                             "cannot record (its from_pretrained would initialize them afresh): save with "
+                             "aofx.save_quantized(model, path) and load with aofx.load_quantized")
+        return save(self, *args, **kwargs)
+
+    save_pretrained._aofx = True
+    save_pretrained.__doc__, save_pretrained.__wrapped__ = save.__doc__, save
+    mixin.save_pretrained = save_pretrained
 
 
 def _record_for_transformers(model: nn.Module) -> None:

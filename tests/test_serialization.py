@@ -209,3 +209,17 @@ def test_a_file_that_does_not_fit_leaves_the_model_float(other, tmp_path):
         aofx.load_quantized(model, tmp_path / "m.safetensors")
     assert model.state_dict().keys() == before.keys()  # not quantized
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_diffusers_save_pretrained_refuses_a_quantized_model(tmp_path):
+    # It would write the packed tensors without their configs, and its from_pretrained would initialize
+    # those layers afresh (NaN outputs); a float model of the same class still saves.
+    from tests.models import SPECS
+
+    model = SPECS["flux"].build()
+    model.save_pretrained(tmp_path / "float")
+    assert list((tmp_path / "float").glob("*.safetensors"))
+    aofx.quantize_(model, _KINDS["int8"])
+    with pytest.raises(ValueError, match="aofx.save_quantized"):
+        model.save_pretrained(tmp_path / "quantized")
+    assert not list((tmp_path / "quantized").glob("*.safetensors"))
