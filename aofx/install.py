@@ -47,6 +47,7 @@ from typing import Optional
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from aofx.capture import CapturedGraph, export_unit, modes
 from aofx.configs import AOBaseConfig, describe
@@ -440,6 +441,10 @@ def _weight_property(name: str) -> property:
         # Writing back an unchanged tensor this property returned (`layer.weight = layer.weight`,
         # torch.func.functional_call restoring the original) restores the codes it came from:
         # quantizing a dequantized weight again would drift.
+        if torch.compiler.is_exporting() or is_fake(value):
+            # the packed tensors made here would be export's fake ones, left in the real model
+            raise RuntimeError(f"aofx: {type(self).__name__}.{name} is quantized; torch.export cannot trace an "
+                               "assignment to it (torch.func.functional_call on it, say)")
         packed = self._aofx.packed_behind(name, value)
         if packed is None:
             requantize(self, name, value)

@@ -421,3 +421,20 @@ def test_a_tensor_inside_a_list_attribute_is_read_again_when_changed():
     torch.testing.assert_close(model(x), 2 * before)
     model.scales[0] = torch.zeros(64)  # replaced
     assert not model(x).any()
+
+
+def test_export_of_an_assignment_to_a_quantized_weight_raises_and_leaves_the_layer_real():
+    # Under export the requantized buffers would be fake tensors, left in the real model.
+    layer = nn.Linear(256, 64)
+    aofx.quantize_(layer, aofx.Int8WeightOnlyConfig())
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+
+    class Swap(nn.Module):
+        def forward(self, x):
+            return torch.func.functional_call(layer, {"weight": torch.zeros(64, 256)}, (x,))
+
+    with pytest.raises(Exception, match="torch.export cannot trace an assignment"):
+        torch.export.export(Swap(), (torch.randn(2, 256),))
+    after = layer.state_dict()
+    assert all(type(after[k]) is torch.Tensor and torch.equal(before[k], after[k]) for k in before)
+    layer(torch.randn(2, 256))
