@@ -133,7 +133,7 @@ class LayerState:
         # A detached alias shares the read's storage and version counter: it tells, even after the read
         # itself is dropped, whether it was written in place (RWKV rescales its weights so).
         self.reads[key] = (name, value._version, packed, value.detach())
-        weakref.finalize(value, self.released, weakref.ref(module), key)
+        weakref.finalize(value, self.released, weakref.ref(module), key).atexit = False  # not at exit
 
     def released(self, module_ref, key) -> None:
         """A read tensor was dropped: what was written into it in place reaches the layer."""
