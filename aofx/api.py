@@ -3,7 +3,7 @@
 Promises (docs/design.md, "Invariants"): the model stays the same object with the same module tree;
 a quantized module gets a generated subclass of its own class (``aofx.install``); every error about
 the user's input is raised before anything is mutated; every weight the user asked for is quantized
-or named, with the reason, in one ``UserWarning``. About 490 lines, to keep torchao's selection
+or named, with the reason, in one ``UserWarning``. About 515 lines, to keep torchao's selection
 rules (filters, fqn keys, aliases) and every check that runs before mutation in one file.
 """
 

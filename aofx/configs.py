@@ -6,7 +6,7 @@ Each config is a dataclass validated in ``__post_init__``; a bad value raises ``
 
 ``config_to_dict`` / ``config_from_dict`` turn a built-in config into a JSON-safe dict and back
 (the per-layer config in a safetensors file's metadata); the round trip gives an equal config.
-The five configs, their shared validation and the serialization stay in one file (a little over 400 lines)
+The five configs, their shared validation and the serialization stay in one file (about 450 lines)
 so that torchao's config names map to one module.
 """
 
