@@ -124,7 +124,8 @@ def _misfits(model: nn.Module, configs: dict, shapes: dict, strict: bool) -> lis
     problems, packed = [], set()
     for fqn, cfg in configs.items():
         owner, _, name = fqn.rpartition(".")
-        stem = f"{owner}.{'' if name == 'weight' else name + '_'}".lstrip(".")
+        kind = linear_like(model.get_submodule(owner)) if fqn in params or fqn in done else None
+        stem = f"{owner}.{'' if kind is not None and name == 'weight' else name + '_'}".lstrip(".")  # as api
         packed.update(f"{stem}{k}" for k in _PACKED)
         if fqn in done:
             if done[fqn] != cfg:
@@ -132,7 +133,7 @@ def _misfits(model: nn.Module, configs: dict, shapes: dict, strict: bool) -> lis
         elif fqn not in params:
             problems.append(f"the file quantizes {fqn}, which the model lacks")
         elif stem + "qdata" in shapes:
-            n, k = params[fqn].shape[::-1] if linear_like(model.get_submodule(owner)) else params[fqn].shape
+            n, k = params[fqn].shape[::-1] if kind else params[fqn].shape  # Conv1D stores (K, N)
             if shapes[stem + "qdata"] not in ((n, k), (n, k // 2)):  # int4 packs two codes a byte
                 problems.append(f"{fqn} is {tuple(params[fqn].shape)}, the file's {stem}qdata {shapes[stem + 'qdata']}")
     for key, shape in state.items():
