@@ -419,8 +419,8 @@ def _check_weight(module, fqn, name, config, kind: Optional[bool]):
     reason = find_pass(config).skip_reason(weight.t() if transposed else weight, config)  # (N, K)
     if reason:
         return None, reason
-    prefix = "" if kind is not None and name == "weight" else f"{name}_"
-    w = QuantizedWeight(name, config, weight.dtype, tuple(weight.shape), transposed, prefix)
+    w = QuantizedWeight(name, config, weight.dtype, tuple(weight.shape), transposed,
+                        QuantizedWeight.prefix_for(name, kind))
     for buffer in w.buffer_names():
         if hasattr(module, buffer):
             raise ValueError(f"aofx.quantize_: {fqn or 'the model'} already has an attribute {buffer!r}, where aofx "

@@ -89,6 +89,12 @@ class QuantizedWeight:
     transposed: bool = False  # stored (in, out), as Conv1D does
     prefix: str = ""
 
+    @staticmethod
+    def prefix_for(name: str, kind: Optional[bool]) -> str:
+        """The packed buffers' prefix: none for the ``weight`` of a linear-like module (``kind``:
+        ``linear_like``), ``"<name>_"`` otherwise."""
+        return "" if kind is not None and name == "weight" else f"{name}_"
+
     @property
     def rewrite(self):
         return find_pass(self.config)

@@ -20,7 +20,8 @@ from torch import nn
 
 from aofx.api import found_by_examples, quantize_, quantized_configs
 from aofx.configs import FqnToConfig, config_from_dict, config_to_dict, describe
-from aofx.install import linear_like
+from aofx.install import QuantizedWeight, linear_like
+from aofx.registry import find_pass
 
 CONFIGS_KEY, ALIASES_KEY = "aofx.configs", "aofx.aliases"
 
@@ -111,9 +112,6 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None, stric
     return model
 
 
-_PACKED = ("qdata", "scale", "zero")
-
-
 def _misfits(model: nn.Module, configs: dict, shapes: dict, strict: bool) -> list[str]:
     """What keeps the file (``shapes``: {key: shape}, ``configs``: {weight fqn: config}) from loading into
     ``model``: layers it lacks or quantized with another config, tensors of other shapes, and, with
@@ -125,8 +123,8 @@ def _misfits(model: nn.Module, configs: dict, shapes: dict, strict: bool) -> lis
     for fqn, cfg in configs.items():
         owner, _, name = fqn.rpartition(".")
         kind = linear_like(model.get_submodule(owner)) if fqn in params or fqn in done else None
-        stem = f"{owner}.{'' if kind is not None and name == 'weight' else name + '_'}".lstrip(".")  # as api
-        packed.update(f"{stem}{k}" for k in _PACKED)
+        stem = f"{owner}.{QuantizedWeight.prefix_for(name, kind)}".lstrip(".")
+        packed.update(f"{stem}{k}" for k in find_pass(cfg).packed_names)
         if fqn in done:
             if done[fqn] != cfg:
                 problems.append(f"{fqn} is quantized with {describe(done[fqn])}, the file holds {describe(cfg)}")
