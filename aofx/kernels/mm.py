@@ -21,8 +21,8 @@
 With ``swap_ab`` a kernel computes ``y.T = W @ x.T``: the weight tile is wgmma's A operand, read from
 registers after its conversion (as B it would round-trip through shared memory), and x's few rows are the
 narrow side. Every kernel uses the grouped tile order (``common.grid_order``), masks x rows past M (no
-traffic when M << BLOCK_M; ``_codes_mm_kernel``'s 16-row tiles re-read valid rows instead, see there),
-re-reads valid weight rows past N (mask-free loads, dropped at the store), and ends in
+traffic when M << BLOCK_M; ``_codes_mm_kernel`` re-reads valid rows instead, see there), re-reads valid
+weight rows past N (mask-free loads, dropped at the store), and ends in
 ``common.store_tile``: scales applied, bias added by split 0, a K split's fp32 partial written to the
 workspace that ``common.split_k_result`` sums.
 """
@@ -75,16 +75,14 @@ def _codes_mm_kernel(
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Columns past N re-read valid weight rows (mask-free, vectorized loads), dropped at the store. Rows of x
-    # past M: a 16-row tile re-reads valid rows too (rm % M). With a row mask the tile loaded ~2 us slower per
-    # 4096x14336 layer when M was not known to be divisible by 16, as a symbolic M (an AOTInductor package,
-    # a dynamic compile) never is. Taller tiles keep the mask (no traffic when M << BLOCK_M), as re-reading
-    # rows there measured mixed. Evidence: benchmarks/results/h200_rows.json.
-    ROWS_MOD: tl.constexpr = BLOCK_M <= 16
-    m_mask = rm[:, None] < M  # (BLOCK_M, 1)
+    # Columns past N re-read valid weight rows and rows past M re-read valid x rows (rm % M): mask-free,
+    # vectorized loads, dropped at the store. A row mask on x compiled to more predicated code when M was not
+    # known to be divisible by 16, as a symbolic M (an AOTInductor package, a dynamic compile) never is; the
+    # package then ran up to 7% slower than compile (benchmarks/README.md, "Deploy").
+    m_mask = rm[:, None] < M  # (BLOCK_M, 1), for the store
     rn_safe = rn % N
     rk = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + (rm % M if ROWS_MOD else rm)[:, None] * stride_xm  # (BLOCK_M, 1)
+    x_rows = x_ptr + (rm % M)[:, None] * stride_xm  # (BLOCK_M, 1)
     w_rows = w_ptr + rn_safe[:, None] * stride_wn  # (BLOCK_N, 1)
     x_dtype = x_ptr.dtype.element_ty
 
@@ -95,15 +93,11 @@ def _codes_mm_kernel(
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         k = k0 + rk
         if EVEN_K:
-            if ROWS_MOD:
-                xt = tl.load(x_rows + k[None, :], eviction_policy="evict_last")
-            else:
-                xt = tl.load(x_rows + k[None, :], mask=m_mask, other=0.0, eviction_policy="evict_last")
+            xt = tl.load(x_rows + k[None, :], eviction_policy="evict_last")
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
         else:
             k_mask = k[None, :] < K
-            xt = tl.load(x_rows + k[None, :], mask=k_mask if ROWS_MOD else m_mask & k_mask, other=0.0,
-                         eviction_policy="evict_last")
+            xt = tl.load(x_rows + k[None, :], mask=k_mask, other=0.0, eviction_policy="evict_last")
             w = tl.load(w_rows + k[None, :], mask=k_mask, other=0.0, eviction_policy="evict_first")
         if GROUP_SIZE > 0:
             # BLOCK_K divides GROUP_SIZE: the whole tile lies in group k0 // GROUP_SIZE.

@@ -1,13 +1,14 @@
-"""What a symbolic M costs in generated code: none of the memory instructions may change, and the weight-only
-GEMM's 16-row tiles (M <= 16) must compile to the same PTX.
+"""What a symbolic M costs in generated code: none of the memory instructions may change, the weight-only
+GEMM's 16-row tiles (M <= 16) must compile to the same PTX, and its taller tiles to the same PTX up to the
+end of the K loop.
 
 ``torch.compile`` passes M as a number, which Triton specializes (a multiple of 16 is marked so); an
 AOTInductor package passes a symbolic M, which is not. A kernel whose loads or stores vectorize only when
 M is a multiple of 16 therefore runs slower in a package. Each case compiles a kernel for sm_90 (Triton's
 NVIDIA backend needs no GPU for that) with and without that mark on M and compares the PTX's global and
-asynchronous memory instructions (or, for the whole-PTX cases, all of it). The compiling runs in a subprocess without TRITON_INTERPRET, which the
-test session sets and under which ``triton.jit`` gives interpreter functions that cannot be compiled.
-"""
+asynchronous memory instructions (or, for the whole-PTX and K-loop cases, the PTX itself). The compiling
+runs in a subprocess without TRITON_INTERPRET, which the test session sets and under which ``triton.jit``
+gives interpreter functions that cannot be compiled."""
 
 import collections
 import functools
@@ -80,16 +81,35 @@ _M16_TILE = dict(HAS_BIAS=False, GROUP_SIZE=0, EVEN_K=True, E4M3_PTX=False, SPLI
 WHOLE_PTX_CASES = {f"codes mm 16-row swap_ab={swap}": (*CASES["codes mm"][:2], dict(_M16_TILE, SWAP_AB=swap),
                                                        CASES["codes mm"][3])
                    for swap in (False, True)}
+# The taller weight-only tiles of the table (M <= 128, <= 256, larger). Their row mask cost a package 7% at
+# M = 128 (14336 x 4096, 128 x 64 tiles); now only the epilogue's store mask may differ, so everything up to
+# the K loop's back edge must be the same.
+K_LOOP_CASES = {f"codes mm {bm}x{bn}": (*CASES["codes mm"][:2],
+                                        dict(_M16_TILE, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_WARPS=warps,
+                                             NUM_STAGES=3, SWAP_AB=True),
+                                        CASES["codes mm"][3])
+                for bm, bn, bk, warps in ((128, 64, 128, 4), (128, 128, 128, 8), (256, 128, 64, 8))}
+
+
+def through_k_loop(ptx_text: str) -> str:
+    """``ptx_text`` up to the K loop's backward branch, without register declarations (the epilogue's store
+    predicates change their counts)."""
+    lines = [line for line in ptx_text.splitlines() if not line.strip().startswith(".reg")]
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\$L__BB\w+):", line))}
+    back_edges = [i for i, line in enumerate(lines)
+                  if (m := re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\w+);", line)) and labels.get(m.group(1), i) < i]
+    assert len(back_edges) == 1, back_edges  # one loop
+    return "\n".join(lines[:back_edges[0] + 1])
 
 
 def main():
     """In the subprocess, as JSON: ``{case: [instructions with M a multiple of 16, without]}`` and, for the
-    whole-PTX cases, ``{case: [PTX with that mark, without]}``."""
+    whole-PTX and K-loop cases, ``{case: [PTX with that mark, without]}``."""
     found = {case: [memory_instructions(kernel, pointers, constexprs, static | {"M"}),
                     memory_instructions(kernel, pointers, constexprs, static)]
              for case, (kernel, pointers, constexprs, static) in CASES.items()}
     found |= {case: [ptx(kernel, pointers, constexprs, static | {"M"}), ptx(kernel, pointers, constexprs, static)]
-              for case, (kernel, pointers, constexprs, static) in WHOLE_PTX_CASES.items()}
+              for case, (kernel, pointers, constexprs, static) in (WHOLE_PTX_CASES | K_LOOP_CASES).items()}
     print(json.dumps(found))
 
 
@@ -115,6 +135,13 @@ def test_a_symbolic_m_leaves_the_16_row_weight_only_tile_unchanged(case):
     with_m, without_m = _compiled()[case]
     assert "cp.async" in with_m or ".v4." in with_m  # vector code, as above
     assert with_m == without_m
+
+
+@pytest.mark.parametrize("case", K_LOOP_CASES)
+def test_a_symbolic_m_leaves_the_taller_weight_only_tiles_unchanged_through_the_k_loop(case):
+    with_m, without_m = _compiled()[case]
+    assert "cp.async" in with_m or ".v4." in with_m
+    assert through_k_loop(with_m) == through_k_loop(without_m)
 
 
 if __name__ == "__main__":
