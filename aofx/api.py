@@ -22,6 +22,7 @@ from torch import nn
 
 from aofx import passes  # noqa: F401  (registers the built-in passes)
 from aofx.capture import Seen, export_unit, run_examples
+from aofx.guards import hooked_submodules
 from aofx.configs import AOBaseConfig, FqnToConfig, check_version, describe
 from aofx.install import (QuantizedModule, QuantizedWeight, _SHARED, install, linear_like, replaced_forward,
                           rewrite_capture, shared_key)
@@ -464,6 +465,10 @@ def _capture(units: list, skipped: list) -> list:
             if other is not unit and fqn.startswith(unit.fqn + "." if unit.fqn else ""):
                 rel = fqn[len(unit.fqn) + 1:] if unit.fqn else fqn
                 planned.update({f"{rel}.{n}": (w, f"{rel}.") for n, w in other.weights.items()})
+        hooked = hooked_submodules(unit.module)
+        if hooked:
+            skipped.append((unit.fqn, f"hooks on {', '.join(hooked)} would run only while the layer is captured"))
+            continue
         capture, errors = None, []
         for args, kwargs in _examples(unit):
             try:

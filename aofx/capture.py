@@ -14,23 +14,24 @@ example dimension, or one tied to a weight), and the same non-tensor values (a f
 bool flag is baked in), and the same train/eval flags of the unit and its submodules (dropout is
 baked in too), and the same attributes of the unit and its submodules that the forward may read and a
 graph bakes in (``plain_attributes``: plain values and containers of them, such as a LoRA-style
-``scaling`` or an on/off flag, each submodule's class and hooks); tensor attributes are read at each
-call instead; and, where the forward read it while traced (``torch.is_grad_enabled``,
-``torch.is_inference_mode_enabled``, ``torch.is_autocast_enabled``, the autocast dtype), the same grad
+``scaling`` or an on/off flag; functions; the fields of a held object that the trace read, such as
+``self.config.scale``; each submodule's class and hooks, and which of its parameters are None); tensor
+attributes are read at each call instead; and, where the forward read it while traced
+(``torch.is_grad_enabled``, ``torch.is_inference_mode_enabled``, ``torch.is_autocast_enabled``, the
+autocast dtype), the same grad
 mode, inference mode or autocast state (``ambient``). ``CapturedGraph.accepts`` checks all of these, as
 ``torch.export``'s own input guards do; the caller captures again, or falls back, when no graph accepts.
 A forward branching on a plain Python global (a module-level flag) keeps the branch it took when traced,
 as ``torch.export`` bakes it in. A forward that sets attributes of its modules (a call counter, a cached
-input) cannot be repeated by a graph: ``export_unit`` undoes what the trace set and raises.
-
-A little over 400 lines: the trace, its guards and the graph that checks them are one contract.
+input) cannot be repeated by a graph: ``export_unit`` undoes what the trace set and raises. Hooks on
+submodules would run only while traced: a unit with such hooks is not captured (``hooked_submodules``).
+What a graph bakes in, and the recorders that find it during the trace, are in ``aofx/guards.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from typing import NamedTuple
 
 import sympy
@@ -42,6 +43,8 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.overrides import TorchFunctionMode
 from torch.utils._sympy.numbers import int_oo
 
+from aofx.guards import (AMBIENT_READERS, AmbientReads, AttributeWrites, FieldReads, ambient, modes,
+                         plain_attributes, same)
 from aofx.passes._graph import add_placeholder, placeholders
 
 
@@ -112,166 +115,16 @@ def export_unit(module: torch.nn.Module, args: tuple, kwargs: dict | None = None
     # Size-1 dimensions stay static (export would specialize them anyway, with a warning).
     dynamic = tuple({i: Dim.AUTO for i in range(a.dim()) if a.shape[i] != 1} if isinstance(a, torch.Tensor) else None
                     for a in leaves)
-    now = ambient(_AMBIENT_READERS)
-    with _AttributeWrites(module) as writes, _AmbientReads() as reads:
+    now = ambient(AMBIENT_READERS)
+    with AttributeWrites(module) as writes, AmbientReads() as reads, FieldReads(module) as fields:
         ep = torch.export.export(_Flat(module, spec), tuple(leaves), dynamic_shapes=(dynamic,), strict=False)
     if writes.names:
         raise RuntimeError(f"its forward sets {', '.join(writes.names)}, which a captured graph cannot repeat")
     capture = CapturedGraph(ep, spec, leaves, modes(module))
-    capture.attributes = plain_attributes(module)
+    capture.fields = fields.fields()
+    capture.attributes = plain_attributes(module, capture.fields)
     capture.ambient = tuple((kind, value) for kind, value in now if kind in reads.kinds) or None
     return capture
-
-
-def _public(module: torch.nn.Module) -> dict:
-    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
-
-
-_PLAIN = (bool, int, float, str, torch.dtype, torch.device, type(None))
-
-
-class _Unchecked:
-    """Stands for an attribute value that is not compared (an arbitrary object)."""
-
-
-def _baked(v):
-    """What a graph bakes in of an attribute value: plain values, and containers of them, by value; a
-    tensor inside a container by identity and version (the graph holds it as a constant); anything else
-    is not compared. Tensor attributes themselves are read at run time (see ``CapturedGraph``)."""
-    if isinstance(v, _PLAIN):
-        return v
-    if isinstance(v, torch.Tensor):
-        return ("tensor", id(v), v._version)
-    if isinstance(v, (tuple, list)):
-        return (type(v), tuple(_baked(e) for e in v))
-    if isinstance(v, dict):
-        return (dict, tuple((k, _baked(e)) for k, e in v.items()))
-    return _Unchecked
-
-
-def _same(now, then) -> bool:
-    """``is`` first: an unchanged NaN equals itself, as it does inside tuples."""
-    return type(now) is type(then) and (now is then or now == then)
-
-
-def plain_attributes(module: torch.nn.Module) -> dict:
-    """``{(submodule fqn, name): value}`` of what a forward may read and a graph bakes in: plain values
-    (and tuples, lists, dicts of them), each submodule's class, and the hooks of each submodule
-    (the unit's own hooks run outside the graph)."""
-    out = {}
-    for fqn, m in module.named_modules():
-        if fqn:  # the unit itself changes class when quantized, and its own hooks run outside the graph
-            out[(fqn, "<class>")] = getattr(type(m), "_aofx_base", type(m))  # a quantized child keeps its class
-            out[(fqn, "<hooks>")] = tuple(id(h) for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values())
-        for name, v in _public(m).items():
-            if not isinstance(v, torch.Tensor):
-                out[(fqn, name)] = _baked(v)
-    return out
-
-
-class _AttributeWrites:
-    """While tracing: the attributes the forward sets on the unit's modules (a call counter, public or
-    ``_private``, a cached input), recorded and then undone, so the trace leaves the model as it was.
-    Setting an attribute to the object it already holds (``self.buf += 1`` on a buffer, updated in place,
-    which the graph repeats) is not a write."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.fqns = {id(m): fqn for fqn, m in module.named_modules()}
-        self.saved = {id(m): dict(vars(m)) for m in module.modules()}
-        self.modules = list(module.modules())
-        self.names: list[str] = []
-
-    def __enter__(self):
-        self.setattr = torch.nn.Module.__setattr__
-        fqns, names, setattr_ = self.fqns, self.names, self.setattr
-
-        def record(m, name, value):
-            if id(m) in fqns and name != "training" and not _holds(m, name, value):
-                names.append(f"{fqns[id(m)]}.{name}".lstrip("."))
-            setattr_(m, name, value)
-
-        torch.nn.Module.__setattr__ = record
-        return self
-
-    def __exit__(self, *exc):
-        torch.nn.Module.__setattr__ = self.setattr
-        if self.names:
-            for m in self.modules:  # what the trace wrote (proxies, counters) must not stay on the model
-                vars(m).clear()
-                vars(m).update(self.saved[id(m)])
-        self.names = list(dict.fromkeys(self.names))
-        return False
-
-
-def _holds(m: torch.nn.Module, name: str, value) -> bool:
-    """Whether ``m.<name>`` already is ``value`` (a plain attribute, parameter, buffer or submodule)."""
-    for table in (vars(m), m._parameters, m._buffers, m._modules):
-        if name in table:
-            return table[name] is value
-    return False
-
-
-# Ambient torch state a forward may branch on, and a graph then bakes in: kind -> the torch functions reading it.
-_AMBIENT_READERS = {
-    "grad": ("is_grad_enabled",),
-    "inference": ("is_inference_mode_enabled",),
-    "autocast": ("is_autocast_enabled", "is_autocast_cpu_enabled", "get_autocast_dtype",
-                 "get_autocast_gpu_dtype", "get_autocast_cpu_dtype"),
-}
-
-
-def ambient(kinds) -> tuple:
-    """``((kind, value), ...)``: the current grad mode, inference mode or autocast state (enabled and
-    dtype on CPU and CUDA), for each of ``kinds``. Read through ``torch``'s attributes, so that a graph
-    chosen by it inside an enclosing unit's trace guards that unit's graph too."""
-    out = []
-    for kind in kinds:
-        if kind == "grad":
-            value = torch.is_grad_enabled()
-        elif kind == "inference":
-            value = torch.is_inference_mode_enabled()
-        else:
-            value = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
-        out.append((kind, value))
-    return tuple(out)
-
-
-class _AmbientReads:
-    """While tracing: the kinds of ambient state that code outside torch (the forward) reads through
-    ``torch.is_grad_enabled`` and the like. Torch's own reads (export's, ``torch.autocast``'s) are not
-    branches of the forward."""
-
-    def __init__(self):
-        self.kinds: set[str] = set()
-        self.saved: dict = {}
-
-    def __enter__(self):
-        for kind, names in _AMBIENT_READERS.items():
-            for name in names:
-                if hasattr(torch, name):
-                    self.saved[name] = fn = getattr(torch, name)
-                    setattr(torch, name, self._spy(kind, fn))
-        return self
-
-    def _spy(self, kind: str, fn):
-        kinds = self.kinds
-
-        @functools.wraps(fn)
-        def spy(*args, **kwargs):
-            if sys._getframe(1).f_globals.get("__name__", "").partition(".")[0] != "torch":
-                kinds.add(kind)
-            return fn(*args, **kwargs)
-        return spy
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(torch, name, fn)
-        return False
-
-
-def modes(module: torch.nn.Module) -> tuple:
-    """The train/eval flags of ``module`` and its submodules: a graph bakes them in (dropout)."""
-    return tuple(m.training for m in module.modules())
 
 
 def resolve(owner: torch.nn.Module, fqn: str):
@@ -342,6 +195,7 @@ class CapturedGraph:
         self.out_spec = ep.call_spec.out_spec
         self.order: list[tuple] = []
         self.attributes: dict = {}  # plain_attributes of the unit when traced
+        self.fields: dict = {}  # the fields of objects it read (see FieldReads)
         self.ambient: tuple | None = None  # the ambient state the forward read, as when traced (see ambient)
 
     def placeholder_for(self, name: str) -> torch.fx.Node:
@@ -386,10 +240,10 @@ class CapturedGraph:
                 return False
         if owner is not None and not any_rows:  # a standard linear's forward reads no attribute
             try:
-                now = plain_attributes(owner)
+                now = plain_attributes(owner, self.fields)
             except Exception:  # noqa: BLE001
                 return False
-            if now.keys() != self.attributes.keys() or not all(_same(now[k], v) for k, v in self.attributes.items()):
+            if now.keys() != self.attributes.keys() or not all(same(now[k], v) for k, v in self.attributes.items()):
                 return False
         symbols = {}
         for guard, value in zip(self.guards, leaves):
@@ -409,7 +263,7 @@ class CapturedGraph:
 
     def run(self, owner: torch.nn.Module, leaves: list):
         values = [resolve(owner, v) if k == "state" else leaves[v] if k == "input" else v for k, v in self.order]
-        outputs = self.gm(*values)
+        outputs = self.gm.forward(*values)  # not gm(...): global module hooks are the user's, not ours
         n = len(self.mutations)
         if n:
             with torch.no_grad():

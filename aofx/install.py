@@ -29,7 +29,7 @@ weight is packed:
 The packed tensors are buffers named ``<prefix><key>`` (``qdata``, ``scale``, ``zero``), where the
 prefix is empty for the ``weight`` of a Linear-like module and ``"<name>_"`` otherwise.
 
-About 540 lines: the class, its weight property, moves and pickling keep one invariant (the packed
+About 570 lines: the class, its weight property, moves and pickling keep one invariant (the packed
 buffers stand in for the weight), so they stay together.
 """
 
@@ -49,7 +49,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
-from aofx.capture import CapturedGraph, export_unit, modes
+from aofx.capture import CapturedGraph, export_unit
+from aofx.guards import hooked_submodules, modes
 from aofx.configs import AOBaseConfig, describe
 from aofx.passes._graph import Target, drop_unused_inputs, thread_targets
 from aofx.registry import find_pass
@@ -133,8 +134,6 @@ class LayerState:
         self.reads: dict = {}  # id of a live tensor `weight` returned -> (name, its version, packed, alias)
 
     def remember_read(self, module: nn.Module, name: str, value: torch.Tensor, packed: tuple) -> None:
-        if value.is_inference():  # made under torch.inference_mode(): it has no version to compare
-            return
         key = id(value)
         # A detached alias shares the read's storage and version counter: it tells, even after the read
         # itself is dropped, whether it was written in place (RWKV rescales its weights so).
@@ -159,7 +158,7 @@ class LayerState:
         current = tuple(module._buffers[n] for n in w.buffer_names())
         if alias._version == version or any(a is not b for a, b in zip(packed, current)):
             return  # unchanged, or the layer was set again since: the later write wins
-        requantize(module, name, alias)
+        requantize(module, name, alias, in_place=True)
         if key in self.reads:  # later checks compare against the codes just made
             self.reads[key] = (name, alias._version, tuple(module._buffers[n] for n in w.buffer_names()), alias)
 
@@ -258,6 +257,8 @@ def capture_quantized(module: nn.Module, args: tuple, kwargs: dict) -> CapturedG
 # ---------------------------------------------------------------- the generated class
 
 _LINEAR_SPEC = pytree.tree_flatten(((torch.empty(0),), {}))[1]
+_MAX_CAPTURES = 32  # graphs kept by one module captured alone: batch of 1 or more, 1 token or more, train or
+# eval, grad or not, two dtypes make 32 states; more means state that changes on (nearly) every call
 
 
 class QuantizedModule:
@@ -288,7 +289,8 @@ class QuantizedModule:
             training = None  # nn.Linear and Conv1D behave the same in train and eval
         else:
             leaves, spec = pytree.tree_flatten((args, kwargs))
-            if any(isinstance(leaf, torch.Tensor) and leaf.is_nested for leaf in leaves):
+            # hooks given to a submodule since quantize_ (or global ones) run: a graph would have run them once
+            if any(isinstance(leaf, torch.Tensor) and leaf.is_nested for leaf in leaves) or hooked_submodules(self):
                 return self._aofx_base.forward(self, *args, **kwargs)
             training = modes(self)
 
@@ -305,6 +307,11 @@ class QuantizedModule:
         if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or state.uncapturable
                 or (state.shared_key is not None and x.shape[-1] != _in_features(state))):
             # weights dequantized on read; a linear given the wrong width raises the float layer's own error
+            return self._aofx_base.forward(self, *args, **kwargs)
+        if len(state.captures) >= _MAX_CAPTURES:  # what it reads changes on (nearly) every call
+            state.uncapturable = True
+            warnings.warn(f"aofx: {type(self).__name__} was captured {_MAX_CAPTURES} times for changing inputs or "
+                          "state; it runs its original forward with the weight dequantized from now on", UserWarning)
             return self._aofx_base.forward(self, *args, **kwargs)
         try:
             capture = capture_quantized(self, *pytree.tree_unflatten(leaves, spec))
@@ -434,7 +441,10 @@ def _weight_property(name: str) -> property:
     def read(self):
         w = self._aofx.weights[name]
         packed = dict(zip(w.rewrite.packed_names, (self._buffers[n] for n in w.buffer_names())))
-        value = w.rewrite.dequantize(packed, w.config).to(w.dtype)  # (N, K)
+        # Outside inference mode even under it: an inference tensor has no version counter, so a write into
+        # it could not be seen (and it could not be used in a later autograd call).
+        with torch.inference_mode(False):
+            value = w.rewrite.dequantize(packed, w.config).to(w.dtype)  # (N, K)
         value = value.t() if w.transposed else value
         if not torch.compiler.is_compiling():
             # transformers' initializers (from_pretrained initializes what it did not load) skip a tensor so
@@ -519,8 +529,10 @@ def replaced_forward(module: nn.Module) -> bool:
     return "forward" in module.__dict__ and not isinstance(module.__dict__.get("_old_forward"), types.MethodType)
 
 
-def requantize(module: nn.Module, name: str, value) -> None:
-    """``module.<name> = value`` on a quantized module: quantize ``value`` with the layer's config."""
+def requantize(module: nn.Module, name: str, value, in_place: bool = False) -> None:
+    """``module.<name> = value`` on a quantized module: quantize ``value`` with the layer's config.
+    ``in_place`` (a write into a read of the weight): into the packed tensors themselves, which a weight
+    tied between layers shares, so that the write reaches every layer, as it does in float."""
     w = module._aofx.weights[name]
     if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
         raise TypeError(f"{type(module).__name__}.{name} is quantized ({describe(w.config)}); it can only be "
@@ -530,12 +542,25 @@ def requantize(module: nn.Module, name: str, value) -> None:
         raise ValueError(f"cannot quantize the new {type(module).__name__}.{name}: {reason}")
     new = w.pack(value)
     for buffer, tensor in zip(w.buffer_names(), new.values()):
-        module._buffers[buffer] = tensor
+        old = module._buffers[buffer]
+        if in_place and (old.shape, old.dtype, old.device) == (tensor.shape, tensor.dtype, tensor.device):
+            with torch.inference_mode(old.is_inference()):  # (a model quantized under inference mode)
+                old.copy_(tensor)
+        else:
+            module._buffers[buffer] = tensor
     state = module._aofx
     if tuple(value.shape) != w.shape or value.dtype != w.dtype:
         w.shape, w.dtype = tuple(value.shape), value.dtype
         if state.shared_key is None:
             state.captures = []  # captured again on the next call
+        refresh_shared(module)
+
+
+def set_weight_dtype(module: nn.Module, name: str, dtype: torch.dtype) -> None:
+    """What the quantized weight ``name`` dequantizes to, and its layer computes in (a loaded model's)."""
+    w = module._aofx.weights[name]
+    if w.dtype != dtype:
+        w.dtype = dtype
         refresh_shared(module)
 
 

@@ -8,6 +8,8 @@ only creates meta buffers of the right shapes and dtypes) and loads the tensors 
 peak host memory stays near the quantized size when the model was built on meta.
 
 Tensors shared by tied layers are written once; ``"aofx.aliases"`` maps the other names to it.
+``"aofx.dtypes"`` holds each quantized weight's dtype (what it dequantizes to, and its layer computes in),
+which the codes do not tell: a model saved after ``.half()`` loads computing in fp16, as its biases load.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ import contextlib
 import json
 import os
 
+import torch
 from torch import nn
 
 from aofx.api import found_by_examples, quantize_, quantized_configs
 from aofx.configs import FqnToConfig, config_from_dict, config_to_dict, describe
-from aofx.install import QuantizedWeight, linear_like
+from aofx.install import QuantizedModule, QuantizedWeight, linear_like, set_weight_dtype
 from aofx.registry import find_pass
 
-CONFIGS_KEY, ALIASES_KEY = "aofx.configs", "aofx.aliases"
+CONFIGS_KEY, ALIASES_KEY, DTYPES_KEY = "aofx.configs", "aofx.aliases", "aofx.dtypes"
 
 
 def quantized_metadata(model: nn.Module) -> dict:
@@ -72,7 +75,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
             continue
         seen[key] = name
         tensors[name] = t.contiguous()
-    metadata = {CONFIGS_KEY: json.dumps(quantized_metadata(model)), ALIASES_KEY: json.dumps(aliases)}
+    dtypes = {f"{fqn}.{name}".lstrip("."): str(w.dtype).removeprefix("torch.") for fqn, m in model.named_modules()
+              if isinstance(m, QuantizedModule) for name, w in m._aofx.weights.items()}
+    metadata = {CONFIGS_KEY: json.dumps(quantized_metadata(model)), ALIASES_KEY: json.dumps(aliases),
+                DTYPES_KEY: json.dumps(dtypes)}
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
@@ -104,6 +110,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device=None, stric
     for alias, name in aliases.items():
         state[alias] = state[name]
     model.load_state_dict(state, strict=strict, assign=True)
+    for fqn, dtype in json.loads(metadata.get(DTYPES_KEY, "{}")).items():  # (files of aofx 0.2.0 lack them)
+        owner, _, name = fqn.rpartition(".")
+        set_weight_dtype(model.get_submodule(owner), name, getattr(torch, dtype))
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise ValueError(f"after loading {path}, these tensors are still on the meta device (not in the file; "

@@ -100,8 +100,11 @@ def test_a_model_that_reads_a_weight_runs_under_inference_mode():
     with torch.inference_mode():
         got = model(x)
         read = model.proj.weight
-        assert read.dtype == torch.bfloat16 and read.is_inference()
+        # not an inference tensor, whose writes could not be seen (it has no version counter)
+        assert read.dtype == torch.bfloat16 and not read.is_inference()
         torch.testing.assert_close(read, w, rtol=0, atol=0)
-        model.proj.weight = read  # an inference tensor handed back is quantized again, not mistaken for a read
+        codes = model.proj.qdata
+        model.proj.weight = read  # an unchanged read handed back restores its codes
+        assert model.proj.qdata is codes
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert type(model.proj).__name__ == "QuantizedLinear"

@@ -223,3 +223,32 @@ def test_diffusers_save_pretrained_refuses_a_quantized_model(tmp_path):
     with pytest.raises(ValueError, match="aofx.save_quantized"):
         model.save_pretrained(tmp_path / "quantized")
     assert not list((tmp_path / "quantized").glob("*.safetensors"))
+
+
+class _Casts(nn.Module):
+    """Casts its hidden state to the next layer's weight dtype, as T5 does."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(64, 128), nn.Linear(128, 64)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)).to(self.down.weight.dtype))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_a_model_cast_before_saving_loads_computing_in_its_dtype(config, dtype, tmp_path, fresh_dynamo):
+    torch.manual_seed(0)
+    model = _Casts().bfloat16()
+    aofx.quantize_(model, config)
+    model.to(dtype)
+    x = torch.randn(4, 64, dtype=dtype)
+    want = model(x)
+    aofx.save_quantized(model, tmp_path / "m.safetensors")
+    with aofx.init_empty_weights():
+        fresh = _Casts()  # float32, as a model is built
+    aofx.load_quantized(fresh, tmp_path / "m.safetensors")
+    assert fresh.up.weight.dtype == fresh.down.weight.dtype == fresh.up.bias.dtype == dtype
+    torch.testing.assert_close(fresh(x), want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.compile(fresh, fullgraph=True)(x), want, rtol=2e-2, atol=2e-2)
