@@ -12,6 +12,7 @@ while ``capture.export_unit`` traces (see the guards in ``aofx/capture.py``).
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import types
 
@@ -32,46 +33,47 @@ class _Unchecked:
     """Stands for an attribute value that is not compared (an arbitrary object)."""
 
 
-def _baked(v, depth: int = 1):
+def _baked(v):
     """What a graph bakes in of an attribute value: plain values, and containers of them, by value; a
     tensor inside a container by identity and version (the graph holds it as a constant); a function by
-    identity; another object by its class and, one level down, its own attributes (those the trace read,
-    where ``FieldReads`` could follow it: see ``plain_attributes``); objects below that are not
-    compared. Tensor attributes themselves are read at run time (see ``CapturedGraph``)."""
+    identity; other objects are not compared here (an object held as an attribute: ``_fields``). Tensor
+    attributes themselves are read at run time (see ``CapturedGraph``)."""
     if isinstance(v, _PLAIN):
         return v
     if isinstance(v, torch.Tensor):
         return ("tensor", id(v), v._version)
     if isinstance(v, (tuple, list)):
-        return (type(v), tuple(_baked(e, depth) for e in v))
+        return (type(v), tuple(_baked(e) for e in v))
     if isinstance(v, dict):
-        return (dict, tuple((k, _baked(e, depth)) for k, e in v.items()))
+        return (dict, tuple((k, _baked(e)) for k, e in v.items()))
     if isinstance(v, _FUNCTIONS):
         return v  # equal only to itself (a bound method: the same function of the same object)
     if isinstance(v, functools.partial):
-        return (functools.partial, _baked(v.func, depth), _baked(v.args, depth), _baked(v.keywords, depth))
-    if depth and _is_object(v):
-        return (type(v), tuple((k, _baked(e, depth - 1)) for k, e in vars(v).items()))
+        return (functools.partial, _baked(v.func), _baked(v.args), _baked(v.keywords))
     return _Unchecked
 
 
 def _is_object(v) -> bool:
-    """An instance whose fields a forward may read (a config, a helper), not a class or a module."""
+    """An instance whose fields a forward may read (a config, a helper), not a class or a module, nor a
+    logger (it does not change what a graph computes, and torch.compile cannot read its fields)."""
     return isinstance(getattr(v, "__dict__", None), dict) and not isinstance(
-        v, (type, types.ModuleType, torch.nn.Module, torch.Tensor, functools.partial, *_FUNCTIONS, *_PLAIN))
+        v, (type, types.ModuleType, torch.nn.Module, torch.Tensor, functools.partial, logging.Logger, *_FUNCTIONS,
+            *_PLAIN))
 
 
 _MISSING = object()
 
 
-def _fields(v, names: frozenset) -> tuple:
-    """The class of object ``v`` and the values of its fields ``names``, as ``_baked`` compares them."""
-    def read(name):
-        try:
-            return getattr(v, name)
-        except Exception:  # noqa: BLE001  (a property may raise)
-            return _MISSING
-    return (type(v), tuple((n, _baked(read(n), 0)) for n in sorted(names)))
+def _read(v, name: str):
+    try:
+        return getattr(v, name)
+    except Exception:  # noqa: BLE001  (a property may raise)
+        return _MISSING
+
+
+def _fields(v, names: tuple) -> tuple:
+    """The class of object ``v`` and the values of its fields ``names``, baked."""
+    return (type(v), tuple((n, _baked(_read(v, n))) for n in names))
 
 
 def same(now, then) -> bool:
@@ -81,10 +83,11 @@ def same(now, then) -> bool:
 
 def plain_attributes(module: torch.nn.Module, fields: dict | None = None) -> dict:
     """``{(submodule fqn, name): value}`` of what a forward may read and a graph bakes in: plain values
-    (and tuples, lists, dicts of them, and objects, see ``_baked``), each submodule's class and hooks
+    (and tuples, lists, dicts of them, and functions, see ``_baked``), each submodule's class and hooks
     (the unit's own hooks run outside the graph), and which parameters and buffers are None (a bias
-    set later). ``fields``: ``{(fqn, name): field names}`` of objects whose reads the trace followed;
-    only those fields of them are compared (a helper's call counter the forward never reads is not)."""
+    set later). ``fields`` (``FieldReads.fields``): ``{(fqn, name): field names}`` of the objects held
+    as attributes when traced, compared on those fields (the ones the trace read: a helper's call
+    counter the forward never reads is not)."""
     fields = fields or {}
     out = {}
     for fqn, m in module.named_modules():
@@ -94,8 +97,7 @@ def plain_attributes(module: torch.nn.Module, fields: dict | None = None) -> dic
             out[(fqn, "<hooks>")] = tuple(id(h) for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values())
         for name, v in _public(m).items():
             if not isinstance(v, torch.Tensor):
-                read = fields.get((fqn, name))
-                out[(fqn, name)] = _fields(v, read) if read is not None and _is_object(v) else _baked(v)
+                out[(fqn, name)] = _fields(v, fields[(fqn, name)]) if (fqn, name) in fields else _baked(v)
     return out
 
 
@@ -130,8 +132,18 @@ class FieldReads:
         return False
 
     def fields(self) -> dict:
-        return {path: frozenset(n for n in self.reads[id(v)] if not n.startswith("__"))
-                for path, v in self.paths.items() if id(v) in self.reads}
+        """``{(fqn, name): field names}`` to compare: those read (all, for an object not followed) whose values
+        ``_baked`` compares. Objects below and the object's own methods are left out (torch.compile cannot
+        inspect every object; a method's reads of fields are recorded themselves)."""
+        out = {}
+        for path, v in self.paths.items():
+            names = self.reads[id(v)] if id(v) in self.reads else vars(v)
+            out[path] = tuple(n for n in sorted(names) if not n.startswith("__") and _compared(v, _read(v, n)))
+        return out
+
+
+def _compared(owner, value) -> bool:
+    return _baked(value) is not _Unchecked and not (isinstance(value, types.MethodType) and value.__self__ is owner)
 
 
 _TRACE_READS: dict = {}  # id(object) -> the names read, while a trace follows it

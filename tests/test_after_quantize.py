@@ -5,7 +5,10 @@ subclass. Each test runs the float model alongside. CPU."""
 
 import copy
 import dataclasses
+import enum
 import functools
+import logging
+import types
 
 import pytest
 import torch
@@ -282,7 +285,7 @@ class ConfiguredHead(nn.Module):
         return F.linear(x, self.weight) * self.config.initializer_range * 50
 
 
-def test_a_unit_reading_a_transformers_config_exports_right_after_quantize():
+def test_a_unit_reading_a_transformers_config_exports_and_compiles_right_after_quantize(fresh_dynamo):
     from transformers import LlamaConfig
 
     torch.manual_seed(0)
@@ -292,5 +295,36 @@ def test_a_unit_reading_a_transformers_config_exports_right_after_quantize():
     assert model[1].config._is_quantized  # set after the capture, and not read by the forward
     ep = torch.export.export(model, (x,))  # no eager call first
     assert sum(str(n.target).startswith("aofx.") for n in ep.graph.nodes) == 2
-    model(x)
+    want = model(x)
     assert len(model[1]._aofx.captures) == 1
+    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), want)
+
+
+class Logged(nn.Linear):
+    """Holds objects torch.compile reads differently: a logger, an enum, a SimpleNamespace."""
+
+    def __init__(self):
+        super().__init__(64, 32)
+        self.log = logging.getLogger("aofx.tests")
+        self.mode = Mode.PLUS
+        self.ns = types.SimpleNamespace(scale=1.0)
+
+    def forward(self, x):
+        self.log.debug("forward")
+        y = super().forward(x) * self.ns.scale
+        return y if self.mode is Mode.PLUS else -y
+
+
+class Mode(enum.Enum):
+    PLUS = 1
+    MINUS = 2
+
+
+def test_held_loggers_enums_and_namespaces_compile_and_follow_changes(fresh_dynamo):
+    ref, layer = _pair(Logged, aofx.Int8WeightOnlyConfig())
+    x = torch.randn(4, 64)
+    for change in (lambda m: setattr(m, "mode", Mode.MINUS), lambda m: setattr(m.ns, "scale", 3.0)):
+        for m in (ref, layer):
+            change(m)
+        assert sqnr(ref(x), layer(x)) > 35
+    assert sqnr(ref(x), torch.compile(layer, fullgraph=True, backend="aot_eager")(x)) > 35
