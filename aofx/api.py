@@ -22,8 +22,8 @@ from torch import nn
 
 from aofx import passes  # noqa: F401  (registers the built-in passes)
 from aofx.capture import Seen, export_unit, run_examples
-from aofx.guards import hooked_submodules
 from aofx.configs import AOBaseConfig, FqnToConfig, check_version, describe
+from aofx.guards import hooked_submodules
 from aofx.install import (QuantizedModule, QuantizedWeight, _SHARED, install, linear_like, replaced_forward,
                           rewrite_capture, shared_key)
 from aofx.registry import check_registered, find_handler, find_pass, handler_takes_parameter, uses_handler
@@ -514,7 +514,12 @@ def found_by_examples(model: nn.Module) -> list:
     return [fqn for fqn, m in model.named_modules() if isinstance(m, QuantizedModule) and linear_like(m) is None]
 
 
+def quantized_weights(model: nn.Module) -> dict:
+    """``{parameter fqn: QuantizedWeight}`` for every quantized weight of ``model``."""
+    return {f"{fqn}.{name}".lstrip("."): w for fqn, m in model.named_modules()
+            if isinstance(m, QuantizedModule) for name, w in m._aofx.weights.items()}
+
+
 def quantized_configs(model: nn.Module) -> dict:
     """``{parameter fqn: config}`` for every quantized weight of ``model``."""
-    return {f"{fqn}.{name}".lstrip("."): w.config for fqn, m in model.named_modules()
-            if isinstance(m, QuantizedModule) for name, w in m._aofx.weights.items()}
+    return {fqn: w.config for fqn, w in quantized_weights(model).items()}

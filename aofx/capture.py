@@ -18,9 +18,9 @@ graph bakes in (``plain_attributes``: plain values and containers of them, such 
 ``self.config.scale``; each submodule's class and hooks, and which of its parameters are None); tensor
 attributes are read at each call instead; and, where the forward read it while traced
 (``torch.is_grad_enabled``, ``torch.is_inference_mode_enabled``, ``torch.is_autocast_enabled``, the
-autocast dtype), the same grad
-mode, inference mode or autocast state (``ambient``). ``CapturedGraph.accepts`` checks all of these, as
-``torch.export``'s own input guards do; the caller captures again, or falls back, when no graph accepts.
+autocast dtype), the same grad mode, inference mode or autocast state (``ambient``).
+``CapturedGraph.accepts`` checks all of these, as ``torch.export``'s own input guards do; the caller
+captures again, or falls back, when no graph accepts.
 A forward branching on a plain Python global (a module-level flag) keeps the branch it took when traced,
 as ``torch.export`` bakes it in. A forward that sets attributes of its modules (a call counter, a cached
 input) cannot be repeated by a graph: ``export_unit`` undoes what the trace set and raises. Hooks on

@@ -17,6 +17,7 @@ import sys
 import types
 
 import torch
+from torch.nn.modules import module as nn_module
 
 
 def _public(module: torch.nn.Module) -> dict:
@@ -173,7 +174,7 @@ def hooked_submodules(module: torch.nn.Module) -> list[str]:
 
 
 def _global_hooks() -> tuple:
-    from torch.nn.modules import module as nn_module  # register_module_forward_hook and friends keep them here
+    # register_module_forward_hook and friends keep them in torch.nn.modules.module
     return (nn_module._global_forward_pre_hooks, nn_module._global_forward_hooks, nn_module._global_backward_hooks,
             nn_module._global_backward_pre_hooks)
 

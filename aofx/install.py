@@ -50,8 +50,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
 from aofx.capture import CapturedGraph, export_unit
-from aofx.guards import hooked_submodules, modes
 from aofx.configs import AOBaseConfig, describe
+from aofx.guards import hooked_submodules, modes
 from aofx.passes._graph import Target, drop_unused_inputs, thread_targets
 from aofx.registry import find_pass
 

@@ -21,9 +21,9 @@ import os
 import torch
 from torch import nn
 
-from aofx.api import found_by_examples, quantize_, quantized_configs
+from aofx.api import found_by_examples, quantize_, quantized_configs, quantized_weights
 from aofx.configs import FqnToConfig, config_from_dict, config_to_dict, describe
-from aofx.install import QuantizedModule, QuantizedWeight, linear_like, set_weight_dtype
+from aofx.install import QuantizedWeight, linear_like, set_weight_dtype
 from aofx.registry import find_pass
 
 CONFIGS_KEY, ALIASES_KEY, DTYPES_KEY = "aofx.configs", "aofx.aliases", "aofx.dtypes"
@@ -75,8 +75,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
             continue
         seen[key] = name
         tensors[name] = t.contiguous()
-    dtypes = {f"{fqn}.{name}".lstrip("."): str(w.dtype).removeprefix("torch.") for fqn, m in model.named_modules()
-              if isinstance(m, QuantizedModule) for name, w in m._aofx.weights.items()}
+    dtypes = {fqn: str(w.dtype).removeprefix("torch.") for fqn, w in quantized_weights(model).items()}
     metadata = {CONFIGS_KEY: json.dumps(quantized_metadata(model)), ALIASES_KEY: json.dumps(aliases),
                 DTYPES_KEY: json.dumps(dtypes)}
     save_file(tensors, os.fspath(path), metadata=metadata)

@@ -205,24 +205,29 @@ def test_a_bias_given_later_to_a_subclass_is_added_and_removed(cfg, floor):
     assert sqnr(ref(x), layer(x)) > floor
 
 
-class Stepped(nn.Linear):
-    """Reads a step counter that its training loop advances on every call."""
+class Counted:
+    """A helper object whose counter changes between calls; the forward reads only its factor."""
 
     def __init__(self):
+        self.calls, self.factor = 0, 2.0
+
+
+class Helped(nn.Linear):
+    def __init__(self):
         super().__init__(64, 32)
-        self.config = Settings()
+        self.helper = Counted()
 
     def forward(self, x):
-        return super().forward(x) * self.config.scale
+        return super().forward(x) * self.helper.factor
 
 
 def test_state_that_changes_on_every_call_stops_capturing_after_32_graphs():
-    ref, layer = _pair(Stepped, aofx.Int8WeightOnlyConfig())
+    ref, layer = _pair(Helped, aofx.Int8WeightOnlyConfig())
     x = torch.randn(4, 64)
     with pytest.warns(UserWarning, match="captured 32 times"):
         for step in range(36):
             for m in (ref, layer):
-                m.config.scale = 1.0 + step
+                m.helper.factor = 1.0 + step  # a field the forward reads, changed by its loop on every call
             assert sqnr(ref(x), layer(x)) > 35
     assert len(layer._aofx.captures) == 32
 
@@ -241,22 +246,6 @@ def test_global_module_hooks_reach_the_submodules_of_a_layer_with_its_own_forwar
     finally:
         handle.remove()
     assert sqnr(ref(x), model(x)) > 35
-
-
-class Counted:
-    """A helper object whose counter changes between calls; the forward reads only its factor."""
-
-    def __init__(self):
-        self.calls, self.factor = 0, 2.0
-
-
-class Helped(nn.Linear):
-    def __init__(self):
-        super().__init__(64, 32)
-        self.helper = Counted()
-
-    def forward(self, x):
-        return super().forward(x) * self.helper.factor
 
 
 def test_fields_of_an_object_the_forward_never_reads_do_not_capture_again():
